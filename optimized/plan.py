@@ -1,0 +1,46 @@
+"""What one partial-attention call computes, as the backends receive it.
+
+A ``CallPlan`` is hashable and carries everything but the tensors: the geometry, the layout,
+causal, the scale and the [lo, hi) global position ranges of the query chunk and key chunk.
+Backends ask it (and through it ``reference.semantics``) which blocks are active.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from reference.config import SparsePatternConfig
+from reference.semantics import AttentionGeometry, BlockTable, block_tables
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    geometry: AttentionGeometry
+    sparse_config: SparsePatternConfig
+    is_causal: bool
+    scale: float
+    query_range: tuple[int, int]
+    key_range: tuple[int, int]
+
+    @classmethod
+    def whole(cls, geometry, sparse_config, is_causal, scale) -> "CallPlan":
+        full = (0, geometry.seq_len)
+        return cls(geometry, sparse_config, bool(is_causal), float(scale), full, full)
+
+    @property
+    def block_size(self) -> int:
+        return self.sparse_config.block_size
+
+    @property
+    def query_start(self) -> int:
+        return self.query_range[0]
+
+    @property
+    def key_start(self) -> int:
+        return self.key_range[0]
+
+    @functools.cached_property
+    def tables(self) -> tuple[BlockTable, ...]:
+        """One table per (branch, offset), restricted to this call's chunks."""
+        return block_tables(self.geometry, self.sparse_config, self.is_causal, self.query_range, self.key_range)

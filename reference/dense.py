@@ -1,0 +1,119 @@
+"""The dense reference: SPEC section 4 computed literally from the dense multiplicity matrix.
+
+Slow and small on purpose. Float64 on the CPU by default (the ground truth); in the input
+dtype when asked, which is the baseline error of SPEC section 7.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import DilationConfig, SparsePatternConfig
+from .inputs import default_scale, validate_qkv
+from .merge import merge_partials  # noqa: F401  (re-exported: the reference's merge)
+from .semantics import AttentionGeometry, dense_multiplicity
+
+
+def _expand_kv_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    # Grouped-query: query head h reads key/value head h // (H // H_kv).
+    return t.repeat_interleave(num_heads // t.shape[2], dim=2)
+
+
+def partial_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    geometry: AttentionGeometry,
+    sparse_config: SparsePatternConfig,
+    *,
+    query_start: int = 0,
+    key_start: int = 0,
+    is_causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    compute_dtype: torch.dtype | None = torch.float64,
+    return_weights: bool = False,
+):
+    """Partial attention of a query chunk against a key chunk (SPEC section 5).
+
+    ``q`` holds global positions [query_start, query_start + Nq), ``k``/``v`` (and the chunk's
+    ``key_padding_mask`` (B, Nk)) hold [key_start, key_start + Nk). Returns ``(out, lse)`` or
+    ``(out, lse, weights)``: out (B, Nq, H, D), lse (B, H, Nq), weights (B, H, Nq, Nk), all in
+    ``compute_dtype`` (the input dtype when None), on the CPU. Empty rows: out 0, lse -inf.
+    """
+    dtype = q.dtype if compute_dtype is None else compute_dtype
+    num_heads = q.shape[2]
+    q_range = (query_start, query_start + q.shape[1])
+    k_range = (key_start, key_start + k.shape[1])
+    counts = dense_multiplicity(geometry, sparse_config, is_causal, None, q_range, k_range)
+    if key_padding_mask is not None:
+        counts = counts.masked_fill(key_padding_mask.to("cpu")[:, None, None, :], 0)
+    qf = q.detach().to("cpu", dtype)
+    kf = _expand_kv_heads(k.detach().to("cpu", dtype), num_heads)
+    vf = _expand_kv_heads(v.detach().to("cpu", dtype), num_heads)
+    scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * default_scale(q.shape[3], scale)
+    # A key allowed in c branches contributes c * exp(score): add log(c), -inf where c = 0.
+    logits = scores + torch.log(counts.to(dtype))
+    lse = torch.logsumexp(logits, dim=-1)
+    empty = torch.isneginf(lse)
+    probs = torch.exp(logits - lse.unsqueeze(-1)).masked_fill(empty.unsqueeze(-1), 0.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, vf)
+    return (out, lse, probs) if return_weights else (out, lse)
+
+
+class BlockSparseRingDilatedAttention(nn.Module):
+    """Ground truth for SPEC section 8: the dense reference as a module.
+
+    ``compute_dtype=torch.float64`` (default) computes and returns float64 on the CPU;
+    ``compute_dtype=None`` computes in the input dtype (SPEC section 7's baseline).
+    """
+
+    def __init__(
+        self,
+        segment_lengths,
+        dilation_rates,
+        sparse_config: SparsePatternConfig | None = None,
+        head_mode: str = "split",
+        compute_dtype: torch.dtype | None = torch.float64,
+    ) -> None:
+        super().__init__()
+        self.dilation = DilationConfig(tuple(segment_lengths), tuple(dilation_rates), head_mode)
+        if sparse_config is None:
+            sparse_config = SparsePatternConfig(pattern_type="dense")
+        if not isinstance(sparse_config, SparsePatternConfig):
+            raise TypeError(f"sparse_config must be a SparsePatternConfig or None, got {type(sparse_config).__name__}")
+        self.sparse_config = sparse_config
+        if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+            raise TypeError(f"compute_dtype must be a floating torch.dtype or None, got {compute_dtype!r}")
+        self.compute_dtype = compute_dtype
+
+    def geometry(self, seq_len: int, num_heads: int) -> AttentionGeometry:
+        return AttentionGeometry(self.dilation, seq_len, num_heads)
+
+    def forward(
+        self,
+        q,
+        k,
+        v,
+        is_causal: bool = False,
+        key_padding_mask=None,
+        return_attention_weights: bool = False,
+        return_lse: bool = False,
+        scale: float | None = None,
+    ):
+        validate_qkv(q, k, v, key_padding_mask, scale)
+        geometry = self.geometry(q.shape[1], q.shape[2])
+        out, lse, weights = partial_attention(
+            q, k, v, geometry, self.sparse_config, is_causal=bool(is_causal),
+            key_padding_mask=key_padding_mask, scale=scale, compute_dtype=self.compute_dtype, return_weights=True,
+        )
+        results = (out,)
+        if return_attention_weights:
+            results += (weights,)
+        if return_lse:
+            results += (lse,)
+        return results[0] if len(results) == 1 else results
+
+    def extra_repr(self) -> str:
+        return f"{self.dilation}, {self.sparse_config}, compute_dtype={self.compute_dtype}"
