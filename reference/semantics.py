@@ -90,7 +90,8 @@ class BranchGeometry:
     def lattice_positions(self, segment: int, offset: int) -> torch.Tensor:
         """Global positions of the lattice (segment, offset), in compacted order t = 0..L-1."""
         start, stop = self.segment_bounds(segment)
-        return torch.arange(start + offset, stop, self.dilation_rate, dtype=torch.long)
+        # An offset past the segment's end (rate > segment length) leaves the lattice empty.
+        return torch.arange(min(start + offset, stop), stop, self.dilation_rate, dtype=torch.long)
 
     def compacted_index(self, positions: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(on_lattice, compacted_index) of global ``positions`` for query head ``head``."""

@@ -1,0 +1,293 @@
+"""Run one attention case on an optimized backend and hold it against the float64 reference.
+
+``check_backend`` is the one place the equivalence suite compares a backend with the reference
+(out, lse and optionally the sparse weights); ``check_gradients`` does the same for dq, dk, dv.
+Both are exported so that a user can check a variant of their own::
+
+    from equivalence_tests.helpers import check_backend
+    from equivalence_tests import strategies as s
+
+    @given(case=s.attention_cases())
+    def test_my_variant(case):
+        check_backend(case, "torch", torch.float32, module_options={"work_size": 7})
+
+Every tolerance comes from ``reference.verification`` (SPEC section 7). Sizes and example counts
+depend on the hypothesis profile (``HYPOTHESIS_PROFILE``: ci, dev, gpu) through ``case_sizes``
+and ``example_count``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+import optimized
+import reference
+from reference.semantics import dense_multiplicity
+from reference.verification import K_GRADIENT, K_OUTPUT, Verdict, assert_within_budget, compare
+
+from . import strategies as s
+
+__all__ = [
+    "CaseSizes",
+    "case_sizes",
+    "check_backend",
+    "check_gradients",
+    "default_device",
+    "differentiable_reference",
+    "example_count",
+    "profile_name",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Profile-dependent sizes
+# --------------------------------------------------------------------------------------------
+
+
+def profile_name() -> str:
+    """The hypothesis profile in use (the root conftest.py loads the same variable)."""
+    return os.environ.get("HYPOTHESIS_PROFILE", "ci")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class CaseSizes:
+    """Upper bounds of the cases one test draws (arguments of ``strategies.attention_cases``)."""
+
+    max_batch: int
+    max_seq_len: int
+    max_heads: int
+    max_head_dim: int
+    max_block_size: int
+
+    def case_kwargs(self) -> dict:
+        return dict(
+            max_batch=self.max_batch, max_seq_len=self.max_seq_len, max_heads=self.max_heads,
+            max_head_dim=self.max_head_dim, max_block_size=self.max_block_size,
+        )
+
+
+# Small on the 2-core CI machine (the float64 reference is dense, flex runs eagerly on the CPU,
+# triton runs in its interpreter); larger under the gpu profile, where the H200 runs the backends.
+_SIZES = {
+    "ci": {
+        "torch": CaseSizes(max_batch=2, max_seq_len=48, max_heads=6, max_head_dim=16, max_block_size=8),
+        "flex": CaseSizes(max_batch=2, max_seq_len=24, max_heads=4, max_head_dim=8, max_block_size=8),
+        "triton": CaseSizes(max_batch=2, max_seq_len=64, max_heads=4, max_head_dim=16, max_block_size=16),
+        "gradients": CaseSizes(max_batch=2, max_seq_len=32, max_heads=4, max_head_dim=8, max_block_size=8),
+    },
+    "gpu": {
+        "torch": CaseSizes(max_batch=2, max_seq_len=320, max_heads=8, max_head_dim=64, max_block_size=48),
+        "flex": CaseSizes(max_batch=2, max_seq_len=256, max_heads=8, max_head_dim=64, max_block_size=32),
+        "triton": CaseSizes(max_batch=2, max_seq_len=400, max_heads=8, max_head_dim=128, max_block_size=64),
+        "gradients": CaseSizes(max_batch=2, max_seq_len=192, max_heads=6, max_head_dim=32, max_block_size=32),
+    },
+}
+_SIZES["dev"] = _SIZES["ci"]
+
+# Multiplier of the examples a test asks for under the ci profile.
+_EXAMPLE_SCALE = {"ci": 1.0, "dev": 10.0, "gpu": 5.0}
+
+
+def case_sizes(kind: str) -> CaseSizes:
+    """Size bounds for ``kind`` ("torch", "flex", "triton", "gradients") under the current profile."""
+    table = _SIZES.get(profile_name(), _SIZES["ci"])
+    if kind not in table:
+        raise ValueError(f"kind must be one of {tuple(table)}, got {kind!r}")
+    return table[kind]
+
+
+def example_count(ci_examples: int) -> int:
+    """Examples for a test that runs ``ci_examples`` under ci, scaled to the current profile."""
+    return max(1, round(ci_examples * _EXAMPLE_SCALE.get(profile_name(), 1.0)))
+
+
+# --------------------------------------------------------------------------------------------
+# Comparisons
+# --------------------------------------------------------------------------------------------
+
+
+def _describe_call(case: s.AttentionCase, backend: str, dtype, device, extra: str = "") -> str:
+    text = f"backend={backend!r}, dtype={dtype}, device={device}, {case.describe()}"
+    return f"{text}, {extra}" if extra else text
+
+
+def _require(verdict: Verdict, actual: torch.Tensor, reference64: torch.Tensor, context: str) -> Verdict:
+    """assert_within_budget, with the worst element's two values added to the message."""
+    if not verdict.passed and verdict.worst_index is not None:
+        index = verdict.worst_index
+        got = float(actual.detach().to("cpu", torch.float64)[index])
+        want = float(reference64.detach().to("cpu", torch.float64)[index])
+        context = f"{context}\n  worst element {index}: optimized {got!r}, float64 reference {want!r}"
+    assert_within_budget(verdict, context)
+    return verdict
+
+
+def _empty_rows(lse64: torch.Tensor) -> torch.Tensor:
+    """(B, H, N) rows the float64 reference leaves empty."""
+    return torch.isneginf(lse64)
+
+
+def check_backend(
+    case: s.AttentionCase,
+    backend: str,
+    dtype: torch.dtype,
+    device=None,
+    *,
+    seed: int | None = None,
+    ring_chunk_lengths=None,
+    check_weights: bool = False,
+    module_options: dict | None = None,
+) -> dict[str, Verdict]:
+    """Run ``case`` on ``backend`` in ``dtype`` and check it against the float64 reference.
+
+    Draws fresh inputs (``strategies.make_inputs``, seeded by ``seed`` or the case), runs
+    ``optimized.BlockSparseRingDilatedAttention(backend=...)`` with ``return_lse=True`` (and the
+    sparse weights when ``check_weights``), the reference in float64 and the reference in
+    ``dtype`` (SPEC section 7's baseline), and asserts out and lse within budget; rows the float64
+    reference leaves empty must be exactly out = 0 and lse = -inf. With ``check_weights`` the
+    weights' ``to_dense()`` is held against the reference probabilities and every row must sum to
+    1 (0 for empty rows). Returns the verdicts by name.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    q, k, v, mask = s.make_inputs(case, dtype, device, seed)
+    kwargs = s.module_kwargs(case)
+    module = optimized.BlockSparseRingDilatedAttention(
+        **kwargs, backend=backend, ring_chunk_lengths=ring_chunk_lengths, **(module_options or {})
+    )
+    call = dict(is_causal=case.is_causal, key_padding_mask=mask, return_attention_weights=check_weights,
+                return_lse=True)
+    results = module(q, k, v, **call)
+    out, lse = results[0], results[-1]
+    ref64 = reference.BlockSparseRingDilatedAttention(**kwargs)(q, k, v, **call)
+    ref_lowp = reference.BlockSparseRingDilatedAttention(**kwargs, compute_dtype=None)(q, k, v, **call)
+    out64, lse64 = ref64[0], ref64[-1]
+    out_lowp, lse_lowp = ref_lowp[0], ref_lowp[-1]
+
+    context = _describe_call(case, backend, dtype, device, f"ring_chunk_lengths={ring_chunk_lengths}")
+    assert out.dtype == dtype and out.device.type == device.type, (
+        f"out must be {dtype} on {device}, got {out.dtype} on {out.device}; {context}"
+    )
+    assert lse.dtype == torch.float32 and lse.device.type == device.type, (
+        f"lse must be float32 on {device}, got {lse.dtype} on {lse.device}; {context}"
+    )
+    empty = _empty_rows(lse64)
+    verdicts = {
+        "out": compare("out", out, out64, out_lowp, dtype, k=K_OUTPUT, empty=empty.transpose(1, 2).unsqueeze(-1)),
+        "lse": compare("lse", lse, lse64, lse_lowp, dtype, k=K_OUTPUT, empty=empty, empty_value=float("-inf")),
+    }
+    _require(verdicts["out"], out, out64, context)
+    _require(verdicts["lse"], lse, lse64, context)
+
+    if check_weights:
+        weights = results[1]
+        for key in ("block_indices", "block_values", "shape", "block_size"):
+            assert key in weights, f"weights lacks the seed's key {key!r}; {context}"
+        assert tuple(weights["shape"]) == (case.shape.batch, case.shape.num_heads, case.shape.seq_len,
+                                           case.shape.seq_len), f"weights shape {weights['shape']}; {context}"
+        dense = weights.to_dense()
+        assert dense.device.type == device.type, f"weights on {dense.device}, expected {device}; {context}"
+        probs64, probs_lowp = ref64[1], ref_lowp[1]
+        row_empty = empty.unsqueeze(-1)
+        verdicts["weights"] = compare("weights", dense, probs64, probs_lowp, dtype, empty=row_empty)
+        _require(verdicts["weights"], dense, probs64, context)
+        # Rows sum to 1, or to 0 for empty rows (then exactly: every entry of such a row is 0).
+        expected_sums = (~empty).to(torch.float64)
+        verdicts["row sums"] = compare(
+            "row sums", dense.sum(-1), expected_sums, probs_lowp.sum(-1), dtype, empty=empty,
+        )
+        _require(verdicts["row sums"], dense.sum(-1), expected_sums, context)
+        coo = weights.to_sparse_coo()
+        assert coo.is_sparse and tuple(coo.shape) == tuple(dense.shape), f"to_sparse_coo {coo.shape}; {context}"
+        assert torch.equal(coo.to_dense().cpu(), dense.cpu()), f"to_sparse_coo() != to_dense(); {context}"
+    return verdicts
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients
+# --------------------------------------------------------------------------------------------
+
+
+def differentiable_reference(q, k, v, case: s.AttentionCase, key_padding_mask=None, scale: float | None = None):
+    """SPEC section 4 literally, differentiable, in q's dtype on the CPU: (out, lse).
+
+    The same dense math as ``reference.partial_attention`` (which detaches its inputs), written
+    so that empty rows give zero gradients instead of NaN: their logits are replaced before the
+    log-sum-exp and their outputs masked afterwards.
+    """
+    geometry = reference.AttentionGeometry(case.dilation, q.shape[1], q.shape[2])
+    counts = dense_multiplicity(geometry, case.sparse_config, case.is_causal)
+    if key_padding_mask is not None:
+        counts = counts.masked_fill(key_padding_mask.to("cpu")[:, None, None, :], 0)
+    dtype = q.dtype
+    repeat = q.shape[2] // k.shape[2]
+    kf, vf = (t.repeat_interleave(repeat, dim=2) for t in (k, v))
+    scale = q.shape[3] ** -0.5 if scale is None else scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, kf) * scale
+    row_empty = (counts.sum(-1) == 0).unsqueeze(-1)  # known before any arithmetic: no NaN paths
+    # In place on the sum keeps its memory layout, hence the reference's reduction order.
+    logits = (scores + torch.log(counts.to(dtype))).masked_fill_(row_empty, 0.0)
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse.unsqueeze(-1)).masked_fill(row_empty, 0.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, vf)
+    return out, lse.masked_fill(row_empty.squeeze(-1), float("-inf"))
+
+
+def _reference_grads(q, k, v, grad_out, case, mask, dtype):
+    leaves = [t.detach().to("cpu", dtype).requires_grad_(True) for t in (q, k, v)]
+    out, _ = differentiable_reference(*leaves, case, mask)
+    out.backward(grad_out.to("cpu", dtype))
+    return [leaf.grad for leaf in leaves]
+
+
+def check_gradients(
+    case: s.AttentionCase,
+    backend: str,
+    dtype: torch.dtype,
+    device=None,
+    *,
+    seed: int | None = None,
+    module_options: dict | None = None,
+) -> dict[str, Verdict]:
+    """dq, dk, dv of ``backend`` against the float64 reference's gradients (SPEC section 7, k = 3).
+
+    The same upstream gradient (fresh random values) flows into the optimized module's out and into
+    the reference's; the baseline is the reference's gradients computed in ``dtype``.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    q, k, v, mask = s.make_inputs(case, dtype, device, seed)
+    generator = torch.Generator().manual_seed(case.input_seed + 1 if seed is None else seed + 1)
+    grad_out = torch.randn(case.shape.q_shape, generator=generator, dtype=torch.float32)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    module = optimized.BlockSparseRingDilatedAttention(
+        **s.module_kwargs(case), backend=backend, **(module_options or {})
+    )
+    out = module(*leaves, is_causal=case.is_causal, key_padding_mask=mask)
+    out.backward(grad_out.to(device, dtype))
+    grads64 = _reference_grads(q, k, v, grad_out, case, mask, torch.float64)
+    grads_lowp = _reference_grads(q, k, v, grad_out, case, mask, dtype)
+
+    context = _describe_call(case, backend, dtype, device)
+    verdicts = {}
+    for name, leaf, g64, glowp in zip(("dq", "dk", "dv"), leaves, grads64, grads_lowp):
+        assert leaf.grad is not None, f"{name}: no gradient reached the input; {context}"
+        assert leaf.grad.dtype == dtype, f"{name} must be {dtype}, got {leaf.grad.dtype}; {context}"
+        if bool((g64 == 0).all()) and bool((glowp == 0).all()):
+            # Every row has one key (or none), so this gradient is exactly 0 and the per-tensor budget
+            # is 0: rounding in any other summation order fails it. Judge it as part of the whole
+            # gradient (dq, dk, dv), whose scale is that of the nonzero parts.
+            whole = lambda parts: torch.cat([p.detach().to("cpu", torch.float64).reshape(-1) for p in parts])  # noqa: E731
+            actual = whole([x.grad for x in leaves])
+            verdicts[name] = compare(f"{name} (as part of (dq, dk, dv))", actual, whole(grads64), whole(grads_lowp),
+                                     dtype, k=K_GRADIENT)
+            _require(verdicts[name], actual, whole(grads64), context)
+            continue
+        verdicts[name] = compare(name, leaf.grad, g64, glowp, dtype, k=K_GRADIENT)
+        _require(verdicts[name], leaf.grad, g64, context)
+    return verdicts

@@ -1,0 +1,139 @@
+"""Shared helpers of the torch and flex backends and the sparse weights: where blocks live.
+
+A block of a ``BlockTable`` row is a strided set of ``b`` global positions
+``lattice_start + stride * (block * b + arange(b))``; slots past the lattice end or outside the
+call's chunk are invalid and are masked, never read (their index is clamped to 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from reference.merge import merge_partials
+from reference.semantics import BlockTable
+
+
+@dataclass(frozen=True)
+class DeviceTable:
+    """The integer tensors of one BlockTable moved to the compute device once."""
+
+    table: BlockTable
+    lattice_start: torch.Tensor  # (R,)
+    lattice_length: torch.Tensor  # (R,)
+    query_block: torch.Tensor  # (R,)
+    row_ptr: torch.Tensor  # (R + 1,)
+    row_count: torch.Tensor  # (R,)
+    key_block: torch.Tensor  # (nnz,)
+
+    @classmethod
+    def of(cls, table: BlockTable, device: torch.device) -> "DeviceTable":
+        move = lambda t: t.to(device=device, dtype=torch.long)  # noqa: E731
+        return cls(
+            table, move(table.lattice_start), move(table.lattice_length), move(table.query_block),
+            move(table.row_ptr), move(table.row_counts), move(table.key_block),
+        )
+
+
+def block_points(lattice_start, lattice_length, block, stride: int, block_size: int, limits: tuple[int, int]):
+    """Points of blocks ``block`` (n,) of lattices (n,): (global positions, compacted t, valid), each (n, b).
+
+    ``valid``: the point exists (t < L) and lies in the chunk ``limits`` = [lo, hi).
+    """
+    lo, hi = limits
+    t = block.unsqueeze(1) * block_size + torch.arange(block_size, device=block.device)
+    positions = lattice_start.unsqueeze(1) + stride * t
+    valid = (t < lattice_length.unsqueeze(1)) & (positions >= lo) & (positions < hi)
+    return positions, t, valid
+
+
+def local_index(positions: torch.Tensor, valid: torch.Tensor, chunk_start: int) -> torch.Tensor:
+    """Index into the caller's chunk tensor; invalid slots read index 0 (masked later)."""
+    return torch.where(valid, positions - chunk_start, torch.zeros_like(positions))
+
+
+def kv_heads_of(heads: range, num_heads: int, num_kv_heads: int, device) -> torch.Tensor:
+    """Grouped-query: key/value head of each query head in ``heads``."""
+    return torch.arange(heads.start, heads.stop, device=device) // (num_heads // num_kv_heads)
+
+
+def gather_queries(q: torch.Tensor, index: torch.Tensor, heads: range) -> torch.Tensor:
+    """(B, n, b, nh, D) blocks of q (B, Nq, H, D) at chunk indices ``index`` (n, b), heads ``heads``."""
+    return q[:, :, heads.start : heads.stop][:, index]
+
+
+def gather_keys(k: torch.Tensor, index: torch.Tensor, kv_heads: torch.Tensor) -> torch.Tensor:
+    """(B, n, b, nh, D) blocks of k or v (B, Nk, H_kv, D) for the query heads' kv heads ``kv_heads`` (nh,)."""
+    return k[:, index.unsqueeze(-1), kv_heads]
+
+
+def gather_key_padding(key_padding_mask, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B or 1, n, b) bool: the key slot may be attended (valid and not padding)."""
+    if key_padding_mask is None:
+        return valid.unsqueeze(0)
+    return valid.unsqueeze(0) & ~key_padding_mask[:, index]
+
+
+def head_layers(tables) -> list[list[int]]:
+    """Group table indices into layers whose tables cover disjoint heads.
+
+    Tables of one layer write side by side into one (out, lse); layers are merged with the
+    lse rule (head_mode "all": one layer per branch; "split": a single layer).
+    """
+    layers: list[tuple[set[int], list[int]]] = []
+    for index, table in enumerate(tables):
+        heads = set(table.heads)
+        if not heads:
+            continue
+        for taken, members in layers:
+            if not (taken & heads):
+                taken |= heads
+                members.append(index)
+                break
+        else:
+            layers.append((heads, [index]))
+    return [members for _, members in layers]
+
+
+class PartialCollector:
+    """Collects per-query-point results of tables and assembles (out, lse) of one call.
+
+    Each piece holds P query points of a contiguous head run: chunk indices (P,), out
+    (B, P, nh, D) float32, lse (B, P, nh) float32. Assembly uses out-of-place index_copy, so
+    autograd flows to the pieces; points no table wrote stay empty (out 0, lse -inf).
+    """
+
+    def __init__(self, batch: int, num_queries: int, num_heads: int, head_dim: int, device) -> None:
+        self.shape = (batch, num_queries, num_heads, head_dim)
+        self.device = device
+        self.layers: dict[int, list] = {}
+
+    def add(self, layer: int, heads: range, index: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+        self.layers.setdefault(layer, []).append((heads, index, out, lse))
+
+    def _assemble(self, pieces):
+        B, Nq, H, D = self.shape
+        out_index, out_values, lse_index, lse_values = [], [], [], []
+        for heads, index, out, lse in pieces:
+            head_ids = torch.arange(heads.start, heads.stop, device=self.device)
+            out_index.append((index.unsqueeze(1) * H + head_ids).reshape(-1))
+            out_values.append(out.reshape(B, -1, D))
+            lse_index.append((head_ids * Nq + index.unsqueeze(1)).reshape(-1))
+            lse_values.append(lse.reshape(B, -1))
+        out = torch.zeros(B, Nq * H, D, dtype=torch.float32, device=self.device)
+        lse = torch.full((B, H * Nq), float("-inf"), dtype=torch.float32, device=self.device)
+        if out_index:
+            out = out.index_copy(1, torch.cat(out_index), torch.cat(out_values, dim=1))
+            lse = lse.index_copy(1, torch.cat(lse_index), torch.cat(lse_values, dim=1))
+        return out.reshape(B, Nq, H, D), lse.reshape(B, H, Nq)
+
+    def result(self):
+        """(out (B, Nq, H, D) float32, lse (B, H, Nq) float32), layers merged by SPEC section 5's rule."""
+        out, lse = None, None
+        for layer in sorted(self.layers):
+            layer_out, layer_lse = self._assemble(self.layers[layer])
+            out, lse = (layer_out, layer_lse) if out is None else merge_partials(out, lse, layer_out, layer_lse)
+        if out is None:
+            out, lse = self._assemble([])
+        return out, lse

@@ -1,0 +1,526 @@
+"""The ring (SPEC section 5): a split of the sequence into contiguous chunks gives the unsplit result.
+
+Two ways to run it:
+
+- ``in_process_forward``: one process splits q, k, v into chunks and computes one partial per
+  (query chunk, key chunk) pair the schedule marks active, merged by the lse rule. Autograd flows
+  through the backend's partials directly.
+- ``distributed_forward``: every rank of a ``torch.distributed`` group holds one contiguous chunk
+  of q, k, v (and of the key padding mask); key/value chunks travel around the ring with
+  ``batch_isend_irecv``, double-buffered so that the next chunk's transfer overlaps the current
+  partial. A custom autograd function runs a backward ring in which dk/dv accumulators travel
+  with their chunks and go back to their owner at the end.
+
+Which chunk pairs hold an allowed pair, which steps compute and how far each chunk travels is
+``reference.ring_schedule`` (asked of ``reference.semantics``), identical on every rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from reference.config import SparsePatternConfig
+from reference.inputs import default_scale, validate_qkv
+from reference.merge import merge_partials
+from reference.ring_schedule import RingSchedule, ring_schedule
+from reference.semantics import AttentionGeometry
+
+from . import module as _module  # run_partial / sparse_weights looked up at call time (tests patch them)
+from .plan import CallPlan
+
+NEG_INF = float("-inf")
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+
+
+def _empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, num_queries, num_heads, head_dim = q.shape
+    out = torch.zeros(batch, num_queries, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.full((batch, num_heads, num_queries), NEG_INF, dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+def _merge_into(acc, out, lse):
+    """Add a partial to a running (out, lse) pair (None: nothing yet); results in float32."""
+    out = out.to(torch.float32)
+    if acc is None:
+        return out, lse
+    return merge_partials(acc[0], acc[1], out, lse)
+
+
+# --------------------------------------------------------------------------------------------
+# In one process
+# --------------------------------------------------------------------------------------------
+
+
+def in_process_forward(
+    backend: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask,
+    geometry: AttentionGeometry,
+    sparse_config: SparsePatternConfig,
+    is_causal: bool,
+    scale: float,
+    chunks,
+    options: dict,
+):
+    """The ring simulated in one process: (out float32 (B, N, H, D), lse float32 (B, H, N)).
+
+    ``chunks`` are the chunk lengths (zero-length chunks allowed: they hold no pair). Query chunk
+    ``i`` meets key chunks in ring order ``i, i-1, ...`` (the order rank ``i`` of a distributed
+    ring merges them), skipping the pairs the schedule marks inactive.
+    """
+    schedule = ring_schedule(geometry, sparse_config, is_causal, chunks)
+    outs, lses = [], []
+    for i in range(schedule.num_chunks):
+        q0, q1 = schedule.chunk_range(i)
+        if q1 == q0:
+            continue
+        q_chunk = q[:, q0:q1]
+        merged = None
+        for step in range(schedule.num_chunks):
+            if not schedule.computes(i, step):
+                continue
+            j = schedule.chunk_at(i, step)
+            k0, k1 = schedule.chunk_range(j)
+            plan = CallPlan(geometry, sparse_config, bool(is_causal), float(scale), (q0, q1), (k0, k1))
+            mask_chunk = None if key_padding_mask is None else key_padding_mask[:, k0:k1]
+            out, lse = _module.run_partial(backend, q_chunk, k[:, k0:k1], v[:, k0:k1], mask_chunk, plan, options)
+            merged = _merge_into(merged, out, lse)
+        out, lse = merged if merged is not None else _empty_partial(q_chunk)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
+
+
+# --------------------------------------------------------------------------------------------
+# Over a process group
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RingStats:
+    """What the last distributed call of a module did on this rank (a counter, hence mutable).
+
+    ``*_bytes[s]`` is the number of bytes this rank sent to deliver step ``s`` (index 0 is always 0;
+    summed over ranks it equals ``schedule.step_bytes``). ``backward_bytes`` has one more entry:
+    the final return of every dk/dv accumulator to its owner. Filled in by the backward ring
+    when ``backward()`` runs.
+    """
+
+    rank: int
+    world_size: int
+    chunk_lengths: tuple[int, ...]
+    schedule: RingSchedule
+    forward_bytes: list[int] = field(default_factory=list)
+    computed_steps: list[int] = field(default_factory=list)
+    weights_bytes: list[int] = field(default_factory=list)
+    backward_bytes: list[int] = field(default_factory=list)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(self.forward_bytes) + sum(self.weights_bytes) + sum(self.backward_bytes)
+
+
+@dataclass
+class _RingCall:
+    """Everything a ring pass needs besides the tensors; built once per call."""
+
+    dist: object  # torch.distributed
+    group: object
+    rank: int
+    peers: tuple[int, ...]  # global rank of every group rank (P2POp wants global ranks)
+    schedule: RingSchedule
+    backend: str
+    options: dict
+    geometry: AttentionGeometry
+    sparse_config: SparsePatternConfig
+    is_causal: bool
+    scale: float
+    stats: RingStats
+
+    @property
+    def world_size(self) -> int:
+        return self.schedule.num_chunks
+
+    @property
+    def next_peer(self) -> int:
+        return self.peers[(self.rank + 1) % self.world_size]
+
+    @property
+    def previous_peer(self) -> int:
+        return self.peers[(self.rank - 1) % self.world_size]
+
+    def plan(self, query_chunk: int, key_chunk: int) -> CallPlan:
+        return CallPlan(
+            self.geometry, self.sparse_config, self.is_causal, self.scale,
+            self.schedule.chunk_range(query_chunk), self.schedule.chunk_range(key_chunk),
+        )
+
+    def post(self, sends, receives):
+        """Start sends to the next rank and receives from the previous one; returns the works."""
+        P2POp = self.dist.P2POp
+        ops = [P2POp(self.dist.isend, t, self.next_peer, self.group) for t in sends]
+        ops += [P2POp(self.dist.irecv, t, self.previous_peer, self.group) for t in receives]
+        return self.dist.batch_isend_irecv(ops) if ops else []
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _chunk_buffers(like, length: int):
+    """Receive buffers shaped like ``like`` (tensors or None) with ``length`` tokens on dim 1."""
+    return [None if t is None else t.new_empty((t.shape[0], length, *t.shape[2:])) for t in like]
+
+
+def _ring_pass(call: _RingCall, payload, visit, step_bytes: list):
+    """Carry ``payload`` (this rank's chunk: tensors with tokens on dim 1, or None) around the ring.
+
+    At step s the rank holds key chunk (rank - s) mod P and, where the schedule says it computes,
+    calls ``visit(step, chunk, tensors)``. The transfer for step s + 1 is started before the
+    compute of step s and waited after it (double buffering). Bytes sent per step go to step_bytes.
+    """
+    schedule, rank = call.schedule, call.rank
+    step_bytes[:] = [0] * schedule.num_chunks
+    held = list(payload)
+    for step in range(schedule.num_chunks):
+        works, incoming = [], None
+        if step + 1 < schedule.num_chunks:
+            sends = [t for t in held if t is not None] if schedule.sends(rank, step + 1) else []
+            if schedule.receives(rank, step + 1):
+                incoming = _chunk_buffers(payload, schedule.chunk_lengths[schedule.chunk_at(rank, step + 1)])
+            works = call.post(sends, [t for t in incoming or [] if t is not None])
+            step_bytes[step + 1] = _nbytes(sends)
+        if schedule.computes(rank, step):
+            visit(step, schedule.chunk_at(rank, step), held)
+        for work in works:
+            work.wait()
+        held = incoming
+    return step_bytes
+
+
+def _as_bool(mask):
+    return None if mask is None else mask.to(torch.bool)
+
+
+def _ring_forward(call: _RingCall, q, k, v, mask_bytes):
+    """Forward ring of this rank: merged (out float32, lse float32) of its query rows."""
+    merged = None
+    call.stats.computed_steps = []
+
+    def visit(step, chunk, tensors):
+        nonlocal merged
+        k_chunk, v_chunk, mask_chunk = tensors
+        out, lse = _module.run_partial(
+            call.backend, q, k_chunk, v_chunk, _as_bool(mask_chunk), call.plan(call.rank, chunk), call.options
+        )
+        merged = _merge_into(merged, out, lse)
+        call.stats.computed_steps.append(step)
+
+    _ring_pass(call, (k, v, mask_bytes), visit, call.stats.forward_bytes)
+    return merged if merged is not None else _empty_partial(q)
+
+
+def _pair_gradients(call: _RingCall, chunk, q, k_chunk, v_chunk, mask_chunk, out, lse, grad_out, grad_lse, needs):
+    """Gradients (dq, dk, dv; None where not needed) of one partial's share of the merged result.
+
+    With w = exp(lse_j - lse): the merged out receives w * out_j and the merged lse
+    logsumexp(lse_j), so the partial gets grad_out_j = w * grad_out and
+    grad_lse_j = w * (grad_lse + <grad_out, out_j - out>); the partial is recomputed with autograd.
+    """
+    leaves = [t.detach().requires_grad_(need) for t, need in zip((q, k_chunk, v_chunk), needs)]
+    with torch.enable_grad():
+        out_j, lse_j = _module.run_partial(
+            call.backend, *leaves, _as_bool(mask_chunk), call.plan(call.rank, chunk), call.options
+        )
+    lse_j_value = lse_j.detach()
+    weight = torch.where(torch.isneginf(lse_j_value), torch.zeros_like(lse_j_value), torch.exp(lse_j_value - lse))
+    grad_out_j = weight.transpose(1, 2).unsqueeze(-1) * grad_out
+    spread = ((out_j.detach().to(torch.float32) - out) * grad_out).sum(-1).transpose(1, 2)  # (B, H, Nq)
+    grad_lse_j = weight * (grad_lse + spread)
+    outputs, grads = [], []
+    for tensor, grad in ((out_j, grad_out_j), (lse_j, grad_lse_j)):
+        if tensor.requires_grad:
+            outputs.append(tensor)
+            grads.append(grad.to(tensor.dtype))
+    if not outputs:
+        raise RuntimeError(
+            f"backend {call.backend!r} returned partials without autograd history, so the ring cannot "
+            f"compute gradients through it; use backend='torch' (or another differentiable backend) for training"
+        )
+    wanted = [leaf for leaf in leaves if leaf.requires_grad]
+    computed = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))
+    results = []
+    for leaf in leaves:
+        grad = next(computed) if leaf.requires_grad else None
+        if leaf.requires_grad and grad is None:
+            grad = torch.zeros_like(leaf)
+        results.append(None if grad is None else grad.to(torch.float32))
+    return results
+
+
+def _add(total, part):
+    if part is None:
+        return total
+    return part if total is None else total + part
+
+
+def _ring_backward(call: _RingCall, q, k, v, mask_bytes, out, lse, grad_out, grad_lse, needs):
+    """Backward ring: (dq, dk, dv) of this rank's chunks (None where not needed).
+
+    k/v travel exactly as in the forward (prefetched one step ahead). The dk/dv accumulator of
+    chunk c travels behind it: the rank holding c at step s adds its contribution to what it
+    received from rank - 1 and passes the sum on; after the chunk's last step the accumulator
+    goes straight back to rank c in one final exchange. Accumulators are float32.
+    """
+    schedule, rank, P = call.schedule, call.rank, call.schedule.num_chunks
+    needs_kv = needs[1] or needs[2]
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(torch.float32)
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(torch.float32)
+    stats_bytes = call.stats.backward_bytes
+    stats_bytes[:] = [0] * (P + 1)
+    last_steps = schedule.chunk_last_step
+
+    def zeros_kv(length):
+        return [t.new_zeros((t.shape[0], length, *t.shape[2:]), dtype=torch.float32) for t in (k, v)]
+
+    dq = None
+    held = [k, v, mask_bytes]
+    acc_works, acc_incoming = [], None  # accumulator in flight for the chunk held at the next step
+    finished = {}  # chunk -> [dk, dv] accumulators whose chunk ended its journey here
+    for step in range(P):
+        chunk = schedule.chunk_at(rank, step)
+        works, incoming = [], None
+        if step + 1 < P:
+            sends = [t for t in held if t is not None] if schedule.sends(rank, step + 1) else []
+            if schedule.receives(rank, step + 1):
+                incoming = _chunk_buffers((k, v, mask_bytes), schedule.chunk_lengths[schedule.chunk_at(rank, step + 1)])
+            works = call.post(sends, [t for t in incoming or [] if t is not None])
+            stats_bytes[step + 1] += _nbytes(sends)
+        part = [None, None]
+        if schedule.computes(rank, step):
+            k_chunk, v_chunk, mask_chunk = held
+            dq_part, dk_part, dv_part = _pair_gradients(
+                call, chunk, q, k_chunk, v_chunk, mask_chunk, out, lse, grad_out, grad_lse, needs
+            )
+            dq = _add(dq, dq_part)
+            part = [dk_part, dv_part]
+        if needs_kv and (step == 0 or schedule.receives(rank, step)):
+            # This chunk's accumulator: what rank - 1 passed on (none at step 0), plus our part.
+            for work in acc_works:
+                work.wait()
+            acc = acc_incoming if step > 0 else zeros_kv(schedule.chunk_lengths[chunk])
+            acc = [a if p is None else a + p for a, p in zip(acc, part)]
+            acc_works, acc_incoming = [], None
+            sends = acc if step + 1 < P and schedule.sends(rank, step + 1) else []
+            if step + 1 < P and schedule.receives(rank, step + 1):
+                acc_incoming = zeros_kv(schedule.chunk_lengths[schedule.chunk_at(rank, step + 1)])
+            acc_works = call.post(sends, acc_incoming or [])
+            stats_bytes[step + 1 if step + 1 < P else P] += _nbytes(sends)
+            if step == last_steps[chunk]:
+                finished[chunk] = acc
+        for work in works:
+            work.wait()
+        held = incoming
+    for work in acc_works:
+        work.wait()
+
+    dk = dv = None
+    if needs_kv:
+        # Every accumulator returns to its owner: chunk c ends at rank c + last_steps[c].
+        dist, group = call.dist, call.group
+        ops, own = [], finished.get(rank)
+        for chunk, acc in finished.items():
+            if chunk != rank:
+                ops += [dist.P2POp(dist.isend, t, call.peers[chunk], group) for t in acc]
+                stats_bytes[P] += _nbytes(acc)
+        if last_steps[rank] > 0:
+            own = zeros_kv(schedule.chunk_lengths[rank])
+            source = call.peers[(rank + last_steps[rank]) % P]
+            ops += [dist.P2POp(dist.irecv, t, source, group) for t in own]
+        for work in dist.batch_isend_irecv(ops) if ops else []:
+            work.wait()
+        dk, dv = own
+    if dq is None and needs[0]:
+        dq = torch.zeros_like(q, dtype=torch.float32)
+    return (
+        None if not needs[0] else dq.to(q.dtype),
+        None if not needs[1] else dk.to(k.dtype),
+        None if not needs[2] else dv.to(v.dtype),
+    )
+
+
+class _RingAttention(torch.autograd.Function):
+    """The distributed ring as one autograd node: forward ring, backward ring."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask_bytes, call: _RingCall):
+        out, lse = _ring_forward(call, q, k, v, mask_bytes)
+        ctx.call = call
+        ctx.save_for_backward(q, k, v, mask_bytes, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, mask_bytes, out, lse = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        dq, dk, dv = _ring_backward(ctx.call, q, k, v, mask_bytes, out, lse, grad_out, grad_lse, needs)
+        return dq, dk, dv, None, None
+
+
+def _ring_weights(call: _RingCall, q, k, mask_bytes, lse):
+    """Sparse weights of this rank's query rows: a second ring pass of k (and the mask) with the final lse."""
+    pieces = []
+
+    def visit(step, chunk, tensors):
+        k_chunk, mask_chunk = tensors
+        plan = call.plan(call.rank, chunk)
+        pieces.append(_module.sparse_weights(call.backend, q, k_chunk, _as_bool(mask_chunk), lse, plan))
+
+    _ring_pass(call, (k, mask_bytes), visit, call.stats.weights_bytes)
+    if not pieces:  # no active pair: an empty result of the right structure
+        pieces.append(_module.sparse_weights(call.backend, q, k, _as_bool(mask_bytes), lse, call.plan(call.rank, call.rank)))
+    return _concatenate_weights(pieces)
+
+
+def _concatenate_weights(pieces):
+    """One weights object holding the blocks of every piece (the pieces share shape and block size)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    first = pieces[0]
+    merged = {}
+    for key in first:
+        values = [piece[key] for piece in pieces]
+        if isinstance(values[0], torch.Tensor):
+            merged[key] = torch.cat(values, dim=1 if key == "block_values" else 0)
+        else:
+            merged[key] = values[0]
+    return type(first)(merged)
+
+
+# --------------------------------------------------------------------------------------------
+# Agreement between ranks
+# --------------------------------------------------------------------------------------------
+
+
+def _fingerprint(description: tuple) -> int:
+    """A 63-bit hash of everything the ranks must agree on."""
+    digest = hashlib.sha256(repr(description).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+INVALID_FINGERPRINT = -1  # sent by a rank whose own inputs failed validation
+
+
+def _exchange_layout(call_dist, group, device, fingerprint: int, local_len: int, description, world_size: int):
+    """All-gather (fingerprint, local length) once; raise ValueError on every rank if they differ."""
+    mine = torch.tensor([fingerprint, local_len], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world_size)]
+    call_dist.all_gather(gathered, mine, group=group)
+    rows = [tuple(int(x) for x in t.tolist()) for t in gathered]
+    invalid = [r for r, (fp, _) in enumerate(rows) if fp == INVALID_FINGERPRINT]
+    if invalid:
+        raise ValueError(f"ring: rank(s) {invalid} rejected their inputs (see their error); no rank runs this call")
+    fingerprints = [fp for fp, _ in rows]
+    if len(set(fingerprints)) != 1:
+        groups = {}
+        for r, fp in enumerate(fingerprints):
+            groups.setdefault(fp, []).append(r)
+        raise ValueError(
+            "ring: the ranks of process_group do not hold the same configuration and compatible shapes "
+            f"(ranks grouped by fingerprint: {sorted(groups.values())}); every rank must pass the same "
+            "segment_lengths, dilation_rates, sparse_config, head_mode, backend, B, H, H_kv, D, dtype, "
+            f"is_causal, scale, key_padding_mask presence and return flags. This rank has: {description}"
+        )
+    return tuple(length for _, length in rows)
+
+
+def _communication_device(call_dist, group, tensor_device):
+    # NCCL moves CUDA tensors only; gloo handles CPU tensors everywhere.
+    return tensor_device if str(call_dist.get_backend(group)) == "nccl" else torch.device("cpu")
+
+
+def distributed_forward(module, q, k, v, is_causal, key_padding_mask, return_attention_weights, return_lse, scale):
+    """Forward of ``module`` over ``module.process_group``: this rank's rows, as ``forward`` returns them.
+
+    Each rank passes its own contiguous chunk of q, k, v (B, N_r, ., D) and of the key padding mask
+    (B, N_r); chunk r holds global positions [sum(N_<r), sum(N_<=r)) in rank order, and the N_r may
+    differ (each rank must hold at least one token). Returns out (B, N_r, H, D) for this rank's
+    rows; lse (B, H, N_r); weights: a ``SparseAttentionWeights`` in GLOBAL coordinates (shape
+    (B, H, N, N), global query/key positions) holding only this rank's query rows, so the ranks'
+    ``to_dense()`` results add up to the whole matrix. ``module.ring_stats`` records the bytes sent.
+    """
+    import torch.distributed as dist
+
+    group = module.process_group
+    if module.ring_chunk_lengths is not None or module.ring_size not in (None, 1):
+        raise ValueError(
+            "give process_group or an in-process ring (ring_size / ring_chunk_lengths), not both; got "
+            f"ring_size={module.ring_size!r}, ring_chunk_lengths={module.ring_chunk_lengths!r}"
+        )
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group is set but torch.distributed is not initialized (call init_process_group)")
+    world_size = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    device = _communication_device(dist, group, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"))
+
+    # Validate locally, but still take part in the exchange so that every rank raises, none hangs.
+    try:
+        if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[1] == 0:
+            raise ValueError(f"q: every rank of the ring must hold at least one token, got q of shape {tuple(q.shape)}")
+        validate_qkv(q, k, v, key_padding_mask, scale)
+        backend = _module.resolve_backend(module.backend, q.device)
+    except (TypeError, ValueError) as error:
+        try:
+            _exchange_layout(dist, group, device, INVALID_FINGERPRINT, 0, "invalid inputs", world_size)
+        except ValueError:
+            pass  # the others now raise too; this rank raises its own, more precise error
+        raise error
+    scale = default_scale(q.shape[3], scale)
+    module.last_backend = backend
+    batch, local_len, num_heads, head_dim = q.shape
+    grad_wanted = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    description = (
+        ("dilation", module.dilation), ("sparse_config", module.sparse_config), ("backend", backend),
+        ("B", batch), ("H", num_heads), ("H_kv", k.shape[2]), ("D", head_dim), ("dtype", str(q.dtype)),
+        ("is_causal", bool(is_causal)), ("scale", float(scale)), ("key_padding_mask", key_padding_mask is not None),
+        ("return_attention_weights", bool(return_attention_weights)), ("return_lse", bool(return_lse)),
+        ("requires_grad", grad_wanted), ("world_size", world_size),
+    )
+    cache = module.__dict__.setdefault("_ring_chunk_lengths_by_key", {})
+    key = (description, local_len)
+    if key not in cache:
+        cache[key] = _exchange_layout(dist, group, device, _fingerprint(description), local_len, description, world_size)
+    chunk_lengths = cache[key]
+
+    geometry = module.geometry(sum(chunk_lengths), num_heads)
+    schedule = ring_schedule(geometry, module.sparse_config, bool(is_causal), chunk_lengths)
+    if group is None or group is dist.group.WORLD:
+        peers = tuple(range(world_size))
+    else:
+        peers = tuple(dist.get_global_rank(group, r) for r in range(world_size))
+    stats = RingStats(rank=rank, world_size=world_size, chunk_lengths=chunk_lengths, schedule=schedule)
+    module.ring_stats = stats
+    call = _RingCall(
+        dist=dist, group=group, rank=rank, peers=peers, schedule=schedule, backend=backend,
+        options={"work_size": module.work_size}, geometry=geometry, sparse_config=module.sparse_config,
+        is_causal=bool(is_causal), scale=float(scale), stats=stats,
+    )
+    # The mask travels as bytes: not every backend of torch.distributed moves bool tensors.
+    mask_bytes = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
+    out, lse = _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), mask_bytes, call)
+    results = (out.to(q.dtype),)
+    if return_attention_weights:
+        results += (_ring_weights(call, q.detach().contiguous(), k.detach().contiguous(), mask_bytes, lse.detach()),)
+    if return_lse:
+        results += (lse,)
+    return results[0] if len(results) == 1 else results

@@ -1,0 +1,522 @@
+"""Backend "triton": a forward-only Triton kernel over the block tables (SPEC sections 4 and 5).
+
+One program handles one query block (or a ``BLOCK_M`` slice of it) of one lattice row of a
+BlockTable, for one query head and one batch element. It reads the row's query points straight
+from the caller's ``q`` at ``lattice_start + stride * t - query_start`` (strided addressing, no
+gather copy), walks the row's key blocks from the CSR list reading ``k``/``v`` the same way, and
+keeps an online softmax in float32 (base-2 exponentials on log2(e)-scaled scores). It writes
+``out`` in place and ``lse`` in natural log.
+
+Launches: tables whose heads are disjoint form one launch ("layer"): head_mode "split" is one
+launch for the whole call. A head that sits in several branches (head_mode "all") gets one
+launch per branch, each later launch merging into what is already written by SPEC section 5's
+lse rule (merge on write). ``out``/``lse`` start as 0 / -inf, so points on no lattice stay
+exactly empty.
+
+Masks: t >= lattice length, points outside the call's query/key chunks, causal (t_k <= t_q),
+key padding, and head-dim padding to the next power of two. Grouped-query heads read kv head
+``h // (H // H_kv)``. Float32 inputs use ``tl.dot(..., input_precision="ieee")`` (true fp32
+products, no tf32). Forward only: inputs that require grad are refused, never sent elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as error:  # pragma: no cover - triton is a dependency of the gpu extra
+    raise ImportError(f"backend='triton' needs the triton package: {error}") from error
+
+from .plan import CallPlan
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_BLOCK_SIZE = 16
+MAX_HEAD_DIM = 256
+# Device-side block tables kept per (plan, device); each is small (int32 per row and per entry).
+TABLE_CACHE_SIZE = 64
+_ITEM_FIELDS = 8  # lattice_start, lattice_length, query_block, entry_start, entry_stop, stride, head, pad
+_WEIGHT_FIELDS = 8  # lattice_start, lattice_length, query_block, key_block, stride, head, pad, pad
+_LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# --------------------------------------------------------------------------------------------
+# What the kernel accepts
+# --------------------------------------------------------------------------------------------
+
+
+def _block_size_problem(block_size: int) -> str | None:
+    if block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1):
+        return (
+            f"block_size={block_size} is not supported by backend='triton': it needs a power of two "
+            f">= {MIN_BLOCK_SIZE} (16, 32, 64, 128, ...); use backend='torch' or 'flex' for other block sizes"
+        )
+    return None
+
+
+def supports(sparse_config, head_dim: int, dtype: torch.dtype, device=None) -> str | None:
+    """None if the kernel runs this case, else the reason (for test suites that pick cases).
+
+    ``device``: optional; on a non-CUDA device the kernel runs in Triton's interpreter, where
+    tl.dot on bfloat16 is broken, so bfloat16 is reported unsupported there.
+    """
+    problem = _block_size_problem(sparse_config.block_size)
+    if problem:
+        return problem
+    if head_dim < 1 or head_dim > MAX_HEAD_DIM:
+        return f"head_dim={head_dim} is not supported by backend='triton': it needs 1 <= head_dim <= {MAX_HEAD_DIM}"
+    if dtype not in SUPPORTED_DTYPES:
+        return f"dtype {dtype} is not supported by backend='triton': use one of {SUPPORTED_DTYPES}"
+    if device is not None and torch.device(device).type != "cuda" and dtype == torch.bfloat16:
+        return "bfloat16 runs only on CUDA: tl.dot on bfloat16 is broken in Triton's CPU interpreter"
+    return None
+
+
+def _check_inputs(q, k, v, key_padding_mask, plan: CallPlan) -> None:
+    problem = _block_size_problem(plan.block_size)
+    if problem:
+        raise ValueError(problem)
+    head_dim = q.shape[-1]
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(
+            f"head_dim={head_dim} is not supported by backend='triton': it needs head_dim <= {MAX_HEAD_DIM} "
+            f"(other head dims are padded by masks to the next power of two)"
+        )
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; backend='triton' supports {SUPPORTED_DTYPES}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError(
+            "backend='triton' is forward only (no backward kernel): q, k or v requires grad. "
+            "Use backend='torch' or backend='flex' for gradients, or run under torch.no_grad()"
+        )
+    if not q.is_cuda and not _interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors, got q on {q.device} "
+            f"(set TRITON_INTERPRET=1 before importing triton to run the kernel in the CPU interpreter)"
+        )
+    if not q.is_cuda and q.dtype == torch.bfloat16:
+        raise TypeError("bfloat16 runs only on CUDA: tl.dot on bfloat16 is broken in Triton's CPU interpreter")
+
+
+# --------------------------------------------------------------------------------------------
+# Tiles
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Kernel tile: BLOCK_M query points x BLOCK_N key points per step (each divides block_size)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_tile(block_size: int, block_d: int, dtype: torch.dtype) -> TileConfig:
+    if _interpreting():
+        return TileConfig(min(block_size, 64), min(block_size, 64), 4, 1)
+    if dtype == torch.float32:
+        return TileConfig(min(block_size, 64), min(block_size, 32), 4, 2)
+    if block_d >= 256:
+        return TileConfig(min(block_size, 64), min(block_size, 32), 4, 2)
+    if block_d >= 128:
+        return TileConfig(min(block_size, 128), min(block_size, 64), 8, 3)
+    return TileConfig(min(block_size, 128), min(block_size, 64), 4, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Device-side block tables, cached per (plan, device)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchTable:
+    """One launch: work items (query-block row x head) and their key-block entries, int32 on the device."""
+
+    items: torch.Tensor  # (n_items, _ITEM_FIELDS) int32
+    key_block: torch.Tensor  # (nnz,) int32
+    num_items: int
+
+
+def _layers(tables) -> list[list]:
+    """Tables grouped into launches whose heads are disjoint (so one launch never writes a point twice)."""
+    layers: list[tuple[set, list]] = []
+    for table in tables:
+        heads = set(table.heads)
+        if not heads or table.num_rows == 0:
+            continue
+        for taken, members in layers:
+            if not (taken & heads):
+                taken |= heads
+                members.append(table)
+                break
+        else:
+            layers.append((heads, [table]))
+    return [members for _, members in layers]
+
+
+def _launch_table(tables, device) -> LaunchTable:
+    items, keys = [], []
+    entry_base = 0
+    for table in tables:
+        nh = len(table.heads)
+        rows = table.num_rows
+        fields = torch.stack(
+            [
+                table.lattice_start, table.lattice_length, table.query_block,
+                table.row_ptr[:-1] + entry_base, table.row_ptr[1:] + entry_base,
+                torch.full((rows,), table.stride, dtype=torch.long), torch.zeros(rows, dtype=torch.long),
+                torch.zeros(rows, dtype=torch.long),
+            ],
+            dim=1,
+        )
+        per_head = fields.unsqueeze(1).repeat(1, nh, 1)  # (rows, nh, F): heads of one row side by side
+        per_head[:, :, 6] = torch.arange(table.heads.start, table.heads.stop)
+        items.append(per_head.reshape(rows * nh, _ITEM_FIELDS))
+        keys.append(table.key_block)
+        entry_base += table.nnz
+    items = torch.cat(items)
+    # Longest rows first: the heavy programs start early and the short ones fill the tail.
+    counts = items[:, 4] - items[:, 3]
+    order = torch.sort(counts, descending=True, stable=True).indices
+    items = items[order]
+    if items.numel() and int(items.max()) >= 2**31:
+        raise ValueError("sequence too long for the kernel's int32 block tables (positions >= 2**31)")
+    return LaunchTable(
+        items=items.to(torch.int32).contiguous().to(device),
+        key_block=torch.cat(keys).to(torch.int32).to(device),
+        num_items=int(items.shape[0]),
+    )
+
+
+_table_cache: OrderedDict = OrderedDict()
+
+
+def device_tables(plan: CallPlan, device) -> tuple[LaunchTable, ...]:
+    """The launches of ``plan`` on ``device``, built once per (plan, device) (bounded LRU)."""
+    key = (plan, str(device))
+    cached = _table_cache.get(key)
+    if cached is not None:
+        _table_cache.move_to_end(key)
+        return cached
+    launches = tuple(_launch_table(layer, device) for layer in _layers(plan.tables))
+    _table_cache[key] = launches
+    while len(_table_cache) > TABLE_CACHE_SIZE:
+        _table_cache.popitem(last=False)
+    return launches
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _forward_kernel(
+    Q, K, V, KPM, Out, Lse, Items, KeyBlock,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    stride_mb, stride_mn,
+    num_heads, num_queries, q_lo, q_hi, k_lo, k_hi, kv_group, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, MERGE: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    M_SUB: tl.constexpr = BLOCK // BLOCK_M
+    N_SUB: tl.constexpr = BLOCK // BLOCK_N
+    pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    item = pid // M_SUB
+    m_sub = pid % M_SUB
+    meta = Items + item * 8
+    lattice_start = tl.load(meta + 0)
+    lattice_len = tl.load(meta + 1)
+    query_block = tl.load(meta + 2)
+    entry_start = tl.load(meta + 3)
+    entry_stop = tl.load(meta + 4)
+    stride = tl.load(meta + 5)
+    head = tl.load(meta + 6)
+    kv_head = head // kv_group
+
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    t_q = query_block * BLOCK + m_sub * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos_q = lattice_start + stride * t_q
+    q_ok = (t_q < lattice_len) & (pos_q >= q_lo) & (pos_q < q_hi)
+    idx_q = tl.where(q_ok, pos_q - q_lo, 0).to(tl.int64)
+    q_ptrs = Q + batch * stride_qb + head.to(tl.int64) * stride_qh + idx_q[:, None] * stride_qn + d[None, :]
+    q = tl.load(q_ptrs, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+
+    k_base = K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch * stride_vb + kv_head.to(tl.int64) * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    steps = (entry_stop - entry_start) * N_SUB
+    for step in range(0, steps):
+        key_block = tl.load(KeyBlock + entry_start + step // N_SUB)
+        t_k = key_block * BLOCK + (step % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+        pos_k = lattice_start + stride * t_k
+        k_ok = (t_k < lattice_len) & (pos_k >= k_lo) & (pos_k < k_hi)
+        idx_k = tl.where(k_ok, pos_k - k_lo, 0).to(tl.int64)
+        kv_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + idx_k[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
+        if HAS_PADDING:
+            padded = tl.load(KPM + batch * stride_mb + idx_k * stride_mn, mask=k_ok, other=1)
+            k_ok = k_ok & (padded == 0)
+        if FP32_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale
+        allowed = k_ok[None, :]
+        if IS_CAUSAL:
+            allowed = allowed & (t_k[None, :] <= t_q[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no allowed key yet keeps m = -inf: shift by 0 so exp2 gives 0, never NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_shift)
+        p = tl.math.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + idx_k[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)
+        if FP32_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    nonempty = l_i > 0.0
+    inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
+    out = acc * inv_l[:, None]
+    lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse_ptrs = Lse + (batch * num_heads + head) * num_queries + idx_q
+    o_ptrs = Out + batch * stride_ob + head.to(tl.int64) * stride_oh + idx_q[:, None] * stride_on + d[None, :]
+    o_mask = q_ok[:, None] & d_ok[None, :]
+    if MERGE:
+        # Merge on write with an earlier branch's partial (SPEC section 5); empty partials change nothing.
+        old_lse = tl.load(lse_ptrs, mask=q_ok, other=float("-inf"))
+        old_out = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
+        top = tl.maximum(old_lse, lse)
+        top_shift = tl.where(top == float("-inf"), 0.0, top)
+        w_old = tl.exp(old_lse - top_shift)
+        w_new = tl.exp(lse - top_shift)
+        total = w_old + w_new
+        some = total > 0.0
+        inv_total = tl.where(some, 1.0 / tl.where(some, total, 1.0), 0.0)
+        out = (old_out * w_old[:, None] + out * w_new[:, None]) * inv_total[:, None]
+        lse = tl.where(some, top_shift + tl.log(tl.where(some, total, 1.0)), float("-inf"))
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+    tl.store(lse_ptrs, lse, mask=q_ok)
+
+
+@triton.jit
+def _weights_kernel(
+    Q, K, KPM, Lse, Values, Blocks,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_mb, stride_mn,
+    num_heads, num_queries, num_blocks, q_lo, q_hi, k_lo, k_hi, kv_group, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    N_SUB: tl.constexpr = BLOCK // BLOCK_N
+    M_SUB: tl.constexpr = BLOCK // BLOCK_M
+    block = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    tile = tl.program_id(2)
+    m_sub = tile // N_SUB
+    n_sub = tile % N_SUB
+    meta = Blocks + block * 8
+    lattice_start = tl.load(meta + 0)
+    lattice_len = tl.load(meta + 1)
+    query_block = tl.load(meta + 2)
+    key_block = tl.load(meta + 3)
+    stride = tl.load(meta + 4)
+    head = tl.load(meta + 5)
+    kv_head = head // kv_group
+
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    i = m_sub * BLOCK_M + tl.arange(0, BLOCK_M)
+    j = n_sub * BLOCK_N + tl.arange(0, BLOCK_N)
+    t_q = query_block * BLOCK + i
+    t_k = key_block * BLOCK + j
+    pos_q = lattice_start + stride * t_q
+    pos_k = lattice_start + stride * t_k
+    q_ok = (t_q < lattice_len) & (pos_q >= q_lo) & (pos_q < q_hi)
+    k_ok = (t_k < lattice_len) & (pos_k >= k_lo) & (pos_k < k_hi)
+    idx_q = tl.where(q_ok, pos_q - q_lo, 0).to(tl.int64)
+    idx_k = tl.where(k_ok, pos_k - k_lo, 0).to(tl.int64)
+    q = tl.load(
+        Q + batch * stride_qb + head.to(tl.int64) * stride_qh + idx_q[:, None] * stride_qn + d[None, :],
+        mask=q_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+    k = tl.load(
+        K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh + idx_k[:, None] * stride_kn + d[None, :],
+        mask=k_ok[:, None] & d_ok[None, :], other=0.0,
+    )
+    if HAS_PADDING:
+        padded = tl.load(KPM + batch * stride_mb + idx_k * stride_mn, mask=k_ok, other=1)
+        k_ok = k_ok & (padded == 0)
+    if FP32_DOT:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    lse = tl.load(Lse + (batch * num_heads + head) * num_queries + idx_q, mask=q_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    allowed = q_ok[:, None] & k_ok[None, :]
+    if IS_CAUSAL:
+        allowed = allowed & (t_k[None, :] <= t_q[:, None])
+    probs = tl.where(allowed, tl.exp(s * scale - lse[:, None]), 0.0)
+    out = Values + ((batch * num_blocks + block) * BLOCK + i[:, None]) * BLOCK + j[None, :]
+    tl.store(out, probs)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare(q, k, v):
+    # The kernels address the head dim with unit stride; anything else is made contiguous once.
+    fix = lambda t: t if t is None or t.stride(-1) == 1 else t.contiguous()  # noqa: E731
+    return fix(q), fix(k), fix(v)
+
+
+def _padding_view(key_padding_mask, like):
+    if key_padding_mask is None:
+        return like, 0, 0, False  # never read: HAS_PADDING is False
+    mask = key_padding_mask.view(torch.uint8)
+    return mask, mask.stride(0), mask.stride(1), True
+
+
+def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, tile: TileConfig | None = None):
+    """Partial attention of q (B, Nq, H, D) at plan.query_range against k, v (B, Nk, H_kv, D) at plan.key_range.
+
+    Returns (out, lse): out (B, Nq, H, D) in q.dtype when the call covers the whole key range,
+    float32 for a key chunk (its partial is merged with others later); lse (B, H, Nq) float32.
+    """
+    _check_inputs(q, k, v, key_padding_mask, plan)
+    q, k, v = _prepare(q, k, v)
+    batch, num_queries, num_heads, head_dim = q.shape
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    b = plan.block_size
+    whole_keys = plan.key_range == (0, plan.geometry.seq_len)
+    out_dtype = q.dtype if whole_keys else torch.float32
+    out = torch.zeros(batch, num_queries, num_heads, head_dim, dtype=out_dtype, device=q.device)
+    lse = torch.full((batch, num_heads, num_queries), float("-inf"), dtype=torch.float32, device=q.device)
+    launches = device_tables(plan, q.device)
+    if not launches:
+        return out, lse
+    tile = tile or default_tile(b, block_d, q.dtype)
+    if b % tile.block_m or b % tile.block_n:
+        raise ValueError(f"tile {tile} must divide block_size={b}")
+    mask, mask_sb, mask_sn, has_padding = _padding_view(key_padding_mask, lse)
+    kv_group = num_heads // k.shape[2]
+    for layer, launch in enumerate(launches):
+        grid = (launch.num_items * (b // tile.block_m), batch)
+        _forward_kernel[grid](
+            q, k, v, mask, out, lse, launch.items, launch.key_block,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            mask_sb, mask_sn,
+            num_heads, num_queries, plan.query_range[0], plan.query_range[1],
+            plan.key_range[0], plan.key_range[1], kv_group, plan.scale * _LOG2E,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=b, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
+            IS_CAUSAL=plan.is_causal, HAS_PADDING=has_padding, MERGE=layer > 0,
+            FP32_DOT=q.dtype == torch.float32,
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
+        )
+    return out, lse
+
+
+def _weight_blocks(plan: CallPlan):
+    """Per stored block (order of optimized.weights: tables, entries, heads): metadata on the CPU."""
+    rows = []
+    for table in plan.tables:
+        if table.nnz == 0:
+            continue
+        nh = len(table.heads)
+        entry_row = table.entry_row
+        fields = torch.stack(
+            [
+                table.lattice_start[entry_row], table.lattice_length[entry_row], table.query_block[entry_row],
+                table.key_block, torch.full((table.nnz,), table.stride, dtype=torch.long),
+                torch.zeros(table.nnz, dtype=torch.long), torch.full((table.nnz,), table.branch, dtype=torch.long),
+                torch.zeros(table.nnz, dtype=torch.long),
+            ],
+            dim=1,
+        )
+        per_head = fields.unsqueeze(1).repeat(1, nh, 1)
+        per_head[:, :, 5] = torch.arange(table.heads.start, table.heads.stop)
+        rows.append(per_head.reshape(table.nnz * nh, _WEIGHT_FIELDS))
+    return torch.cat(rows) if rows else torch.zeros(0, _WEIGHT_FIELDS, dtype=torch.long)
+
+
+def _positions(blocks, block_size, limits, which):
+    start, length, block, stride = blocks[:, 0], blocks[:, 1], blocks[:, which], blocks[:, 4]
+    t = block.unsqueeze(1) * block_size + torch.arange(block_size)
+    positions = start.unsqueeze(1) + stride.unsqueeze(1) * t
+    valid = (t < length.unsqueeze(1)) & (positions >= limits[0]) & (positions < limits[1])
+    return torch.where(valid, positions, torch.full_like(positions, -1))
+
+
+def attention_weights(q, k, key_padding_mask, lse, plan: CallPlan):
+    """Sparse attention probabilities (SPEC section 6) from the final lse: optimized.weights' structure."""
+    from .weights import SparseAttentionWeights  # the shared result type of every backend
+
+    _check_inputs(q, k, k, key_padding_mask, plan)
+    q, k, _ = _prepare(q, k, None)
+    batch, num_queries, num_heads, head_dim = q.shape
+    device = q.device
+    b = plan.block_size
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    blocks_cpu = _weight_blocks(plan)
+    num_blocks = int(blocks_cpu.shape[0])
+    values = torch.empty(batch, num_blocks, b, b, dtype=torch.float32, device=device)
+    lse = lse.detach().to(device=device, dtype=torch.float32).contiguous()
+    if num_blocks:
+        blocks = blocks_cpu.to(torch.int32).to(device)
+        tile_m = min(b, 16 if _interpreting() else 64)
+        tile_n = min(b, 64)
+        mask, mask_sb, mask_sn, has_padding = _padding_view(key_padding_mask, lse)
+        grid = (num_blocks, batch, (b // tile_m) * (b // tile_n))
+        _weights_kernel[grid](
+            q, k, mask, lse, values, blocks,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            mask_sb, mask_sn,
+            num_heads, num_queries, num_blocks, plan.query_range[0], plan.query_range[1],
+            plan.key_range[0], plan.key_range[1], num_heads // k.shape[2], plan.scale,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=b, BLOCK_M=tile_m, BLOCK_N=tile_n,
+            IS_CAUSAL=plan.is_causal, HAS_PADDING=has_padding, FP32_DOT=q.dtype == torch.float32,
+            num_warps=4, num_stages=1,
+        )
+    seq_len = plan.geometry.seq_len
+    return SparseAttentionWeights({
+        "block_indices": blocks_cpu[:, [2, 3]].to(device),
+        "block_values": values,
+        "shape": (batch, num_heads, seq_len, seq_len),
+        "block_size": b,
+        "block_heads": blocks_cpu[:, 5].to(device),
+        "block_branches": blocks_cpu[:, 6].to(device),
+        "query_positions": _positions(blocks_cpu, b, plan.query_range, 2).to(device),
+        "key_positions": _positions(blocks_cpu, b, plan.key_range, 3).to(device),
+    })

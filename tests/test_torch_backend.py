@@ -1,0 +1,251 @@
+"""Backend "torch" against the float64 dense reference (SPEC sections 4, 5 and 7)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import optimized
+from optimized import torch_backend
+from optimized.plan import CallPlan
+from reference import (
+    AttentionGeometry,
+    BlockSparseRingDilatedAttention as ReferenceAttention,
+    DilationConfig,
+    SparsePatternConfig,
+    assert_within_budget,
+    compare,
+    dense_multiplicity,
+    partial_attention,
+)
+from reference.verification import K_GRADIENT
+
+
+def make_inputs(seed, B, N, H, H_kv, D, dtype, pad_fraction=0.0, pad_first=False):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, N, H, D, generator=generator).to(dtype)
+    k = torch.randn(B, N, H_kv, D, generator=generator).to(dtype)
+    v = torch.randn(B, N, H_kv, D, generator=generator).to(dtype)
+    mask = None
+    if pad_fraction > 0:
+        mask = torch.rand(B, N, generator=generator) < pad_fraction
+        if pad_first:
+            mask[0, 0] = True  # with is_causal, query 0 of batch 0 then has no key: an empty row
+    return q, k, v, mask
+
+
+def check_partial(forward, q, k, v, mask, geometry, config, causal, query_range, key_range, context):
+    """Run ``forward`` on the chunks and compare (out, lse) with the reference; returns the empty-row mask."""
+    q0, q1 = query_range
+    k0, k1 = key_range
+    qc, kc, vc = q[:, q0:q1], k[:, k0:k1], v[:, k0:k1]
+    mc = None if mask is None else mask[:, k0:k1]
+    scale = q.shape[-1] ** -0.5
+    plan = CallPlan(geometry, config, causal, scale, query_range, key_range)
+    out, lse = forward(qc, kc, vc, mc, plan)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    kwargs = dict(query_start=q0, key_start=k0, is_causal=causal, key_padding_mask=mc, scale=scale)
+    out64, lse64 = partial_attention(qc, kc, vc, geometry, config, **kwargs)
+    out_lowp, lse_lowp = partial_attention(qc, kc, vc, geometry, config, compute_dtype=None, **kwargs)
+    empty = torch.isneginf(lse64)
+    assert_within_budget(compare("lse", lse, lse64, lse_lowp, q.dtype, empty=empty, empty_value=float("-inf")), context)
+    out_empty = empty.transpose(1, 2).unsqueeze(-1)
+    assert_within_budget(compare("out", out, out64, out_lowp, q.dtype, empty=out_empty, empty_value=0.0), context)
+    return empty
+
+
+def torch_forward(work_size):
+    return lambda q, k, v, mask, plan: torch_backend.partial_forward(q, k, v, mask, plan, work_size=work_size)
+
+
+# (segment_lengths, dilation_rates, head_mode, H, H_kv, N, config kwargs)
+LAYOUT_CASES = {
+    "dense": dict(pattern_type="dense", block_size=4),
+    "local_window": dict(pattern_type="local_window", block_size=3, local_window_size=12),
+    "global_local": dict(pattern_type="global_local", block_size=4, local_window_size=8, global_tokens=5),
+    "dilated_sparse": dict(pattern_type="dilated_sparse", block_size=3, sparsity_ratio=0.34),
+    "random": dict(pattern_type="random", block_size=4, sparsity_ratio=0.3, seed=3),
+    "custom": dict(pattern_type="custom", block_size=3),
+}
+
+
+def make_config(kwargs, max_blocks=64):
+    kwargs = dict(kwargs)
+    if kwargs["pattern_type"] == "custom":
+        generator = torch.Generator().manual_seed(11)
+        kwargs["block_layout"] = torch.rand(max_blocks, max_blocks, generator=generator) < 0.4
+    return SparsePatternConfig(**kwargs)
+
+
+@pytest.mark.parametrize("pattern", sorted(LAYOUT_CASES))
+@pytest.mark.parametrize("head_mode", ["split", "all"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_layout_matches_reference(pattern, head_mode, causal):
+    config = make_config(LAYOUT_CASES[pattern])
+    # Partial last segments (N not a multiple of 16 or 24) and partial last blocks.
+    geometry = AttentionGeometry(DilationConfig((16, 24), (1, 2), head_mode), 53, 4)
+    q, k, v, mask = make_inputs(hash((pattern, head_mode, causal)) % 1000, 2, 53, 4, 2, 8, torch.float32, 0.15, True)
+    check_partial(torch_forward(7), q, k, v, mask, geometry, config, causal, (0, 53), (0, 53),
+                  f"{pattern} {head_mode} causal={causal}")
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 4, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_sizes_and_dtypes(block_size, dtype):
+    config = SparsePatternConfig(pattern_type="local_window", block_size=block_size, local_window_size=4 * block_size)
+    geometry = AttentionGeometry(DilationConfig((32, 64), (1, 3), "split"), 70, 3)
+    q, k, v, mask = make_inputs(block_size, 1, 70, 3, 3, 16, dtype, 0.1)
+    check_partial(torch_forward(4096), q, k, v, mask, geometry, config, True, (0, 70), (0, 70),
+                  f"block_size={block_size} dtype={dtype}")
+
+
+def test_float16_inputs_accumulate_in_float32():
+    config = SparsePatternConfig(pattern_type="dilated_sparse", block_size=4, sparsity_ratio=0.5)
+    geometry = AttentionGeometry(DilationConfig((20, 40), (1, 2), "all"), 40, 2)
+    q, k, v, mask = make_inputs(5, 1, 40, 2, 1, 8, torch.float16)
+    check_partial(torch_forward(3), q, k, v, mask, geometry, config, False, (0, 40), (0, 40), "float16")
+
+
+@pytest.mark.parametrize(
+    "query_range, key_range",
+    [((0, 20), (0, 61)), ((17, 45), (0, 30)), ((30, 61), (13, 44)), ((5, 6), (40, 61)), ((50, 61), (0, 9))],
+)
+@pytest.mark.parametrize("head_mode", ["split", "all"])
+def test_chunked_query_and_key_ranges(query_range, key_range, head_mode):
+    config = SparsePatternConfig(pattern_type="global_local", block_size=3, local_window_size=9, global_tokens=4)
+    geometry = AttentionGeometry(DilationConfig((12, 30), (1, 3), head_mode), 61, 4)
+    q, k, v, mask = make_inputs(sum(query_range + key_range), 2, 61, 4, 2, 8, torch.float32, 0.1)
+    check_partial(torch_forward(5), q, k, v, mask, geometry, config, True, query_range, key_range,
+                  f"chunks q={query_range} k={key_range} {head_mode}")
+
+
+def test_chunks_merge_to_the_whole_result():
+    # SPEC section 5: partials over disjoint key chunks merge exactly to the unsplit result.
+    from reference.merge import merge_partials
+
+    config = SparsePatternConfig(pattern_type="random", block_size=4, sparsity_ratio=0.4)
+    geometry = AttentionGeometry(DilationConfig((16, 32), (1, 2), "all"), 48, 2)
+    q, k, v, mask = make_inputs(21, 1, 48, 2, 2, 8, torch.float32, 0.1)
+    scale = 8 ** -0.5
+    whole = torch_backend.partial_forward(q, k, v, mask, CallPlan.whole(geometry, config, True, scale))
+    out, lse = None, None
+    for k0, k1 in ((0, 13), (13, 30), (30, 48)):
+        plan = CallPlan(geometry, config, True, scale, (0, 48), (k0, k1))
+        part = torch_backend.partial_forward(q, k[:, k0:k1], v[:, k0:k1], mask[:, k0:k1], plan)
+        out, lse = part if out is None else merge_partials(out, lse, *part)
+    assert_within_budget(compare("merged out", out, whole[0].double(), whole[0], torch.float32))
+    assert_within_budget(compare("merged lse", lse, whole[1].double(), whole[1], torch.float32,
+                                 empty=torch.isneginf(whole[1]), empty_value=float("-inf")))
+
+
+def test_empty_rows_are_exact_and_present():
+    # Every key padded in batch 0: every row of batch 0 is empty. In batch 1 a head's rows are
+    # empty exactly off its lattice (rate 2: every other position).
+    config = SparsePatternConfig(pattern_type="local_window", block_size=4, local_window_size=8)
+    geometry = AttentionGeometry(DilationConfig((16,), (2,), "split"), 33, 2)
+    q, k, v, mask = make_inputs(8, 2, 33, 2, 2, 8, torch.float32, 0.2)
+    mask[0] = True
+    plan = CallPlan.whole(geometry, config, False, 8 ** -0.5)
+    out, lse = torch_backend.partial_forward(q, k, v, mask, plan)
+    assert bool(torch.isneginf(lse[0]).all()) and bool((out[0] == 0).all())
+    on_lattice = torch.isfinite(lse[1])
+    assert not bool(on_lattice[0, 1::2].any()) and not bool(on_lattice[1, 0::2].any())
+    assert int(on_lattice.sum()) >= 30
+    assert not bool(torch.isnan(out).any())
+    check_partial(torch_forward(4096), q, k, v, mask, geometry, config, False, (0, 33), (0, 33), "empty rows")
+
+
+def test_module_end_to_end_matches_reference_module():
+    config = SparsePatternConfig(pattern_type="dilated_sparse", block_size=4, sparsity_ratio=0.5)
+    args = ([16, 32], [1, 2])
+    q, k, v, mask = make_inputs(31, 2, 45, 4, 2, 8, torch.float32, 0.1)
+    module = optimized.BlockSparseRingDilatedAttention(*args, sparse_config=config, backend="torch", work_size=6)
+    out, lse = module(q, k, v, is_causal=True, key_padding_mask=mask, return_lse=True)
+    assert out.dtype == q.dtype and module.last_backend == "torch"
+    ref64 = ReferenceAttention(*args, sparse_config=config)
+    ref_lowp = ReferenceAttention(*args, sparse_config=config, compute_dtype=None)
+    out64, lse64 = ref64(q, k, v, is_causal=True, key_padding_mask=mask, return_lse=True)
+    out_lowp, lse_lowp = ref_lowp(q, k, v, is_causal=True, key_padding_mask=mask, return_lse=True)
+    empty = torch.isneginf(lse64)
+    assert_within_budget(compare("out", out, out64, out_lowp, q.dtype, empty=empty.transpose(1, 2).unsqueeze(-1)))
+    assert_within_budget(compare("lse", lse, lse64, lse_lowp, q.dtype, empty=empty, empty_value=float("-inf")))
+
+
+def test_work_size_does_not_change_the_result():
+    config = SparsePatternConfig(pattern_type="dense", block_size=4)
+    geometry = AttentionGeometry(DilationConfig((32,), (1,), "split"), 64, 2)
+    q, k, v, _ = make_inputs(2, 1, 64, 2, 2, 8, torch.float32)
+    plan = CallPlan.whole(geometry, config, True, 8 ** -0.5)
+    big = torch_backend.partial_forward(q, k, v, None, plan, work_size=4096)
+    small = torch_backend.partial_forward(q, k, v, None, plan, work_size=1)
+    assert_within_budget(compare("out", small[0], big[0].double(), big[0], torch.float32))
+
+
+@pytest.mark.parametrize("work_size", [0, -3, 2.5, True])
+def test_bad_work_size_is_rejected(work_size):
+    geometry = AttentionGeometry(DilationConfig((8,), (1,), "split"), 8, 1)
+    plan = CallPlan.whole(geometry, SparsePatternConfig(block_size=4), False, 1.0)
+    q = torch.randn(1, 8, 1, 4)
+    with pytest.raises(ValueError, match="work_size"):
+        torch_backend.partial_forward(q, q, q, None, plan, work_size=work_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients: of SPEC section 4's formula, against a float64 dense computation of it
+# ---------------------------------------------------------------------------------------------
+
+
+def dense_formula(q, k, v, counts, scale, dtype):
+    """SPEC section 4 literally and differentiably, from the reference's multiplicity matrix."""
+    heads = q.shape[2]
+    qf, kf, vf = (t.to(dtype) for t in (q, k, v))
+    kf = kf.repeat_interleave(heads // k.shape[2], dim=2)
+    vf = vf.repeat_interleave(heads // v.shape[2], dim=2)
+    logits = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale + torch.log(counts.to(dtype))
+    empty = (counts == 0).all(dim=-1).expand(logits.shape[:-1])
+    # logsumexp of an all -inf row has a NaN gradient: take it of zeros there and put -inf back.
+    safe = torch.logsumexp(torch.where(empty.unsqueeze(-1), torch.zeros_like(logits), logits), dim=-1)
+    lse = torch.where(empty, torch.full_like(safe, float("-inf")), safe)
+    probs = torch.exp(logits - torch.where(empty, torch.zeros_like(safe), safe).unsqueeze(-1))
+    return torch.einsum("bhqk,bkhd->bqhd", probs, vf), lse
+
+
+def gradients(forward, q, k, v, out_weight, lse_weight, dtype):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = forward(*leaves)
+    finite = torch.isfinite(lse)
+    loss = (out.to(dtype) * out_weight.to(dtype)).sum()
+    loss = loss + torch.where(finite, lse.to(dtype) * lse_weight.to(dtype), torch.zeros((), dtype=dtype)).sum()
+    loss.backward()
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize(
+    "pattern, head_mode, dtype",
+    [("local_window", "split", torch.float32), ("random", "all", torch.float32), ("global_local", "all", torch.bfloat16)],
+)
+def test_gradients_match_float64_formula(pattern, head_mode, dtype):
+    config = make_config(LAYOUT_CASES[pattern])
+    geometry = AttentionGeometry(DilationConfig((16, 24), (1, 2), head_mode), 37, 4)
+    q, k, v, mask = make_inputs(41, 2, 37, 4, 2, 8, dtype, 0.15, True)
+    scale = 8 ** -0.5
+    counts = dense_multiplicity(geometry, config, True, mask)
+    # The test's formula is the reference's: same forward.
+    out64, lse64 = dense_formula(q, k, v, counts, scale, torch.float64)
+    ref_out, ref_lse = partial_attention(q, k, v, geometry, config, is_causal=True, key_padding_mask=mask, scale=scale)
+    assert_within_budget(compare("formula out", out64, ref_out, ref_out, torch.float64))
+    assert bool(torch.isneginf(lse64).any()), "the case should hold an empty row"
+
+    generator = torch.Generator().manual_seed(5)
+    out_weight = torch.randn(out64.shape, generator=generator)
+    lse_weight = torch.randn(lse64.shape, generator=generator)
+    plan = CallPlan.whole(geometry, config, True, scale)
+    actual = gradients(lambda a, b, c: torch_backend.partial_forward(a, b, c, mask, plan, work_size=5),
+                       q, k, v, out_weight, lse_weight, torch.float32)
+    exact = gradients(lambda a, b, c: dense_formula(a, b, c, counts, scale, torch.float64),
+                      q, k, v, out_weight, lse_weight, torch.float64)
+    lowp = gradients(lambda a, b, c: dense_formula(a, b, c, counts, scale, dtype),
+                     q, k, v, out_weight, lse_weight, dtype)
+    for name, got, want, base in zip(("dq", "dk", "dv"), actual, exact, lowp):
+        assert got.dtype == dtype
+        assert_within_budget(compare(name, got, want, base, dtype, k=K_GRADIENT), f"{pattern} {head_mode} {dtype}")

@@ -1,0 +1,226 @@
+"""Backend "triton" against the float64 dense reference (SPEC sections 4-7).
+
+On a machine with CUDA the kernel runs on the GPU; elsewhere it runs in Triton's CPU
+interpreter (TRITON_INTERPRET=1, set here before triton is imported and by ``make test``), so
+the sizes are small: N <= 64, D 16/32, block 16/32. bfloat16 runs only on CUDA (tl.dot on
+bfloat16 is broken in the interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+import optimized  # noqa: E402
+from optimized import triton_backend  # noqa: E402
+from optimized.plan import CallPlan  # noqa: E402
+from reference import (  # noqa: E402
+    AttentionGeometry,
+    DilationConfig,
+    SparsePatternConfig,
+    assert_within_budget,
+    compare,
+    partial_attention,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+INTERPRETED = DEVICE.type != "cuda"
+if INTERPRETED and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("no CUDA device and TRITON_INTERPRET is off: the kernel cannot run", allow_module_level=True)
+
+DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(INTERPRETED, reason="bfloat16 only on CUDA: tl.dot on bf16 is broken in the interpreter"),
+    ),
+]
+
+
+def make_inputs(seed, B, N, H, H_kv, D, dtype, pad_fraction=0.0, pad_first=False):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, N, H, D, generator=generator).to(dtype)
+    k = torch.randn(B, N, H_kv, D, generator=generator).to(dtype)
+    v = torch.randn(B, N, H_kv, D, generator=generator).to(dtype)
+    mask = None
+    if pad_fraction > 0:
+        mask = torch.rand(B, N, generator=generator) < pad_fraction
+        if pad_first:
+            mask[0, 0] = True  # with is_causal, query 0 of batch 0 then has no key: an empty row
+    return q, k, v, mask
+
+
+def check_partial(q, k, v, mask, geometry, config, causal, query_range=None, key_range=None, context="", tile=None):
+    """Run the kernel on the chunks and compare (out, lse) with the reference; returns the empty rows."""
+    N = q.shape[1]
+    q0, q1 = query_range or (0, N)
+    k0, k1 = key_range or (0, N)
+    qc, kc, vc = q[:, q0:q1], k[:, k0:k1], v[:, k0:k1]
+    mc = None if mask is None else mask[:, k0:k1]
+    scale = q.shape[-1] ** -0.5
+    plan = CallPlan(geometry, config, causal, scale, (q0, q1), (k0, k1))
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    # Poison-free: outputs are allocated by the kernel wrapper; every point is written or stays 0/-inf.
+    out, lse = triton_backend.partial_forward(dev(qc), dev(kc), dev(vc), dev(mc), plan, tile=tile)
+    assert lse.dtype == torch.float32 and out.shape == qc.shape and lse.shape == (q.shape[0], q.shape[2], q1 - q0)
+    kwargs = dict(query_start=q0, key_start=k0, is_causal=causal, key_padding_mask=mc, scale=scale)
+    out64, lse64 = partial_attention(qc, kc, vc, geometry, config, **kwargs)
+    out_lowp, lse_lowp = partial_attention(qc, kc, vc, geometry, config, compute_dtype=None, **kwargs)
+    empty = torch.isneginf(lse64)
+    assert_within_budget(
+        compare("lse", lse.cpu(), lse64, lse_lowp, q.dtype, empty=empty, empty_value=float("-inf")), context
+    )
+    out_empty = empty.transpose(1, 2).unsqueeze(-1)
+    assert_within_budget(compare("out", out.cpu(), out64, out_lowp, q.dtype, empty=out_empty, empty_value=0.0), context)
+    return empty
+
+
+def make_config(pattern, block_size=16, max_blocks=8):
+    kwargs = {
+        "dense": dict(),
+        "local_window": dict(local_window_size=2 * block_size),
+        "global_local": dict(local_window_size=2 * block_size, global_tokens=block_size),
+        "dilated_sparse": dict(sparsity_ratio=0.5),
+        "random": dict(sparsity_ratio=0.4, seed=5),
+        "custom": dict(),
+    }[pattern]
+    if pattern == "custom":
+        kwargs["block_layout"] = torch.rand(max_blocks, max_blocks, generator=torch.Generator().manual_seed(2)) < 0.5
+    return SparsePatternConfig(pattern_type=pattern, block_size=block_size, **kwargs)
+
+
+# Every pattern; both head modes and causal values spread over them (the interpreter is slow).
+LAYOUT_CASES = [
+    ("dense", "split", True),
+    ("local_window", "all", False),
+    ("global_local", "split", False),
+    ("dilated_sparse", "all", True),
+    ("random", "split", True),
+    ("custom", "all", False),
+]
+
+
+@pytest.mark.parametrize("pattern, head_mode, causal", LAYOUT_CASES)
+def test_every_layout_matches_reference(pattern, head_mode, causal):
+    # Segments of 64 (rate 1, 4 blocks) and 48 -> 40 with N = 40 (rate 2, partial last block).
+    config = make_config(pattern)
+    N = 56
+    geometry = AttentionGeometry(DilationConfig((32, 64), (1, 2), head_mode), N, 4)
+    q, k, v, mask = make_inputs(len(pattern), 2, N, 4, 2, 16, torch.float32, 0.15, pad_first=True)
+    check_partial(q, k, v, mask, geometry, config, causal, context=f"{pattern} {head_mode} causal={causal}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes_with_grouped_query_heads_and_padding(dtype):
+    config = SparsePatternConfig(pattern_type="local_window", block_size=16, local_window_size=32)
+    geometry = AttentionGeometry(DilationConfig((32, 64), (1, 2), "split"), 64, 4)
+    q, k, v, mask = make_inputs(7, 1, 64, 4, 1, 32, dtype, 0.2, pad_first=True)
+    empty = check_partial(q, k, v, mask, geometry, config, True, context=f"dtype={dtype}")
+    assert bool(empty.any()), "the case must contain empty rows (padding at key 0 with causal; rate 2 lattices)"
+
+
+def test_empty_rows_are_exact_when_every_key_is_padding():
+    config = SparsePatternConfig(pattern_type="dense", block_size=16)
+    geometry = AttentionGeometry(DilationConfig((32,), (2,), "all"), 40, 2)
+    q, k, v, mask = make_inputs(3, 2, 40, 2, 2, 16, torch.float16, 0.1)
+    mask[1] = True  # batch 1: nothing to attend
+    empty = check_partial(q, k, v, mask, geometry, config, False, context="batch 1 all padding")
+    assert bool(empty[1].all())
+
+
+@pytest.mark.parametrize(
+    "query_range, key_range", [((0, 20), (0, 61)), ((17, 45), (0, 30)), ((30, 61), (13, 44))]
+)
+def test_chunked_query_and_key_ranges(query_range, key_range):
+    config = SparsePatternConfig(pattern_type="global_local", block_size=16, local_window_size=32, global_tokens=16)
+    geometry = AttentionGeometry(DilationConfig((32, 61), (1, 2), "all"), 61, 4)
+    q, k, v, mask = make_inputs(sum(query_range + key_range), 1, 61, 4, 2, 16, torch.float32, 0.1)
+    check_partial(q, k, v, mask, geometry, config, True, query_range, key_range, f"chunks q={query_range} k={key_range}")
+
+
+def test_sub_tiles_and_padded_head_dim():
+    """block 32 cut into 16 x 16 kernel tiles (as block 128 is on the GPU); D = 24 padded to 32."""
+    config = SparsePatternConfig(pattern_type="dilated_sparse", block_size=32, sparsity_ratio=0.5)
+    geometry = AttentionGeometry(DilationConfig((64,), (1,), "split"), 64, 2)
+    q, k, v, mask = make_inputs(11, 1, 64, 2, 2, 24, torch.float32, 0.1)
+    tile = triton_backend.TileConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    check_partial(q, k, v, mask, geometry, config, True, context="sub-tiles", tile=tile)
+
+
+def test_attention_weights_match_reference_and_torch_structure():
+    from optimized import weights as torch_weights
+
+    config = SparsePatternConfig(pattern_type="local_window", block_size=16, local_window_size=32)
+    geometry = AttentionGeometry(DilationConfig((32, 48), (1, 2), "all"), 48, 2)
+    q, k, v, mask = make_inputs(13, 1, 48, 2, 1, 16, torch.float32, 0.1)
+    scale = 16**-0.5
+    plan = CallPlan.whole(geometry, config, True, scale)
+    _, lse = triton_backend.partial_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), mask.to(DEVICE), plan)
+    ours = triton_backend.attention_weights(q.to(DEVICE), k.to(DEVICE), mask.to(DEVICE), lse, plan)
+    theirs = torch_weights.attention_weights(q.to(DEVICE), k.to(DEVICE), mask.to(DEVICE), lse, plan)
+    assert type(ours) is type(theirs) and set(ours) == set(theirs) and ours["shape"] == theirs["shape"]
+    for name in ("block_indices", "block_heads", "block_branches", "query_positions", "key_positions"):
+        assert torch.equal(ours[name].cpu(), theirs[name].cpu()), name
+    assert ours["block_values"].shape == theirs["block_values"].shape
+    kwargs = dict(is_causal=True, key_padding_mask=mask, scale=scale, return_weights=True)
+    _, lse64, probs64 = partial_attention(q, k, v, geometry, config, **kwargs)
+    _, _, probs_lowp = partial_attention(q, k, v, geometry, config, compute_dtype=None, **kwargs)
+    dense = ours.to_dense().cpu()
+    assert_within_budget(compare("weights", dense, probs64, probs_lowp, q.dtype), "triton weights")
+    rows = dense.sum(-1)
+    assert torch.equal(rows[torch.isneginf(lse64)], torch.zeros_like(rows[torch.isneginf(lse64)]))
+
+
+def test_module_runs_triton_backend():
+    config = SparsePatternConfig(pattern_type="random", block_size=16, sparsity_ratio=0.5, seed=1)
+    attention = optimized.BlockSparseRingDilatedAttention([16, 32], [1, 2], config, backend="triton")
+    q, k, v, _ = make_inputs(17, 1, 40, 2, 2, 16, torch.float16)
+    geometry = AttentionGeometry(DilationConfig((16, 32), (1, 2), "split"), 40, 2)
+    out, lse = attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), return_lse=True)
+    assert attention.last_backend == "triton" and out.dtype == torch.float16
+    out64, lse64 = partial_attention(q, k, v, geometry, config)
+    out_lowp, _ = partial_attention(q, k, v, geometry, config, compute_dtype=None)
+    empty = torch.isneginf(lse64).transpose(1, 2).unsqueeze(-1)
+    assert_within_budget(compare("out", out.cpu(), out64, out_lowp, q.dtype, empty=empty), "module")
+
+
+# ------------------------------------------------------------------------------------------
+# What the kernel refuses
+# ------------------------------------------------------------------------------------------
+
+
+def _plan(block_size, D=16, N=32):
+    config = SparsePatternConfig(pattern_type="dense", block_size=block_size)
+    geometry = AttentionGeometry(DilationConfig((N,), (1,), "split"), N, 2)
+    return CallPlan.whole(geometry, config, False, D**-0.5)
+
+
+@pytest.mark.parametrize("block_size", [8, 24, 3])
+def test_bad_block_size_is_a_value_error(block_size):
+    q, k, v, _ = make_inputs(1, 1, 32, 2, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match=rf"block_size={block_size}.*power of two >= 16"):
+        triton_backend.partial_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, _plan(block_size))
+    assert "block_size" in triton_backend.supports(_plan(block_size).sparse_config, 16, torch.float32)
+
+
+def test_bad_head_dim_is_a_value_error():
+    q, k, v, _ = make_inputs(1, 1, 32, 2, 2, 320, torch.float32)
+    with pytest.raises(ValueError, match="head_dim=320"):
+        triton_backend.partial_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, _plan(16, 320))
+    assert triton_backend.supports(_plan(16).sparse_config, 64, torch.float16) is None
+    assert "head_dim=320" in triton_backend.supports(_plan(16).sparse_config, 320, torch.float16)
+
+
+def test_inputs_that_require_grad_are_refused():
+    q, k, v, _ = make_inputs(1, 1, 32, 2, 2, 16, torch.float32)
+    q = q.to(DEVICE).requires_grad_()
+    with pytest.raises(RuntimeError, match="forward only.*backend='torch' or backend='flex'"):
+        triton_backend.partial_forward(q, k.to(DEVICE), v.to(DEVICE), None, _plan(16))
