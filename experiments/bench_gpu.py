@@ -202,8 +202,8 @@ def measure_ceiling(rec):
 
 
 TILE_CANDIDATES = {
-    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (128, 128, 8, 2)],
-    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 8, 4), (128, 128, 8, 2)],
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
 }
 
 
@@ -541,12 +541,13 @@ def main(argv=None):
     if "tiles" in parts:
         attempt(rec, "tiles", lambda: sweep_tiles(rec))
     if "main" in parts:
-        for D in (64, 128):
-            attempt(rec, f"main D={D}", lambda: measure_main(rec, D, Ns, patterns, deadline - 60))
-    if "flexorig" in parts:
-        attempt(rec, "flex original", lambda: measure_flex_original(rec, deadline - 40))
+        for N in Ns:  # both head dims at each N before the next N: a short budget still covers both
+            for D in (64, 128):
+                attempt(rec, f"main D={D} N={N}", lambda: measure_main(rec, D, [N], patterns, deadline - 50))
     if "huge" in parts:
         attempt(rec, "huge", lambda: measure_huge(rec))
+    if "flexorig" in parts:
+        attempt(rec, "flex original", lambda: measure_flex_original(rec, deadline))
     rec.data["info"]["elapsed_s"] = time.time() - start
     rec.save()
     attempt(rec, "plot", lambda: plot(rec, args.out))

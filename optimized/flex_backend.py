@@ -35,24 +35,49 @@ def _flex_module():
     return flex
 
 
+# Recompilations allowed (shapes, dtypes, block sizes of a process). Past the limit dynamo would
+# silently run eager flex (dense scores on the GPU): it is told to raise instead.
+RECOMPILE_LIMIT = 64
+
+
 @functools.cache
 def _compiled_flex_attention():
-    return torch.compile(_flex_module().flex_attention, dynamic=False)
+    return torch.compile(_flex_module().flex_attention)
+
+
+def _kernel_options(block_size: int):
+    """Kernel tiles that divide the block: compiled flex rejects tiles that do not (no choice left)."""
+    tile = 16
+    while tile < 64 and block_size % (2 * tile) == 0:
+        tile *= 2
+    return {"BLOCK_M": tile, "BLOCK_N": tile}
 
 
 def _run_flex(query, key, value, block_mask, scale):
     """flex_attention returning (out, natural-log lse), with the API of this torch version."""
     flex = _flex_module()
-    function = _compiled_flex_attention() if query.is_cuda else flex.flex_attention
+    if query.is_cuda:
+        import torch._dynamo.config as dynamo_config
+
+        limits = dict(recompile_limit=max(RECOMPILE_LIMIT, dynamo_config.recompile_limit),
+                      fail_on_recompile_limit_hit=True)
+        options = _kernel_options(block_mask.BLOCK_SIZE[0])
+        with dynamo_config.patch(**limits):
+            return _call_flex(flex, _compiled_flex_attention(), query, key, value, block_mask, scale, options)
+    return _call_flex(flex, flex.flex_attention, query, key, value, block_mask, scale, None)
+
+
+def _call_flex(flex, function, query, key, value, block_mask, scale, options):
     with warnings.catch_warnings():
         # Eager flex off CUDA is deliberate here (small sizes); its "use torch.compile" hint is noise.
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         if hasattr(flex, "AuxRequest"):
             out, aux = function(
-                query, key, value, block_mask=block_mask, scale=scale, return_aux=flex.AuxRequest(lse=True)
+                query, key, value, block_mask=block_mask, scale=scale, kernel_options=options,
+                return_aux=flex.AuxRequest(lse=True),
             )
             return out, aux.lse
-        return function(query, key, value, block_mask=block_mask, scale=scale, return_lse=True)
+        return function(query, key, value, block_mask=block_mask, scale=scale, kernel_options=options, return_lse=True)
 
 
 def _check_inputs(q, k, v, plan: CallPlan) -> None:
@@ -123,6 +148,21 @@ class _TableLayout:
         self.block_allowed, self.kv_indices, self.kv_num_blocks = to(block_allowed), to(kv_indices), to(kv_num_blocks)
 
 
+def _compute_dtype(q, k, v, block_size: int) -> torch.dtype:
+    """float32 where flex in q.dtype would round or could not run; q.dtype otherwise.
+
+    Eager flex rounds the probabilities to q.dtype before the value product, so off CUDA the
+    compacted tensors are float32. Compiled flex's backward in half precision (torch 2.11, H200)
+    has no kernel config for blocks that are not a multiple of 128; float32's always fits.
+    """
+    if not q.is_cuda:
+        return torch.float32
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.dtype in (torch.float16, torch.bfloat16) and needs_grad and block_size % 128 != 0:
+        return torch.float32
+    return q.dtype
+
+
 def _table_partial(q, k, v, key_padding_mask, table, plan: CallPlan):
     """(query chunk index (P,), out (B, P, nh, D), lse (B, P, nh)) of one table via flex."""
     flex = _flex_module()
@@ -143,7 +183,7 @@ def _table_partial(q, k, v, key_padding_mask, table, plan: CallPlan):
     q_index = torch.where(layout.q_valid, layout.q_pos - plan.query_start, torch.zeros_like(layout.q_pos))
     k_index = torch.where(layout.k_valid, layout.k_pos - plan.key_start, torch.zeros_like(layout.k_pos))
     kv_heads = kv_heads_of(table.heads, num_heads, k.shape[2], device)
-    compute_dtype = q.dtype if q.is_cuda else torch.float32  # eager flex rounds probabilities to q.dtype
+    compute_dtype = _compute_dtype(q, k, v, b)
 
     def compacted(x, index, heads):  # (B, n, H', D) -> (B * S, nh, L, D)
         gathered = x[:, index.unsqueeze(-1), heads]  # (B, S, L, nh, D)
@@ -158,15 +198,15 @@ def _table_partial(q, k, v, key_padding_mask, table, plan: CallPlan):
         key_ok = key_ok & ~key_padding_mask[:, k_index]
     key_ok = key_ok.expand(batch, S, lk).reshape(batch * S, lk)
     q_valid, q_t, k_t, block_allowed = layout.q_valid, layout.q_t, layout.k_t, layout.block_allowed
-    causal = plan.is_causal
+    # Per-call values live in tensors, not Python constants, so compiled flex is not recompiled for them.
+    lattice_of = torch.arange(S, device=device).repeat(batch)  # batch entry -> lattice
+    not_causal = torch.tensor(not plan.is_causal, device=device)
 
     def mask_mod(batch_lattice, head, q_idx, kv_idx):
-        lattice = batch_lattice % S
+        lattice = lattice_of[batch_lattice]
         allowed = block_allowed[lattice, q_idx // b, kv_idx // b] & q_valid[lattice, q_idx]
         allowed = allowed & key_ok[batch_lattice, kv_idx]
-        if causal:
-            allowed = allowed & (k_t[lattice, kv_idx] <= q_t[lattice, q_idx])
-        return allowed
+        return allowed & (not_causal | (k_t[lattice, kv_idx] <= q_t[lattice, q_idx]))
 
     block_mask = flex.BlockMask.from_kv_blocks(
         layout.kv_num_blocks.unsqueeze(1).repeat(batch, 1, 1),

@@ -47,7 +47,7 @@ def run_partial(backend: str, q, k, v, key_padding_mask, plan: CallPlan, options
             raise ValueError(f"backend must be one of {BACKENDS[1:]} here, got {other!r}")
 
 
-def sparse_weights(backend: str, q, k, key_padding_mask, lse, plan: CallPlan):
+def sparse_weights(backend: str, q, k, key_padding_mask, lse, plan: CallPlan, options: dict | None = None):
     """The sparse attention weights (SPEC section 6) from the final lse."""
     match backend:
         case "triton":
@@ -57,7 +57,7 @@ def sparse_weights(backend: str, q, k, key_padding_mask, lse, plan: CallPlan):
         case "torch" | "flex":
             from . import weights
 
-            return weights.attention_weights(q, k, key_padding_mask, lse, plan)
+            return weights.attention_weights(q, k, key_padding_mask, lse, plan, **(options or {}))
         case other:
             raise ValueError(f"backend must be one of {BACKENDS[1:]} here, got {other!r}")
 
@@ -169,7 +169,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         results = (out.to(q.dtype),)
         if return_attention_weights:
             plan = CallPlan.whole(geometry, self.sparse_config, is_causal, scale)
-            results += (sparse_weights(backend, q, k, key_padding_mask, lse, plan),)
+            results += (sparse_weights(backend, q, k, key_padding_mask, lse, plan, options),)
         if return_lse:
             results += (lse,)
         return results[0] if len(results) == 1 else results

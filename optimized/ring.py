@@ -173,6 +173,18 @@ class _RingCall:
         return self.dist.batch_isend_irecv(ops) if ops else []
 
 
+def _wait(works, call: "_RingCall", what: str) -> None:
+    """Wait for transfers; a peer that raised, died or hangs surfaces here as the group's timeout."""
+    try:
+        for work in works:
+            work.wait()
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"ring: rank {call.rank} of {call.world_size} failed waiting for {what} (a peer raised, died or "
+            f"timed out; the process group's timeout bounds the wait): {error}"
+        ) from error
+
+
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -202,8 +214,7 @@ def _ring_pass(call: _RingCall, payload, visit, step_bytes: list):
             step_bytes[step + 1] = _nbytes(sends)
         if schedule.computes(rank, step):
             visit(step, schedule.chunk_at(rank, step), held)
-        for work in works:
-            work.wait()
+        _wait(works, call, f"the key/value chunk of step {step + 1}")
         held = incoming
     return step_bytes
 
@@ -316,8 +327,7 @@ def _ring_backward(call: _RingCall, q, k, v, mask_bytes, out, lse, grad_out, gra
             part = [dk_part, dv_part]
         if needs_kv and (step == 0 or schedule.receives(rank, step)):
             # This chunk's accumulator: what rank - 1 passed on (none at step 0), plus our part.
-            for work in acc_works:
-                work.wait()
+            _wait(acc_works, call, f"the dk/dv accumulator of backward step {step}")
             acc = acc_incoming if step > 0 else zeros_kv(schedule.chunk_lengths[chunk])
             acc = [a if p is None else a + p for a, p in zip(acc, part)]
             acc_works, acc_incoming = [], None
@@ -328,11 +338,9 @@ def _ring_backward(call: _RingCall, q, k, v, mask_bytes, out, lse, grad_out, gra
             stats_bytes[step + 1 if step + 1 < P else P] += _nbytes(sends)
             if step == last_steps[chunk]:
                 finished[chunk] = acc
-        for work in works:
-            work.wait()
+        _wait(works, call, f"the key/value chunk of backward step {step + 1}")
         held = incoming
-    for work in acc_works:
-        work.wait()
+    _wait(acc_works, call, "the last dk/dv accumulator transfer")
 
     dk = dv = None
     if needs_kv:
@@ -347,8 +355,7 @@ def _ring_backward(call: _RingCall, q, k, v, mask_bytes, out, lse, grad_out, gra
             own = zeros_kv(schedule.chunk_lengths[rank])
             source = call.peers[(rank + last_steps[rank]) % P]
             ops += [dist.P2POp(dist.irecv, t, source, group) for t in own]
-        for work in dist.batch_isend_irecv(ops) if ops else []:
-            work.wait()
+        _wait(dist.batch_isend_irecv(ops) if ops else [], call, "the return of the dk/dv accumulators")
         dk, dv = own
     if dq is None and needs[0]:
         dq = torch.zeros_like(q, dtype=torch.float32)

@@ -1,0 +1,152 @@
+"""Cost of the in-process ring on one GPU: forward time vs the number of chunks P.
+
+    PYTHONPATH=. python3 -m experiments.bench_ring [--seq-len 65536] [--parts 1,2,4,8] [--out DIR]
+
+For each dilation configuration, layout and causal flag, times (median of
+``triton.testing.do_bench``, bf16, B = 1, H = 12, D = 64) the unsplit forward (CUDA graphs on and
+off) and the in-process ring with P equal chunks (P = 1 runs the ring code path with one chunk).
+The ring's overhead is its time over the unsplit eager time. Next to each time: the active chunk
+pairs the schedule computes and the bytes a distributed ring of P ranks would send (forward, all
+ranks together). "local" keeps every segment <= 8192 tokens, so with chunks >= 8192 no pair crosses
+a chunk and nothing would be sent; "global" adds a whole-sequence branch, so every chunk travels.
+
+Writes bench_ring.json under --out (default experiments/results/), after every measurement so a
+timeout keeps what was measured, with the GPU name and the torch and triton versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import traceback
+
+import torch
+
+from experiments.env import environment
+from optimized import BlockSparseRingDilatedAttention
+from reference.config import DilationConfig, SparsePatternConfig
+from reference.ring_schedule import ring_schedule
+from reference.semantics import AttentionGeometry
+
+DILATIONS = {
+    "local": dict(segments=(2048, 4096, 8192), rates=(1, 2, 4)),
+    "global": dict(segments=(2048, 8192, 65536), rates=(1, 4, 16)),
+}
+
+
+def layouts(block: int) -> dict[str, SparsePatternConfig]:
+    return {
+        "dense": SparsePatternConfig(pattern_type="dense", block_size=block),
+        "dilated_sparse": SparsePatternConfig(pattern_type="dilated_sparse", sparsity_ratio=0.25, block_size=block),
+        "local_window": SparsePatternConfig(pattern_type="local_window", local_window_size=1024, block_size=block),
+    }
+
+
+def time_ms(fn, warmup: int, rep: int) -> float:
+    """Median forward time in ms: triton's do_bench on CUDA, wall clock elsewhere (a smoke run)."""
+    if torch.cuda.is_available():
+        import triton
+
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[1]
+
+
+def equal_chunks(seq_len: int, parts: int) -> tuple[int, ...]:
+    base, extra = divmod(seq_len, parts)
+    return tuple(base + (1 if p < extra else 0) for p in range(parts))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seq-len", type=int, default=65536)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--kv-heads", type=int, default=12)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--parts", default="1,2,4,8")
+    parser.add_argument("--dilations", default="local,global")
+    parser.add_argument("--layouts", default="dense,dilated_sparse,local_window")
+    parser.add_argument("--causal", default="0,1")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rep", type=int, default=50)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    N, H, H_kv, D = args.seq_len, args.heads, args.kv_heads, args.head_dim
+    generator = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, N, H, D, device=device, dtype=dtype, generator=generator)
+    k = torch.randn(1, N, H_kv, D, device=device, dtype=dtype, generator=generator)
+    v = torch.randn(1, N, H_kv, D, device=device, dtype=dtype, generator=generator)
+    bytes_per_token = 2 * H_kv * D * q.element_size()  # k and v of one token, B = 1, no padding mask
+
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench_ring.json")
+    record = {
+        "environment": environment(device),
+        "settings": dict(seq_len=N, heads=H, kv_heads=H_kv, head_dim=D, block=args.block, dtype=str(dtype),
+                         backend=args.backend, warmup=args.warmup, rep=args.rep),
+        "results": [],
+    }
+    parts = [int(p) for p in args.parts.split(",")]
+    all_layouts = layouts(args.block)
+    for dilation_name in args.dilations.split(","):
+        dilation = DILATIONS[dilation_name]
+        segments = tuple(min(s, N) for s in dilation["segments"])
+        for layout_name in args.layouts.split(","):
+            config = all_layouts[layout_name]
+            for is_causal in (bool(int(c)) for c in args.causal.split(",")):
+                row = dict(dilation=dilation_name, segments=segments, rates=dilation["rates"], layout=layout_name,
+                           is_causal=is_causal, ring={})
+                try:
+                    make = lambda **kw: BlockSparseRingDilatedAttention(  # noqa: E731
+                        segments, dilation["rates"], config, backend=args.backend, **kw
+                    )
+                    with torch.no_grad():
+                        graphed, eager = make(use_cuda_graphs=True), make(use_cuda_graphs=False)
+                        row["unsplit_graphs_ms"] = time_ms(lambda: graphed(q, k, v, is_causal=is_causal),
+                                                           args.warmup, args.rep)
+                        row["unsplit_eager_ms"] = time_ms(lambda: eager(q, k, v, is_causal=is_causal),
+                                                          args.warmup, args.rep)
+                        row["backend"] = eager.last_backend
+                        geometry = AttentionGeometry(DilationConfig(segments, dilation["rates"]), N, H)
+                        for P in parts:
+                            chunks = equal_chunks(N, P)
+                            schedule = ring_schedule(geometry, config, is_causal, chunks)
+                            ring = make(ring_chunk_lengths=chunks, use_cuda_graphs=False)
+                            ms = time_ms(lambda: ring(q, k, v, is_causal=is_causal), args.warmup, args.rep)
+                            row["ring"][P] = dict(
+                                ms=ms,
+                                overhead=ms / row["unsplit_eager_ms"] - 1.0,
+                                active_pairs=sum(map(sum, schedule.active)),
+                                last_step=schedule.last_step,
+                                distributed_bytes_per_step=list(schedule.step_bytes(bytes_per_token)),
+                            )
+                            print(f"{dilation_name:6s} {layout_name:14s} causal={int(is_causal)} P={P}: {ms:8.3f} ms "
+                                  f"(unsplit eager {row['unsplit_eager_ms']:.3f} ms, graphs "
+                                  f"{row['unsplit_graphs_ms']:.3f} ms), active pairs "
+                                  f"{row['ring'][P]['active_pairs']}, last step {schedule.last_step}", flush=True)
+                except Exception as error:  # keep going: one failing configuration must not lose the others
+                    row["error"] = f"{type(error).__name__}: {error}"
+                    row["traceback"] = traceback.format_exc()
+                    print(f"{dilation_name} {layout_name} causal={is_causal}: {row['error']}", flush=True)
+                record["results"].append(row)
+                with open(path, "w") as handle:
+                    json.dump(record, handle, indent=1)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

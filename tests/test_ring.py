@@ -1,0 +1,212 @@
+"""The in-process ring and the ring schedule (SPEC section 5).
+
+A ring split of the sequence into contiguous chunks of any sizes (zero-length chunks, chunks
+shorter than a block or a segment included) must give the unsplit result; the schedule must mark
+exactly the chunk pairs that share an allowed pair, and send a chunk no farther than needed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import optimized
+from equivalence_tests import strategies as s
+from equivalence_tests.helpers import case_sizes, check_backend, check_gradients, example_count
+from reference import AttentionGeometry, DilationConfig, SparsePatternConfig, compare, assert_within_budget
+from reference import BlockSparseRingDilatedAttention as ReferenceAttention
+from reference.ring_schedule import RingSchedule, pair_is_active, ring_schedule
+from reference.semantics import dense_multiplicity
+from reference.verification import K_OUTPUT
+
+
+@st.composite
+def cases_with_splits(draw, allow_empty=True, **case_kwargs):
+    sizes = case_sizes("torch").case_kwargs()
+    sizes.update(case_kwargs)
+    case = draw(s.attention_cases(**sizes))
+    chunks = draw(s.ring_splits(case.shape.seq_len, max_parts=8, allow_empty=allow_empty))
+    return case, tuple(chunks)
+
+
+# --------------------------------------------------------------------------------------------
+# The in-process ring against the float64 reference and the unsplit path
+# --------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=example_count(25))
+@given(case_and_chunks=cases_with_splits())
+def test_in_process_ring_matches_reference_and_unsplit(case_and_chunks):
+    case, chunks = case_and_chunks
+    check_backend(case, "torch", torch.float32, "cpu", ring_chunk_lengths=chunks)
+
+    # The ring differs from the unsplit path no more than the reference's own float32 run does.
+    q, k, v, mask = s.make_inputs(case, torch.float32, "cpu")
+    call = dict(is_causal=case.is_causal, key_padding_mask=mask, return_lse=True)
+    kwargs = s.module_kwargs(case)
+    ring_out, ring_lse = optimized.BlockSparseRingDilatedAttention(
+        **kwargs, backend="torch", ring_chunk_lengths=chunks
+    )(q, k, v, **call)
+    whole_out, whole_lse = optimized.BlockSparseRingDilatedAttention(**kwargs, backend="torch")(q, k, v, **call)
+    low_out, low_lse = ReferenceAttention(**kwargs, compute_dtype=None)(q, k, v, **call)
+    empty = torch.isneginf(whole_lse)
+    context = f"{case.describe()}, chunks={chunks}"
+    assert torch.equal(torch.isneginf(ring_lse), empty), context
+    assert_within_budget(
+        compare("out vs unsplit", ring_out, whole_out.double(), low_out, torch.float32, K_OUTPUT,
+                empty=empty.transpose(1, 2).unsqueeze(-1)), context)
+    assert_within_budget(
+        compare("lse vs unsplit", ring_lse, whole_lse.double(), low_lse, torch.float32, K_OUTPUT,
+                empty=empty, empty_value=float("-inf")), context)
+
+
+@settings(max_examples=example_count(6))
+@given(case_and_chunks=cases_with_splits(allow_empty=False, max_seq_len=32, max_heads=4, max_head_dim=8))
+def test_in_process_ring_bfloat16_and_weights(case_and_chunks):
+    case, chunks = case_and_chunks
+    check_backend(case, "torch", torch.bfloat16, "cpu", ring_chunk_lengths=chunks, check_weights=True)
+
+
+@settings(max_examples=example_count(8))
+@given(case_and_chunks=cases_with_splits(max_seq_len=24, max_heads=4, max_head_dim=8))
+def test_in_process_ring_gradients(case_and_chunks):
+    case, chunks = case_and_chunks
+    check_gradients(case, "torch", torch.float32, "cpu", module_options={"ring_chunk_lengths": chunks})
+
+
+def test_ring_size_splits_evenly_and_matches_explicit_chunks():
+    module = optimized.BlockSparseRingDilatedAttention([8], [1], backend="torch", ring_size=3)
+    assert module.chunk_lengths(10) == (4, 3, 3)
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 10, 2, 4, generator=generator) for _ in range(3))
+    explicit = optimized.BlockSparseRingDilatedAttention([8], [1], backend="torch", ring_chunk_lengths=(4, 3, 3))
+    assert torch.equal(module(q, k, v), explicit(q, k, v))
+
+
+def test_chunk_lengths_must_cover_the_sequence():
+    module = optimized.BlockSparseRingDilatedAttention([8], [1], backend="torch", ring_chunk_lengths=(4, 4))
+    q = torch.randn(1, 9, 2, 4)
+    with pytest.raises(ValueError, match="ring_chunk_lengths"):
+        module(q, q, q)
+
+
+# --------------------------------------------------------------------------------------------
+# The schedule
+# --------------------------------------------------------------------------------------------
+
+
+def _geometry(case):
+    return AttentionGeometry(case.dilation, case.shape.seq_len, case.shape.num_heads)
+
+
+@settings(max_examples=example_count(40))
+@given(case_and_chunks=cases_with_splits())
+def test_schedule_marks_exactly_the_pairs_with_an_allowed_pair(case_and_chunks):
+    case, chunks = case_and_chunks
+    geometry = _geometry(case)
+    schedule = ring_schedule(geometry, case.sparse_config, case.is_causal, chunks)
+    for i in range(schedule.num_chunks):
+        for j in range(schedule.num_chunks):
+            counts = dense_multiplicity(
+                geometry, case.sparse_config, case.is_causal, None, schedule.chunk_range(i), schedule.chunk_range(j)
+            )
+            expected = bool((counts > 0).any())
+            assert schedule.active[i][j] == expected, (
+                f"pair ({i}, {j}) of chunks {chunks}: schedule {schedule.active[i][j]}, literal {expected}; "
+                f"{case.describe()}"
+            )
+            if case.is_causal and j > i and schedule.chunk_lengths[i] and schedule.chunk_lengths[j]:
+                assert not schedule.active[i][j], "causal: a key chunk after the query chunk holds no pair"
+
+
+def _check_schedule_delivers_exactly_what_is_needed(schedule: RingSchedule, bytes_per_token: int):
+    P = schedule.num_chunks
+    # Simulate the ring: where every chunk is at every step, moved only by the schedule's transfers.
+    location = {c: c for c in range(P)}  # chunk -> rank holding it (None once dropped)
+    sent = [0] * P
+    for step in range(P):
+        if step > 0:
+            moved = {}
+            for source, destination, chunk in schedule.transfers(step):
+                assert location[chunk] == source, f"step {step}: chunk {chunk} sent by {source}, held by {location[chunk]}"
+                assert destination == (source + 1) % P
+                moved[chunk] = destination
+                sent[step] += schedule.chunk_lengths[chunk] * bytes_per_token
+            location = {c: moved.get(c) for c in range(P)}
+        for rank in range(P):
+            chunk = schedule.chunk_at(rank, step)
+            if schedule.computes(rank, step):
+                assert location[chunk] == rank, f"rank {rank} computes chunk {chunk} at step {step} without holding it"
+            assert schedule.receives(rank, step) == (step > 0 and location[chunk] == rank)
+        for rank in range(P):
+            if step + 1 < P:
+                assert schedule.sends(rank, step + 1) == schedule.receives((rank + 1) % P, step + 1)
+    assert list(schedule.step_bytes(bytes_per_token)) == sent
+    # No chunk travels past the last rank that needs it.
+    for chunk in range(P):
+        last = schedule.chunk_last_step[chunk]
+        if last > 0:
+            assert schedule.active[(chunk + last) % P][chunk]
+        assert all(not schedule.active[(chunk + s_) % P][chunk] for s_ in range(last + 1, P))
+    assert schedule.last_step == max(schedule.chunk_last_step)
+    for rank in range(P):
+        assert schedule.compute_steps(rank) == tuple(x for x in range(P) if schedule.computes(rank, x))
+
+
+@settings(max_examples=example_count(40))
+@given(case_and_chunks=cases_with_splits(), bytes_per_token=st.integers(1, 1000))
+def test_schedule_transfers_deliver_every_needed_chunk_and_nothing_more(case_and_chunks, bytes_per_token):
+    case, chunks = case_and_chunks
+    schedule = ring_schedule(_geometry(case), case.sparse_config, case.is_causal, chunks)
+    _check_schedule_delivers_exactly_what_is_needed(schedule, bytes_per_token)
+
+
+@given(
+    segment_chunks=st.lists(st.integers(1, 3), min_size=1, max_size=8),
+    base=st.sampled_from((2, 3, 4)),
+    rates=st.lists(st.integers(1, 3), min_size=2, max_size=2),
+    is_causal=st.booleans(),
+    pattern=st.sampled_from(("dense", "dilated_sparse", "local_window")),
+)
+def test_zero_bytes_when_every_segment_fits_in_one_chunk(segment_chunks, base, rates, is_causal, pattern):
+    # Segments of base and 2 * base; every chunk is a multiple of 2 * base, so no segment crosses a chunk.
+    chunks = tuple(2 * base * n for n in segment_chunks)
+    geometry = AttentionGeometry(DilationConfig((base, 2 * base), tuple(rates)), sum(chunks), 4)
+    config = SparsePatternConfig(pattern_type=pattern, block_size=2, sparsity_ratio=0.5, local_window_size=4)
+    schedule = ring_schedule(geometry, config, is_causal, chunks)
+    assert schedule.last_step == 0
+    assert schedule.step_bytes(64) == (0,) * len(chunks)
+    assert all(schedule.transfers(step) == () for step in range(len(chunks)))
+    assert all(schedule.compute_steps(rank) == (0,) for rank in range(len(chunks)))
+
+
+def test_one_segment_over_the_whole_sequence_sends_every_chunk_every_step():
+    chunks = (3, 5, 2, 6)
+    geometry = AttentionGeometry(DilationConfig((16,), (1,)), 16, 2)
+    schedule = ring_schedule(geometry, SparsePatternConfig(pattern_type="dense", block_size=2), False, chunks)
+    assert schedule.last_step == 3
+    assert schedule.step_bytes(10) == (0, 160, 160, 160)
+    causal = ring_schedule(geometry, SparsePatternConfig(pattern_type="dense", block_size=2), True, chunks)
+    # Causal: chunk c is needed by ranks c..P-1 only, so it travels P-1-c steps.
+    assert causal.chunk_last_step == (3, 2, 1, 0)
+    assert causal.step_bytes(10) == (0, 100, 80, 30)
+    assert causal.compute_steps(0) == (0,) and causal.compute_steps(3) == (0, 1, 2, 3)
+
+
+def test_pair_is_active_rejects_empty_chunks_and_later_keys_under_causal():
+    geometry = AttentionGeometry(DilationConfig((8,), (1,)), 8, 1)
+    config = SparsePatternConfig(pattern_type="dense", block_size=4)
+    assert pair_is_active(geometry, config, False, (0, 4), (4, 8))
+    assert not pair_is_active(geometry, config, True, (0, 4), (4, 8))
+    assert not pair_is_active(geometry, config, False, (2, 2), (0, 8))
+
+
+def test_schedule_rejects_bad_chunk_lengths():
+    geometry = AttentionGeometry(DilationConfig((8,), (1,)), 8, 1)
+    config = SparsePatternConfig(pattern_type="dense", block_size=4)
+    with pytest.raises(ValueError, match="sum to 7"):
+        ring_schedule(geometry, config, False, (3, 4))
+    with pytest.raises(ValueError, match="ints >= 0"):
+        ring_schedule(geometry, config, False, (9, -1))
