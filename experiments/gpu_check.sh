@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,me
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_backend.py tests/test_cuda_graphs.py \
   --durations=5 > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?"; tail -4 "$OUT/pytest_gpu.log"
-timeout $((BUDGET + 60)) python3 -m experiments.bench_gpu --out "$OUT" --budget-s "$BUDGET" > "$OUT/bench_gpu.log" 2>&1
+timeout $((BUDGET + 60)) python3 -m experiments.bench_gpu --out "$OUT" --budget-s "$BUDGET" --only "${PARTS:-tiles,main,flexorig,huge}" > "$OUT/bench_gpu.log" 2>&1
 echo "bench rc=$?"
 HYPOTHESIS_PROFILE=gpu timeout 70 python3 -m experiments.bench_gpu --equivalence --out "$OUT" --examples 40 \
   > "$OUT/equivalence_gpu.log" 2>&1; echo "equivalence rc=$?"; tail -12 "$OUT/equivalence_gpu.log"

@@ -41,7 +41,9 @@ MIN_BLOCK_SIZE = 16
 MAX_HEAD_DIM = 256
 # Device-side block tables kept per (plan, device); each is small (int32 per row and per entry).
 TABLE_CACHE_SIZE = 64
-_ITEM_FIELDS = 8  # lattice_start, lattice_length, query_block, entry_start, entry_stop, stride, head, pad
+_ITEM_FIELDS = 8  # lattice_start, lattice_length, query_block, entry_start, entry_stop, stride, head, full_stop
+# Rows with at most this many full key blocks keep their block list in registers (no index load in the loop).
+MAX_REGISTER_ENTRIES = 256
 _WEIGHT_FIELDS = 8  # lattice_start, lattice_length, query_block, key_block, stride, head, pad, pad
 _LOG2E = 1.4426950408889634
 
@@ -142,11 +144,16 @@ def default_tile(block_size: int, block_d: int, dtype: torch.dtype) -> TileConfi
 
 @dataclass(frozen=True)
 class LaunchTable:
-    """One launch: work items (query-block row x head) and their key-block entries, int32 on the device."""
+    """One launch: work items (query-block row x head) and their key-block entries, int32 on the device.
+
+    Within a row, key blocks that need no mask ("full": every point on the lattice and inside the
+    key chunk, not the causal diagonal) come first, ``entry_start..full_stop``; the rest follow.
+    """
 
     items: torch.Tensor  # (n_items, _ITEM_FIELDS) int32
     key_block: torch.Tensor  # (nnz,) int32
     num_items: int
+    max_full: int  # most full entries of one row (sizes the in-register index list)
 
 
 def _layers(tables) -> list[list]:
@@ -166,25 +173,45 @@ def _layers(tables) -> list[list]:
     return [members for _, members in layers]
 
 
-def _launch_table(tables, device) -> LaunchTable:
+def _full_entries(table, is_causal: bool) -> torch.Tensor:
+    """(nnz,) bool: the key block needs no mask (all its points exist and lie in the key chunk)."""
+    rows = table.entry_row
+    start, length = table.lattice_start[rows], table.lattice_length[rows]
+    lo, hi = table.key_limits
+    stride, b = table.stride, table.block_size
+    first_t = torch.clamp(torch.div(lo - start + stride - 1, stride, rounding_mode="floor"), min=0)
+    stop_t = torch.minimum(torch.clamp(torch.div(hi - start + stride - 1, stride, rounding_mode="floor"), min=0), length)
+    t0 = table.key_block * b
+    full = (t0 >= first_t) & (t0 + b <= stop_t)
+    if is_causal:
+        full &= table.key_block != table.query_block[rows]
+    return full
+
+
+def _launch_table(tables, device, is_causal: bool) -> LaunchTable:
     items, keys = [], []
     entry_base = 0
     for table in tables:
         nh = len(table.heads)
         rows = table.num_rows
+        full = _full_entries(table, is_causal)
+        entry_row = table.entry_row
+        # Full blocks first within each row (stable: ascending key blocks within each kind).
+        order = torch.sort(entry_row * 2 + (~full).long(), stable=True).indices
+        full_count = torch.bincount(entry_row[full], minlength=rows)
         fields = torch.stack(
             [
                 table.lattice_start, table.lattice_length, table.query_block,
                 table.row_ptr[:-1] + entry_base, table.row_ptr[1:] + entry_base,
                 torch.full((rows,), table.stride, dtype=torch.long), torch.zeros(rows, dtype=torch.long),
-                torch.zeros(rows, dtype=torch.long),
+                table.row_ptr[:-1] + entry_base + full_count,
             ],
             dim=1,
         )
         per_head = fields.unsqueeze(1).repeat(1, nh, 1)  # (rows, nh, F): heads of one row side by side
         per_head[:, :, 6] = torch.arange(table.heads.start, table.heads.stop)
         items.append(per_head.reshape(rows * nh, _ITEM_FIELDS))
-        keys.append(table.key_block)
+        keys.append(table.key_block[order])
         entry_base += table.nnz
     items = torch.cat(items)
     # Longest rows first: the heavy programs start early and the short ones fill the tail.
@@ -193,10 +220,12 @@ def _launch_table(tables, device) -> LaunchTable:
     items = items[order]
     if items.numel() and int(items.max()) >= 2**31:
         raise ValueError("sequence too long for the kernel's int32 block tables (positions >= 2**31)")
+    max_full = int((items[:, 7] - items[:, 3]).max()) if items.numel() else 0
     return LaunchTable(
         items=items.to(torch.int32).contiguous().to(device),
         key_block=torch.cat(keys).to(torch.int32).to(device),
         num_items=int(items.shape[0]),
+        max_full=max_full,
     )
 
 
@@ -210,7 +239,7 @@ def device_tables(plan: CallPlan, device) -> tuple[LaunchTable, ...]:
     if cached is not None:
         _table_cache.move_to_end(key)
         return cached
-    launches = tuple(_launch_table(layer, device) for layer in _layers(plan.tables))
+    launches = tuple(_launch_table(layer, device, plan.is_causal) for layer in _layers(plan.tables))
     _table_cache[key] = launches
     while len(_table_cache) > TABLE_CACHE_SIZE:
         _table_cache.popitem(last=False)
@@ -220,6 +249,22 @@ def device_tables(plan: CallPlan, device) -> tuple[LaunchTable, ...]:
 # --------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _softmax_step(s, v, m_i, l_i, acc, FP32_DOT: tl.constexpr):
+    """One online-softmax update with base-2 scores ``s`` (already scaled by log2(e) * scale)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with no allowed key yet keeps m = -inf: shift by 0 so exp2 gives 0, never NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_shift)
+    p = tl.math.exp2(s - m_shift[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if FP32_DOT:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -234,6 +279,7 @@ def _forward_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, MERGE: tl.constexpr, FP32_DOT: tl.constexpr,
+    EVEN_D: tl.constexpr, REGISTER_INDEX: tl.constexpr, MAX_ENTRIES: tl.constexpr,
 ):
     M_SUB: tl.constexpr = BLOCK // BLOCK_M
     N_SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -265,15 +311,45 @@ def _forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    steps = (entry_stop - entry_start) * N_SUB
-    for step in range(0, steps):
-        key_block = tl.load(KeyBlock + entry_start + step // N_SUB)
+    # Full key blocks: no lattice/chunk/causal mask. Their block list sits in registers when it
+    # is short, so the loads of step i+2 have their addresses without waiting on an index load.
+    full_stop = tl.load(meta + 7)
+    if REGISTER_INDEX:
+        slots = tl.arange(0, MAX_ENTRIES)
+        row_blocks = tl.load(KeyBlock + entry_start + slots, mask=slots < full_stop - entry_start, other=0)
+    for step in range(0, (full_stop - entry_start) * N_SUB):
+        if REGISTER_INDEX:
+            key_block = tl.sum(tl.where(slots == step // N_SUB, row_blocks, 0), axis=0)
+        else:
+            key_block = tl.load(KeyBlock + entry_start + step // N_SUB)
+        t_k = key_block * BLOCK + (step % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+        idx_k = (lattice_start - k_lo + stride * t_k).to(tl.int64)
+        if EVEN_D:
+            k = tl.load(k_base + idx_k[:, None] * stride_kn + d[None, :])
+            v = tl.load(v_base + idx_k[:, None] * stride_vn + d[None, :])
+        else:
+            k = tl.load(k_base + idx_k[:, None] * stride_kn + d[None, :], mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_base + idx_k[:, None] * stride_vn + d[None, :], mask=d_ok[None, :], other=0.0)
+        if FP32_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale
+        if HAS_PADDING:
+            padded = tl.load(KPM + batch * stride_mb + idx_k * stride_mn)
+            s = tl.where((padded == 0)[None, :], s, float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, FP32_DOT)
+
+    # The other key blocks: the last block of a lattice, chunk edges, the causal diagonal.
+    for step in range(0, (entry_stop - full_stop) * N_SUB):
+        key_block = tl.load(KeyBlock + full_stop + step // N_SUB)
         t_k = key_block * BLOCK + (step % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
         pos_k = lattice_start + stride * t_k
         k_ok = (t_k < lattice_len) & (pos_k >= k_lo) & (pos_k < k_hi)
         idx_k = tl.where(k_ok, pos_k - k_lo, 0).to(tl.int64)
         kv_mask = k_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + idx_k[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + idx_k[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)
         if HAS_PADDING:
             padded = tl.load(KPM + batch * stride_mb + idx_k * stride_mn, mask=k_ok, other=1)
             k_ok = k_ok & (padded == 0)
@@ -286,18 +362,7 @@ def _forward_kernel(
         if IS_CAUSAL:
             allowed = allowed & (t_k[None, :] <= t_q[:, None])
         s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no allowed key yet keeps m = -inf: shift by 0 so exp2 gives 0, never NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.math.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + idx_k[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)
-        if FP32_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, FP32_DOT)
 
     nonempty = l_i > 0.0
     inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)
@@ -441,7 +506,9 @@ def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, tile: TileConfig 
             plan.key_range[0], plan.key_range[1], kv_group, plan.scale * _LOG2E,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=b, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
             IS_CAUSAL=plan.is_causal, HAS_PADDING=has_padding, MERGE=layer > 0,
-            FP32_DOT=q.dtype == torch.float32,
+            FP32_DOT=q.dtype == torch.float32, EVEN_D=block_d == head_dim,
+            REGISTER_INDEX=launch.max_full <= MAX_REGISTER_ENTRIES,
+            MAX_ENTRIES=max(16, triton.next_power_of_2(max(1, launch.max_full))),
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
     return out, lse

@@ -32,13 +32,17 @@ def make_module(use_cuda_graphs=True, pattern="local_window"):
 
 
 def test_cpu_module_with_graphs_on_takes_the_eager_path(monkeypatch):
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
-        pytest.skip("no CUDA and TRITON_INTERPRET is off: the triton backend cannot run")
     q, k, v = make_qkv(1, N=32, H=2, D=16, dtype=torch.float32, device="cpu")
     called = []
     monkeypatch.setattr(graphs, "graphed_partial", lambda *a, **kw: called.append(1))
     attention = make_module(use_cuda_graphs=True)
     attention.sparse_config = SparsePatternConfig(pattern_type="dense", block_size=16)
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        # A CUDA machine without the interpreter: the eager kernel path refuses CPU tensors itself.
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            attention(q, k, v)
+        assert not called
+        return
     out = attention(q, k, v)
     assert not called and out.shape == q.shape and bool(torch.isfinite(out).all())
 
@@ -52,10 +56,11 @@ def test_replay_equals_eager_bitwise(causal, padded):
     eager = make_module(use_cuda_graphs=False)(q, k, v, is_causal=causal, key_padding_mask=mask, return_lse=True)
     graphed_module = make_module(use_cuda_graphs=True)
     first = graphed_module(q, k, v, is_causal=causal, key_padding_mask=mask, return_lse=True)  # captures
-    second = graphed_module(q, k, v, is_causal=causal, key_padding_mask=mask, return_lse=True)  # replays
-    assert graphs.cached_graph_count() == 1
-    for a, b, c in zip(eager, first, second):
-        assert torch.equal(a, b) and torch.equal(a, c)
+    second = graphed_module(q, k, v, is_causal=causal, key_padding_mask=mask, return_lse=True)  # in place
+    third = graphed_module(q, k, v, is_causal=causal, key_padding_mask=mask, return_lse=True)  # replays
+    assert graphs.cached_graph_count() == 2  # the copy-in graph and the in-place graph
+    for a, b, c, d in zip(eager, first, second, third):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
 
 
 @needs_cuda
@@ -88,3 +93,18 @@ def test_flag_off_captures_nothing():
     q, k, v = make_qkv(6)
     make_module(use_cuda_graphs=False)(q, k, v)
     assert graphs.cached_graph_count() == 0
+
+
+@needs_cuda
+def test_repeated_tensors_replay_in_place_and_see_updates():
+    """Same tensors twice: a graph that reads them in place; an in-place update is seen, eager-equal."""
+    graphs.clear_graphs()
+    attention = make_module()
+    eager = make_module(use_cuda_graphs=False)
+    q, k, v = make_qkv(7)
+    first = attention(q, k, v)  # copy graph
+    second = attention(q, k, v)  # in-place graph captured
+    assert graphs.cached_graph_count() == 2 and torch.equal(first, second)
+    q.copy_(make_qkv(8)[0])
+    third = attention(q, k, v)
+    assert torch.equal(third, eager(q, k, v)) and not torch.equal(third, second)

@@ -33,7 +33,7 @@ from reference.verification import K_GRADIENT, K_OUTPUT
 
 WORLD = 4
 TIMEOUT_S = 60  # the gloo timeout of the main run: generous, since 4 processes share 2 cores
-FAULT_TIMEOUT_S = 5  # the short gloo timeout of the fault run
+FAULT_TIMEOUT_S = 5  # the short gloo timeout of the ring in the fault run
 JOIN_TIMEOUT_S = 150
 
 
@@ -172,6 +172,14 @@ def _main_worker(rank: int, init_file: str, result_dir: str) -> None:
                 results["mismatch"] = {"error": None}
             except Exception as error:
                 results["mismatch"] = {"error": type(error).__name__, "message": str(error)}
+            # Rank 0 holds no token: it rejects its input, and the others must raise rather than wait for it.
+            module = _mismatch_module(0, mismatch_group)
+            q = torch.randn(1, 0 if rank == 0 else 8, 2, 8)
+            try:
+                module(q, q[:, :, :1], q[:, :, :1])
+                results["empty_chunk"] = {"error": None}
+            except Exception as error:
+                results["empty_chunk"] = {"error": type(error).__name__, "message": str(error)}
     except Exception:
         results["worker"] = {"error": "worker", "message": traceback.format_exc()}
     torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
@@ -182,8 +190,10 @@ def _fault_worker(rank: int, init_file: str, result_dir: str) -> None:
     results = {}
     started = time.monotonic()
     try:
+        # A long timeout to start (children may start seconds apart on a busy machine), a short one for the ring.
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3,
-                                timeout=datetime.timedelta(seconds=FAULT_TIMEOUT_S))
+                                timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        group = dist.new_group([0, 1, 2], timeout=datetime.timedelta(seconds=FAULT_TIMEOUT_S))
         scenario = SCENARIOS[0]
         q, k, v, mask, _ = scenario.inputs()
         chunks = (10, 9, 10)
@@ -191,7 +201,7 @@ def _fault_worker(rank: int, init_file: str, result_dir: str) -> None:
         rows = slice(start, start + chunks[rank])
         module = optimized.BlockSparseRingDilatedAttention(
             [29], [1], SparsePatternConfig(pattern_type="dense", block_size=4), backend="torch",
-            process_group=dist.group.WORLD,
+            process_group=group,
         )
         if rank == 1:
             from optimized import module as module_file
@@ -355,6 +365,14 @@ def test_configuration_mismatch_raises_on_every_rank(ring_results):
         record = ring_results[rank]["mismatch"]
         assert record["error"] == "ValueError", f"rank {rank}: {record}"
         assert "same configuration" in record["message"], record["message"]
+
+
+def test_a_rank_rejecting_its_input_makes_every_rank_raise(ring_results):
+    assert ring_results[0]["empty_chunk"]["error"] == "ValueError"
+    assert "at least one token" in ring_results[0]["empty_chunk"]["message"]
+    for rank in MISMATCH_RANKS[1:]:
+        record = ring_results[rank]["empty_chunk"]
+        assert record["error"] == "ValueError" and "rank(s) [0] rejected" in record["message"], f"rank {rank}: {record}"
 
 
 def test_rank_failing_mid_ring_makes_the_others_raise(tmp_path):

@@ -101,7 +101,7 @@ def _geometry(case):
     return AttentionGeometry(case.dilation, case.shape.seq_len, case.shape.num_heads)
 
 
-@settings(max_examples=example_count(40))
+@settings(max_examples=example_count(30))
 @given(case_and_chunks=cases_with_splits())
 def test_schedule_marks_exactly_the_pairs_with_an_allowed_pair(case_and_chunks):
     case, chunks = case_and_chunks
@@ -155,7 +155,7 @@ def _check_schedule_delivers_exactly_what_is_needed(schedule: RingSchedule, byte
         assert schedule.compute_steps(rank) == tuple(x for x in range(P) if schedule.computes(rank, x))
 
 
-@settings(max_examples=example_count(40))
+@settings(max_examples=example_count(30))
 @given(case_and_chunks=cases_with_splits(), bytes_per_token=st.integers(1, 1000))
 def test_schedule_transfers_deliver_every_needed_chunk_and_nothing_more(case_and_chunks, bytes_per_token):
     case, chunks = case_and_chunks
