@@ -296,38 +296,49 @@ def block_table(
 @functools.lru_cache(maxsize=1024)
 def _block_table_cached(geometry, config, branch, offset, is_causal, query_range, key_range):
     geo = geometry.branches[branch]
-    b = config.block_size
+    b, rate = config.block_size, geo.dilation_rate
+    # Every segment at once: all but the last share one lattice length, hence one layout, so the
+    # work is a few tensor ops per distinct block count instead of a Python loop per segment.
+    seg_start = torch.arange(geo.num_segments, dtype=torch.long) * geo.segment_length
+    seg_stop = torch.clamp(seg_start + geo.segment_length, max=geo.seq_len)
+    length = torch.clamp(torch.div(seg_stop - seg_start - offset + rate - 1, rate, rounding_mode="floor"), min=0)
+    lattice_start = seg_start + offset
+    q_first, q_stop = _chunk_block_range(lattice_start, length, rate, b, *query_range)
+    k_first, k_stop = _chunk_block_range(lattice_start, length, rate, b, *key_range)
+    # A segment that misses either chunk holds no pair of this partial; one that holds query
+    # points of the chunk and keys only outside it keeps its rows, with no key blocks.
+    overlap_lo, overlap_hi = max(query_range[0], key_range[0]), min(query_range[1], key_range[1])
+    kept = (length > 0) & (q_stop > q_first) & (seg_stop > overlap_lo) & (seg_start < overlap_hi)
+    num_blocks = torch.div(length + b - 1, b, rounding_mode="floor")
     starts, lengths, qblocks, counts, keys = [], [], [], [], []
-    for segment in range(geo.num_segments):
-        seg_start, seg_stop = geo.segment_bounds(segment)
-        if seg_stop <= max(query_range[0], key_range[0]) or seg_start >= min(query_range[1], key_range[1]):
-            continue  # the segment misses one of the chunks: no pair of it is in this partial
-        length = geo.lattice_length(segment, offset)
-        if length == 0:
-            continue
-        nb = cdiv(length, b)
+    for nb in sorted(set(num_blocks[kept].tolist()), key=lambda n: int((num_blocks == n).nonzero()[0])):
+        segments = (kept & (num_blocks == nb)).nonzero().squeeze(1)  # ascending
         blocks = block_list(config, nb, is_causal)
-        start = torch.tensor([seg_start + offset])
-        q_first, q_stop = _chunk_block_range(start, torch.tensor([length]), geo.dilation_rate, b, *query_range)
-        k_first, k_stop = _chunk_block_range(start, torch.tensor([length]), geo.dilation_rate, b, *key_range)
-        q_first, q_stop, k_first, k_stop = int(q_first), int(q_stop), int(k_first), int(k_stop)
-        if q_stop <= q_first:
-            continue
-        entry_rows = torch.repeat_interleave(torch.arange(nb), blocks.row_counts)
-        keep = (entry_rows >= q_first) & (entry_rows < q_stop)
-        keep &= (blocks.key_blocks >= k_first) & (blocks.key_blocks < k_stop)
-        row_ids = torch.arange(q_first, q_stop)
-        starts.append(torch.full((row_ids.numel(),), seg_start + offset, dtype=torch.long))
-        lengths.append(torch.full((row_ids.numel(),), length, dtype=torch.long))
-        qblocks.append(row_ids)
-        counts.append(torch.bincount(entry_rows[keep] - q_first, minlength=row_ids.numel()))
-        keys.append(blocks.key_blocks[keep])
+        entry_rows = torch.repeat_interleave(torch.arange(nb), blocks.row_counts)  # (nnz,)
+        row_ids = torch.arange(nb)
+        row_kept = (row_ids >= q_first[segments, None]) & (row_ids < q_stop[segments, None])  # (S, nb)
+        entry_kept = (
+            (entry_rows >= q_first[segments, None]) & (entry_rows < q_stop[segments, None])
+            & (blocks.key_blocks >= k_first[segments, None]) & (blocks.key_blocks < k_stop[segments, None])
+        )  # (S, nnz)
+        segment_of_row = segments[:, None].expand(-1, nb)[row_kept]
+        starts.append(lattice_start[segment_of_row])
+        lengths.append(length[segment_of_row])
+        qblocks.append(row_ids.expand(segments.numel(), -1)[row_kept])
+        per_row = torch.zeros(segments.numel(), nb, dtype=torch.long)
+        per_row.index_put_(
+            (torch.arange(segments.numel())[:, None].expand_as(entry_kept)[entry_kept],
+             entry_rows.expand_as(entry_kept)[entry_kept]),
+            torch.ones((), dtype=torch.long), accumulate=True,
+        )
+        counts.append(per_row[row_kept])
+        keys.append(blocks.key_blocks.expand_as(entry_kept)[entry_kept])
     cat = lambda parts: torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)  # noqa: E731
     row_counts = cat(counts)
     row_ptr = torch.zeros(row_counts.numel() + 1, dtype=torch.long)
     row_ptr[1:] = torch.cumsum(row_counts, 0)
     return BlockTable(
-        branch=branch, offset=offset, stride=geo.dilation_rate, block_size=b,
+        branch=branch, offset=offset, stride=rate, block_size=b,
         heads=geo.heads_with_offset(offset),
         lattice_start=cat(starts), lattice_length=cat(lengths), query_block=cat(qblocks),
         row_ptr=row_ptr, key_block=cat(keys), query_limits=query_range, key_limits=key_range,
