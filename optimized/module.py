@@ -19,13 +19,29 @@ from .plan import CallPlan
 BACKENDS = ("auto", "torch", "flex", "triton")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend a call on ``device`` runs: ``auto`` is triton on CUDA, torch elsewhere."""
+def resolve_backend(
+    backend: str, device: torch.device, *, sparse_config=None, head_dim=None, dtype=None, needs_grad=False
+) -> str:
+    """The backend a call on ``device`` runs.
+
+    ``auto`` is triton on CUDA and torch elsewhere; on CUDA, a call the triton kernel cannot run
+    (given the case: block size, head dim, dtype, or gradients needed) gets torch instead. That is
+    auto's choice, recorded in ``last_backend``; an explicit backend is returned unchanged.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    return "triton" if device.type == "cuda" else "torch"
+    if device.type != "cuda":
+        return "torch"
+    if needs_grad:
+        return "torch"
+    if sparse_config is not None:
+        from . import triton_backend
+
+        if triton_backend.supports(sparse_config, head_dim, dtype, device) is not None:
+            return "torch"
+    return "triton"
 
 
 def run_partial(backend: str, q, k, v, key_padding_mask, plan: CallPlan, options: dict):
@@ -118,6 +134,13 @@ class BlockSparseRingDilatedAttention(nn.Module):
     def geometry(self, seq_len: int, num_heads: int) -> AttentionGeometry:
         return AttentionGeometry(self.dilation, seq_len, num_heads)
 
+    def pick_backend(self, q, k, v) -> str:
+        """The backend this call runs (``auto`` resolved for these inputs)."""
+        return resolve_backend(
+            self.backend, q.device, sparse_config=self.sparse_config, head_dim=q.shape[3], dtype=q.dtype,
+            needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+        )
+
     def chunk_lengths(self, seq_len: int) -> tuple[int, ...] | None:
         """Key chunk lengths of the in-process ring, or None for no split."""
         if self.ring_chunk_lengths is not None:
@@ -150,7 +173,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
                 self, q, k, v, bool(is_causal), key_padding_mask, return_attention_weights, return_lse, scale
             )
         validate_qkv(q, k, v, key_padding_mask, scale)
-        backend = resolve_backend(self.backend, q.device)
+        backend = self.pick_backend(q, k, v)
         self.last_backend = backend
         geometry = self.geometry(q.shape[1], q.shape[2])
         scale = default_scale(q.shape[3], scale)

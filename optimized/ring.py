@@ -485,7 +485,7 @@ def distributed_forward(module, q, k, v, is_causal, key_padding_mask, return_att
         if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[1] == 0:
             raise ValueError(f"q: every rank of the ring must hold at least one token, got q of shape {tuple(q.shape)}")
         validate_qkv(q, k, v, key_padding_mask, scale)
-        backend = _module.resolve_backend(module.backend, q.device)
+        backend = module.pick_backend(q, k, v)
     except (TypeError, ValueError) as error:
         try:
             _exchange_layout(dist, group, device, INVALID_FINGERPRINT, 0, "invalid inputs", world_size)
