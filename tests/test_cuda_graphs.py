@@ -108,3 +108,12 @@ def test_repeated_tensors_replay_in_place_and_see_updates():
     q.copy_(make_qkv(8)[0])
     third = attention(q, k, v)
     assert torch.equal(third, eager(q, k, v)) and not torch.equal(third, second)
+
+
+@needs_cuda
+def test_large_inputs_run_eagerly():
+    graphs.clear_graphs()
+    N = graphs.GRAPH_MAX_ELEMENTS // (4 * 32) + 64  # just above the size limit
+    q, k, v = make_qkv(9, N=N, H=4, D=32)
+    out = make_module()(q, k, v)
+    assert graphs.cached_graph_count() == 0 and torch.equal(out, make_module(use_cuda_graphs=False)(q, k, v))
