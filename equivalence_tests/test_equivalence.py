@@ -90,18 +90,20 @@ def test_differentiable_reference_is_the_reference(case):
 
 needs_flex = pytest.mark.skipif(not _has_module("optimized.flex_backend"), reason="optimized/flex_backend.py is not there")
 FLEX_BLOCK_SIZES = (16, 32) if ON_CUDA else None  # compiled flex tiles blocks of 16
+# On CUDA flex is torch.compile'd per shape (tens of seconds each): few examples whatever the profile.
+FLEX_EXAMPLES = 3 if ON_CUDA else example_count(5)
 
 
 @needs_flex
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@settings(max_examples=example_count(5))
+@settings(max_examples=FLEX_EXAMPLES)
 @given(case=s.attention_cases(**case_sizes("flex").case_kwargs(), block_sizes=FLEX_BLOCK_SIZES))
 def test_flex_backend(case, dtype):
     check_backend(case, "flex", dtype, DEVICE)
 
 
 @needs_flex
-@settings(max_examples=example_count(2))
+@settings(max_examples=1 if ON_CUDA else example_count(2))
 @given(case=s.attention_cases(**case_sizes("flex").case_kwargs(), block_sizes=FLEX_BLOCK_SIZES))
 def test_flex_backend_sparse_weights(case):
     check_backend(case, "flex", torch.float32, DEVICE, check_weights=True)

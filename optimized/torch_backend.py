@@ -117,4 +117,10 @@ def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int = 
                 out = out.permute(0, 1, 3, 2, 4).reshape(batch, n * b, len(table.heads), head_dim)[:, keep]
                 lse = lse.permute(0, 1, 3, 2).reshape(batch, n * b, len(table.heads))[:, keep]
                 collector.add(layer, table.heads, q_index.reshape(-1)[keep], out, lse)
-    return collector.result()
+    out, lse = collector.result()
+    if torch.is_grad_enabled() and not out.requires_grad and any(t.requires_grad for t in (q, k, v)):
+        # No block is active: out is the constant 0. Tie it to the inputs so that backward gives
+        # zero gradients, as the reference does, instead of failing for want of a grad_fn.
+        everything = torch.ones((), dtype=torch.bool, device=q.device)
+        out = out + sum(t.float().masked_fill(everything, 0.0).sum() for t in (q, k, v))
+    return out, lse

@@ -21,7 +21,6 @@ products, no tf32). Forward only: inputs that require grad are refused, never se
 
 from __future__ import annotations
 
-import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass

@@ -2,7 +2,7 @@
 
 from .config import HEAD_MODES, PATTERN_TYPES, DilationConfig, SparsePatternConfig
 from .dense import BlockSparseRingDilatedAttention, partial_attention
-from .merge import merge_partials
+from .merge import merge_all, merge_partials
 from .semantics import (
     AttentionGeometry,
     BlockList,
@@ -22,7 +22,7 @@ BlockSparseRingDilatedAttentionV2 = BlockSparseRingDilatedAttention
 
 __all__ = [
     "HEAD_MODES", "PATTERN_TYPES", "DilationConfig", "SparsePatternConfig",
-    "BlockSparseRingDilatedAttention", "BlockSparseRingDilatedAttentionV2", "merge_partials", "partial_attention",
+    "BlockSparseRingDilatedAttention", "BlockSparseRingDilatedAttentionV2", "merge_all", "merge_partials", "partial_attention",
     "AttentionGeometry", "BlockList", "BlockTable", "BranchGeometry", "active_block_count", "active_pair_count",
     "block_list", "block_table", "block_tables", "dense_multiplicity", "layout_mask",
     "Verdict", "assert_within_budget", "compare",
