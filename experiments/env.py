@@ -47,7 +47,9 @@ def _cpu_name() -> str:
 
 def environment(device: torch.device | str | None = None) -> dict:
     """A JSON-able record: versions, device name, CPU, thread count, commit and time."""
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     record = {
         "python": sys.version.split()[0],
         "torch": torch.__version__,

@@ -21,10 +21,12 @@ weights (``sparse_weights_bytes``, the same tensors ``SparseAttentionWeights.nby
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -173,24 +175,26 @@ class Measurement:
     how: str
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 to /dev/null: the profiler's native code prints a line at every start and stop."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _cpu_allocator_peak(fn):
     """(result, peak live bytes of torch CPU tensors created during ``fn()``)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = [
-        (event.start_ns(), event.nbytes())
-        for event in prof.profiler.kineto_results.events()
-        if event.name() == "[memory]" and event.device_type() == DeviceType.CPU
-    ]
-    events.sort(key=lambda pair: pair[0])
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return result, peak
+    with CpuPeakRecorder() as recorder:
+        result, label = recorder.run(fn)
+    return result, recorder.peaks[label]
 
 
 class CpuPeakRecorder:
@@ -210,7 +214,8 @@ class CpuPeakRecorder:
         self.seconds: dict[str, float] = {}
 
     def __enter__(self) -> "CpuPeakRecorder":
-        self._profile.__enter__()
+        with _native_stderr_silenced():
+            self._profile.__enter__()
         return self
 
     def run(self, fn):
@@ -228,7 +233,8 @@ class CpuPeakRecorder:
     def __exit__(self, *exc) -> None:
         from torch.autograd import DeviceType
 
-        self._profile.__exit__(*exc)
+        with _native_stderr_silenced():
+            self._profile.__exit__(*exc)
         if exc[0] is not None:
             return
         events = self._profile.profiler.kineto_results.events()
@@ -513,7 +519,9 @@ def seed_comparison(setting: MemorySetting, rows=None, pattern: str = "dilated_s
             mib(peak("optimized+weights", 8192, pattern)),
         ),
         (8192, "attention storage"): (mib(sparse_weights_bytes(8192, setting, pattern)), None),
-        (4096, "dense attention weights"): (mib(dense_weights_bytes(4096, setting)), mib(peak("dense_nxn", 4096, None))),
+        (4096, "dense attention weights"): (
+            mib(dense_weights_bytes(4096, setting)), mib(peak("dense_nxn", 4096, None))
+        ),
         (4096, "sparse attention weights"): (mib(sparse_weights_bytes(4096, setting, pattern)), None),
     }
     for row in rows:
@@ -768,7 +776,7 @@ def plot_layouts(setting: MemorySetting, patterns, num_blocks: int, is_causal: b
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows), squeeze=False)
     for ax, pattern in zip(axes.flat, patterns):
         mask = layout_mask(pattern_config(pattern, setting), num_blocks, is_causal)
-        ax.imshow(mask.numpy(), cmap="Blues", interpolation="nearest")
+        ax.imshow(mask.float().numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"{pattern}: {int(mask.sum())}/{num_blocks * num_blocks} blocks", fontsize=9)
         ax.set_xlabel("key block")
         ax.set_ylabel("query block")
@@ -832,3 +840,34 @@ def print_table(rows, columns=None, floats: str = "{:.3g}") -> None:
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for line in cells:
         print("  ".join(value.rjust(w) for value, w in zip(line, widths)))
+
+
+def load_bench_gpu_peaks(results_dir: str = RESULTS_DIR, name: str = "bench_gpu.json"):
+    """Peak rows of the newest H200 benchmark file (experiments/bench_gpu.py; in ``results_dir`` or one
+    folder below it) in this module's row format, or None.
+
+    Its rows hold ``peak_extra`` (cuda max_memory_allocated above the bytes allocated before the
+    call, outputs included: the same quantity as ``peak_bytes`` here) per method, pattern, N and D.
+    Returns (environment-like info, rows with method names prefixed by the head dim).
+    """
+    candidates = glob.glob(os.path.join(results_dir, name)) + glob.glob(os.path.join(results_dir, "*", name))
+    if not candidates:
+        return None
+    path = max(candidates, key=os.path.getmtime)  # the newest run
+    try:
+        with open(path) as handle:
+            document = json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return None
+    rows = []
+    for row in document.get("rows", []):
+        if row.get("peak_extra") is None:
+            continue
+        rows.append({
+            "method": f"{row['method']} D={row.get('D')}", "pattern": row.get("pattern"), "seq_len": row["N"],
+            "peak_bytes": row["peak_extra"], "heads": row.get("H"), "head_dim": row.get("D"),
+            "qkv_out_bytes": row.get("qkv_out_bytes"),
+        })
+    info = {"info": document.get("info", {}), "huge": document.get("huge") or None,
+            "file": os.path.relpath(path, os.path.dirname(results_dir))}
+    return info, rows

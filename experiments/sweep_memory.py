@@ -1,6 +1,6 @@
 """Peak memory against sequence length: dense N x N, SDPA, the reference, our path with and without weights.
 
-    python -m experiments.sweep_memory                      # CPU, scaled-down seed configuration
+    python -m experiments.sweep_memory --work-size 256      # CPU, scaled-down seed configuration
     python -m experiments.sweep_memory --device cuda --seq-lens 8192 16384 32768 65536 131072 \
         --segments 2048 4096 8192 --block-size 128 --dtype bfloat16 --max-dense-seq-len 32768
 
@@ -34,11 +34,14 @@ def parse_args(argv=None):
     parser.add_argument("--rates", nargs="+", type=int, default=list(memory.SEED_RATES))
     parser.add_argument("--block-size", type=int, default=16, help="default: the seed's 128 / 8")
     parser.add_argument("--backend", default="auto", help="optimized backend: auto, torch, flex, triton")
+    parser.add_argument("--work-size", type=int, default=4096,
+                        help="blocks the torch backend and the weights process at once (the module's default 4096)")
     parser.add_argument("--max-dense-seq-len", type=int, default=4096, help="largest N for dense_nxn")
     parser.add_argument("--max-reference-seq-len", type=int, default=2048, help="largest N for the reference")
     parser.add_argument("--memory-limit-gib", type=float, default=8.0, help="skip runs estimated above this")
     parser.add_argument("--fit-from", type=int, default=None,
                         help="fit slopes on N >= this (default: the largest segment length)")
+    parser.add_argument("--fit-last", type=int, default=3, help="fit each line over its largest N only (0: all)")
     parser.add_argument("--out", default=None, help="output stem (default experiments/results/memory_<device>)")
     return parser.parse_args(argv)
 
@@ -48,7 +51,7 @@ def main(argv=None) -> int:
     setting = memory.MemorySetting(
         batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
         segment_lengths=tuple(args.segments), dilation_rates=tuple(args.rates), block_size=args.block_size,
-        backend=args.backend,
+        backend=args.backend, work_size=args.work_size,
     )
     env = environment(args.device)
     print(f"{describe(env)}\n{setting.describe()}")
@@ -59,10 +62,10 @@ def main(argv=None) -> int:
         progress=True,
     )
     fit_from = args.fit_from if args.fit_from is not None else max(args.segments)
-    fitted = memory.slopes(rows, min_seq_len=fit_from)
+    fitted = memory.slopes(rows, min_seq_len=fit_from, last=args.fit_last or None)
     stem = args.out or os.path.join(memory.RESULTS_DIR, f"memory_{args.device}")
     memory.save_results(f"{stem}.json", rows, env, {"setting": setting.describe(), "slopes": fitted,
-                                                     "fit_from_seq_len": fit_from})
+                                                     "fit_from_seq_len": fit_from, "arguments": vars(args)})
     memory.save_csv(f"{stem}.csv", rows)
 
     import matplotlib
@@ -70,7 +73,8 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ax = memory.plot_peaks(rows, min_fit_seq_len=fit_from, title=f"{describe(env)}\n{setting.describe()}")
+    title = f"{describe(env)}\n{setting.describe()}, work_size {setting.work_size}"
+    ax = memory.plot_peaks(rows, min_fit_seq_len=fit_from, fit_last=args.fit_last or None, title=title)
     ax.figure.tight_layout()
     ax.figure.savefig(f"{stem}.png", dpi=120, bbox_inches="tight")
     plt.close(ax.figure)

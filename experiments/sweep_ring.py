@@ -141,7 +141,8 @@ def plot_sweep(rows, ax=None):
         xs.append(row["parts"])
         ys.append(row["sent_over_naive"])
     for (dilation, pattern, causal), (xs, ys) in lines.items():
-        ax.plot(xs, ys, marker="o", ls="--" if causal else "-", label=f"{dilation} {pattern}{' causal' if causal else ''}")
+        label = f"{dilation} {pattern}{' causal' if causal else ''}"
+        ax.plot(xs, ys, marker="o", ls="--" if causal else "-", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("ring size P (equal chunks)")
     ax.set_ylabel("bytes sent / naive ring's bytes")

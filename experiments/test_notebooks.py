@@ -28,7 +28,6 @@ def execute(name: str, size: str, timeout: int = 600):
     notebook = nbformat.read(path, as_version=4)
     previous = os.environ.get("NOTEBOOK_SIZE")
     os.environ["NOTEBOOK_SIZE"] = size  # the kernel inherits this process's environment
-    os.environ.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     try:
         client = NotebookClient(
             notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": NOTEBOOK_DIR}}

@@ -189,6 +189,10 @@ class BlockSparseRingDilatedAttention(nn.Module):
                 backend, q, k, v, key_padding_mask, geometry, self.sparse_config, bool(is_causal), scale,
                 chunks, options,
             )
+        if torch.is_grad_enabled() and not out.requires_grad and any(t.requires_grad for t in (q, k, v)):
+            # No block of the call is active, so out is the constant 0; tie it to the inputs so that
+            # backward gives zero gradients, as the reference does, instead of failing.
+            out = out + sum(t.sum() for t in (q, k, v)).to(out.dtype) * 0.0
         results = (out.to(q.dtype),)
         if return_attention_weights:
             plan = CallPlan.whole(geometry, self.sparse_config, is_causal, scale)

@@ -39,41 +39,56 @@ def rows_per_group(work_size: int, batch: int, num_heads: int) -> int:
     return max(1, work_size // max(1, batch * num_heads))
 
 
+def _row_queries(dt: DeviceTable, rows: slice, plan: CallPlan):
+    """(query chunk index, compacted t, valid), each (n, b), of the query blocks of ``rows``."""
+    table = dt.table
+    q_pos, q_t, q_valid = block_points(
+        dt.lattice_start[rows], dt.lattice_length[rows], dt.query_block[rows], table.stride, table.block_size,
+        plan.query_range,
+    )
+    return local_index(q_pos, q_valid, plan.query_start), q_t, q_valid
+
+
+def _key_steps(key_padding_mask, dt: DeviceTable, rows: slice, q_t, plan: CallPlan):
+    """For c = 0, 1, ...: (key chunk index (n, b), allowed (B|1, n, 1, b_q, b_k)) of every row's c-th key block.
+
+    Rows with fewer than c + 1 key blocks get no allowed slot. Forward and backward walk the same steps.
+    """
+    table = dt.table
+    start, length = dt.lattice_start[rows], dt.lattice_length[rows]
+    first_entry, count = dt.row_ptr[rows], dt.row_count[rows]
+    max_count = int(count.max()) if count.numel() else 0
+    for c in range(max_count):
+        has_block = count > c
+        entry = torch.where(has_block, first_entry + c, torch.zeros_like(first_entry))
+        k_pos, k_t, k_valid = block_points(start, length, dt.key_block[entry], table.stride, table.block_size,
+                                           plan.key_range)
+        k_valid &= has_block.unsqueeze(1)
+        k_index = local_index(k_pos, k_valid, plan.key_start)
+        allowed = gather_key_padding(key_padding_mask, k_index, k_valid).unsqueeze(2).unsqueeze(3)
+        if plan.is_causal:
+            # Same lattice, so causality in compacted indices is exactly j <= i.
+            allowed = allowed & (k_t.unsqueeze(1) <= q_t.unsqueeze(2)).unsqueeze(1)
+        yield k_index, allowed
+
+
 def _row_group_partial(q, k, v, key_padding_mask, dt: DeviceTable, rows: slice, kv_heads, plan: CallPlan):
     """Online softmax over the key blocks of ``rows`` of one table.
 
     Returns (query chunk index (n, b), query valid (n, b), out (B, n, nh, b, D), lse (B, n, nh, b)).
     """
-    table = dt.table
-    b, stride = table.block_size, table.stride
-    start, length = dt.lattice_start[rows], dt.lattice_length[rows]
-    first_entry, count = dt.row_ptr[rows], dt.row_count[rows]
-    q_pos, q_t, q_valid = block_points(start, length, dt.query_block[rows], stride, b, plan.query_range)
-    q_index = local_index(q_pos, q_valid, plan.query_start)
-    q_blocks = gather_queries(q, q_index, table.heads).to(torch.float32)  # (B, n, b, nh, D)
-
-    batch, n, _, nh, head_dim = q_blocks.shape
+    q_index, q_t, q_valid = _row_queries(dt, rows, plan)
+    q_blocks = gather_queries(q, q_index, dt.table.heads).to(torch.float32)  # (B, n, b, nh, D)
+    batch, n, b, nh, head_dim = q_blocks.shape
     running_max = torch.full((batch, n, nh, b), NEG_INF, dtype=torch.float32, device=q.device)
     running_sum = torch.zeros((batch, n, nh, b), dtype=torch.float32, device=q.device)
     running_out = torch.zeros((batch, n, nh, b, head_dim), dtype=torch.float32, device=q.device)
-    max_count = int(count.max()) if n else 0
-    for c in range(max_count):
-        has_block = count > c
-        entry = torch.where(has_block, first_entry + c, torch.zeros_like(first_entry))
-        k_pos, k_t, k_valid = block_points(start, length, dt.key_block[entry], stride, b, plan.key_range)
-        k_valid &= has_block.unsqueeze(1)
-        k_index = local_index(k_pos, k_valid, plan.key_start)
-        allowed = gather_key_padding(key_padding_mask, k_index, k_valid).unsqueeze(2)  # (B|1, n, 1, b)
-        allowed = allowed.unsqueeze(3)  # (B|1, n, 1, 1, b): broadcast over heads and query slots
-        if plan.is_causal:
-            # Same lattice, so causality in compacted indices is exactly j <= i.
-            allowed = allowed & (k_t.unsqueeze(1) <= q_t.unsqueeze(2)).unsqueeze(1)
+    for k_index, allowed in _key_steps(key_padding_mask, dt, rows, q_t, plan):
         k_blocks = gather_keys(k, k_index, kv_heads).to(torch.float32)
         v_blocks = gather_keys(v, k_index, kv_heads).to(torch.float32)
         scores = torch.einsum("bnihd,bnjhd->bnhij", q_blocks, k_blocks) * plan.scale
         scores = scores.masked_fill(~allowed, NEG_INF)
-        # The running max only stabilizes exp; the result does not depend on it, so no gradient.
-        new_max = torch.maximum(running_max, scores.detach().amax(dim=-1))
+        new_max = torch.maximum(running_max, scores.amax(dim=-1))
         safe_max = torch.where(torch.isneginf(new_max), torch.zeros_like(new_max), new_max)
         probs = torch.exp(scores - safe_max.unsqueeze(-1))
         rescale = torch.exp(running_max - safe_max)
@@ -89,15 +104,9 @@ def _row_group_partial(q, k, v, key_padding_mask, dt: DeviceTable, rows: slice, 
     return q_index, q_valid, out, lse
 
 
-def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int = 4096):
-    """Partial attention of the query chunk against the key chunk of ``plan`` (COMMON interface).
-
-    Returns out (B, Nq, H, D) float32 and lse (B, H, Nq) float32 (natural log); empty rows 0 / -inf.
-    """
-    work_size = _check_work_size(work_size)
-    batch, num_queries, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    collector = PartialCollector(batch, num_queries, num_heads, head_dim, q.device)
+def _row_groups(q, k, plan: CallPlan, work_size: int):
+    """(layer, table, device table, kv heads, rows) for every group of rows the call processes."""
+    batch, _, num_heads, _ = q.shape
     tables = plan.tables
     for layer, members in enumerate(head_layers(tables)):
         for index in members:
@@ -105,22 +114,103 @@ def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int = 
             if table.num_rows == 0:
                 continue
             dt = DeviceTable.of(table, q.device)
-            kv_heads = kv_heads_of(table.heads, num_heads, num_kv_heads, q.device)
+            kv_heads = kv_heads_of(table.heads, num_heads, k.shape[2], q.device)
             group = rows_per_group(work_size, batch, len(table.heads))
             for row0 in range(0, table.num_rows, group):
-                rows = slice(row0, min(row0 + group, table.num_rows))
-                q_index, q_valid, out, lse = _row_group_partial(q, k, v, key_padding_mask, dt, rows, kv_heads, plan)
-                keep = q_valid.reshape(-1).nonzero().squeeze(1)
-                if keep.numel() == 0:
-                    continue
-                n, b = q_valid.shape
-                out = out.permute(0, 1, 3, 2, 4).reshape(batch, n * b, len(table.heads), head_dim)[:, keep]
-                lse = lse.permute(0, 1, 3, 2).reshape(batch, n * b, len(table.heads))[:, keep]
-                collector.add(layer, table.heads, q_index.reshape(-1)[keep], out, lse)
-    out, lse = collector.result()
-    if torch.is_grad_enabled() and not out.requires_grad and any(t.requires_grad for t in (q, k, v)):
-        # No block is active: out is the constant 0. Tie it to the inputs so that backward gives
-        # zero gradients, as the reference does, instead of failing for want of a grad_fn.
-        everything = torch.ones((), dtype=torch.bool, device=q.device)
-        out = out + sum(t.float().masked_fill(everything, 0.0).sum() for t in (q, k, v))
-    return out, lse
+                yield layer, table, dt, kv_heads, slice(row0, min(row0 + group, table.num_rows))
+
+
+def _forward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int):
+    batch, num_queries, num_heads, head_dim = q.shape
+    collector = PartialCollector(batch, num_queries, num_heads, head_dim, q.device)
+    for layer, table, dt, kv_heads, rows in _row_groups(q, k, plan, work_size):
+        q_index, q_valid, out, lse = _row_group_partial(q, k, v, key_padding_mask, dt, rows, kv_heads, plan)
+        keep = q_valid.reshape(-1).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            continue
+        n, b = q_valid.shape
+        out = out.permute(0, 1, 3, 2, 4).reshape(batch, n * b, len(table.heads), head_dim)[:, keep]
+        lse = lse.permute(0, 1, 3, 2).reshape(batch, n * b, len(table.heads))[:, keep]
+        collector.add(layer, table.heads, q_index.reshape(-1)[keep], out, lse)
+    return collector.result()
+
+
+def _backward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int, out, lse, grad_out, grad_lse):
+    """Gradients of SPEC section 4's formula, flash-attention style, from the final out and lse.
+
+    Every active block entry recomputes P = exp(scale q.k - lse) with the final (all branches,
+    all chunks) lse, so dS = P * (dP - rowsum(dO * out) + dlse) is the exact gradient of the
+    union's softmax: keys counted in two branches contribute twice, as they should, and the
+    cancelling terms are formed from the same dP (no eps residue where the true gradient is 0).
+    """
+    batch, num_queries, num_heads, head_dim = q.shape
+    num_keys, num_kv_heads = k.shape[1], k.shape[2]
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(torch.float32)
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(torch.float32)
+    delta = (grad_out * out).sum(-1)  # (B, Nq, H): rowsum(dO * O)
+    # Per query point and head: [lse, rowsum, dlse] gathered together like a (B, Nq, H, 3) tensor.
+    row_terms = torch.stack((lse.transpose(1, 2), delta, grad_lse.transpose(1, 2)), dim=-1)
+    dq = torch.zeros(batch, num_queries * num_heads, head_dim, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(batch, num_keys * num_kv_heads, head_dim, dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    for _, table, dt, kv_heads, rows in _row_groups(q, k, plan, work_size):
+        q_index, q_t, q_valid = _row_queries(dt, rows, plan)
+        heads = table.heads
+        q_blocks = gather_queries(q, q_index, heads).to(torch.float32)  # (B, n, b, nh, D)
+        do_blocks = gather_queries(grad_out, q_index, heads)
+        terms = gather_queries(row_terms, q_index, heads).permute(0, 1, 3, 2, 4)  # (B, n, nh, b, 3)
+        row_lse, row_delta, row_dlse = terms.unbind(-1)
+        # Slots outside the lattice or chunk, and empty rows, take no part.
+        live = q_valid[None, :, None, :] & ~torch.isneginf(row_lse)
+        row_lse = torch.where(live, row_lse, torch.zeros_like(row_lse))
+        dq_blocks = torch.zeros_like(q_blocks)
+        for k_index, allowed in _key_steps(key_padding_mask, dt, rows, q_t, plan):
+            k_blocks = gather_keys(k, k_index, kv_heads).to(torch.float32)
+            v_blocks = gather_keys(v, k_index, kv_heads).to(torch.float32)
+            scores = torch.einsum("bnihd,bnjhd->bnhij", q_blocks, k_blocks) * plan.scale
+            probs = torch.exp(scores - row_lse.unsqueeze(-1)).masked_fill(~(allowed & live.unsqueeze(-1)), 0.0)
+            dprobs = torch.einsum("bnihd,bnjhd->bnhij", do_blocks, v_blocks)
+            dscores = probs * (dprobs - row_delta.unsqueeze(-1) + row_dlse.unsqueeze(-1))
+            dq_blocks = dq_blocks + torch.einsum("bnhij,bnjhd->bnihd", dscores, k_blocks) * plan.scale
+            key_slots = (k_index.unsqueeze(-1) * num_kv_heads + kv_heads).reshape(-1)  # (n * b * nh,)
+            dk.index_add_(1, key_slots, (torch.einsum("bnhij,bnihd->bnjhd", dscores, q_blocks) * plan.scale)
+                          .reshape(batch, -1, head_dim))
+            dv.index_add_(1, key_slots, torch.einsum("bnhij,bnihd->bnjhd", probs, do_blocks).reshape(batch, -1, head_dim))
+        head_ids = torch.arange(heads.start, heads.stop, device=q.device)
+        query_slots = (q_index.unsqueeze(-1) * num_heads + head_ids).reshape(-1)
+        dq_blocks = dq_blocks * q_valid[None, :, :, None, None]
+        dq.index_add_(1, query_slots, dq_blocks.reshape(batch, -1, head_dim))
+    return (
+        dq.reshape(q.shape).to(q.dtype),
+        dk.reshape(k.shape).to(k.dtype),
+        dv.reshape(v.shape).to(v.dtype),
+    )
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    """The torch path with a flash-attention style backward (recomputes blocks; saves out and lse)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, plan, work_size):
+        out, lse = _forward(q, k, v, key_padding_mask, plan, work_size)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.key_padding_mask, ctx.plan, ctx.work_size = key_padding_mask, plan, work_size
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, ctx.key_padding_mask, ctx.plan, ctx.work_size, out, lse, grad_out, grad_lse)
+        return dq, dk, dv, None, None, None
+
+
+def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int = 4096):
+    """Partial attention of the query chunk against the key chunk of ``plan`` (COMMON interface).
+
+    Returns out (B, Nq, H, D) float32 and lse (B, H, Nq) float32 (natural log); empty rows 0 / -inf.
+    Differentiable in q, k, v (backward recomputes blocks; extra memory O(work_size x b x b)).
+    """
+    work_size = _check_work_size(work_size)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _BlockSparseAttention.apply(q, k, v, key_padding_mask, plan, work_size)
+    return _forward(q, k, v, key_padding_mask, plan, work_size)

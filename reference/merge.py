@@ -22,9 +22,10 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     # autograd would otherwise add two large, cancelling terms through it and keep the rounding.
     shift = torch.where(empty, torch.zeros_like(larger), larger).detach()
     weight_a, weight_b = torch.exp(lse_a - shift), torch.exp(lse_b - shift)
-    total = weight_a + weight_b  # in [1, 2] unless both partials are empty
+    # In [1, 2] unless both partials are empty; 1 there, so that neither log nor its gradient
+    # (which torch.where would multiply by 0, giving NaN from inf) ever sees a 0.
+    total = torch.where(empty, torch.ones_like(larger), weight_a + weight_b)
     lse = torch.where(empty, larger, shift + torch.log(total))
-    total = torch.where(empty, torch.ones_like(total), total)
     weight_a = (weight_a / total).transpose(1, 2).unsqueeze(-1)
     weight_b = (weight_b / total).transpose(1, 2).unsqueeze(-1)
     return weight_a.to(out_a.dtype) * out_a + weight_b.to(out_b.dtype) * out_b, lse
@@ -44,8 +45,8 @@ def merge_all(outs, lses):
     # The result does not depend on the shift (its derivative is exactly 0): detached, see above.
     shift = torch.where(empty, torch.zeros_like(larger), larger).detach()
     weights = torch.exp(lse_stack - shift)  # (P, B, H, Nq), the largest is 1
-    total = weights.sum(dim=0)
+    total = torch.where(empty, torch.ones_like(larger), weights.sum(dim=0))  # 1 where all are empty, as above
     lse = torch.where(empty, larger, shift + torch.log(total))
-    weights = weights / torch.where(empty, torch.ones_like(total), total)
+    weights = weights / total
     out = sum(w.transpose(1, 2).unsqueeze(-1).to(o.dtype) * o for w, o in zip(weights, outs))
     return out, lse

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import optimized
 from equivalence_tests import strategies as s
-from equivalence_tests.helpers import case_sizes, check_backend, check_gradients, example_count
+from equivalence_tests.helpers import (
+    case_sizes, check_backend, check_gradients, example_count, gradient_case_kwargs, some_row_has_two_keys,
+)
 from reference import AttentionGeometry, DilationConfig, SparsePatternConfig, compare, assert_within_budget
 from reference import BlockSparseRingDilatedAttention as ReferenceAttention
 from reference.ring_schedule import RingSchedule, pair_is_active, ring_schedule
@@ -70,9 +72,10 @@ def test_in_process_ring_bfloat16_and_weights(case_and_chunks):
 
 
 @settings(max_examples=example_count(8))
-@given(case_and_chunks=cases_with_splits(max_seq_len=24, max_heads=4, max_head_dim=8))
+@given(case_and_chunks=cases_with_splits(**gradient_case_kwargs()))
 def test_in_process_ring_gradients(case_and_chunks):
     case, chunks = case_and_chunks
+    assume(some_row_has_two_keys(case))
     check_gradients(case, "torch", torch.float32, "cpu", module_options={"ring_chunk_lengths": chunks})
 
 
