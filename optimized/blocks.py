@@ -96,6 +96,14 @@ def head_layers(tables) -> list[list[int]]:
     return [members for _, members in layers]
 
 
+def tables_by_layer(tables):
+    """(layer, table) for every table with rows, layers as ``head_layers`` forms them."""
+    for layer, members in enumerate(head_layers(tables)):
+        for index in members:
+            if tables[index].num_rows:
+                yield layer, tables[index]
+
+
 class PartialCollector:
     """Collects per-query-point results of tables and assembles (out, lse) of one call.
 

@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from .blocks import PartialCollector, head_layers, kv_heads_of
+from .blocks import PartialCollector, kv_heads_of, tables_by_layer
 from .plan import CallPlan
 
 # Eager (non-CUDA) flex builds the (lattices, heads, Lq, Lk) score tensor of a table: refuse beyond this.
@@ -236,12 +236,7 @@ def partial_forward(q, k, v, key_padding_mask, plan: CallPlan):
     _check_inputs(q, k, v, plan)
     batch, num_queries, num_heads, head_dim = q.shape
     collector = PartialCollector(batch, num_queries, num_heads, head_dim, q.device)
-    tables = plan.tables
-    for layer, members in enumerate(head_layers(tables)):
-        for index in members:
-            table = tables[index]
-            if table.num_rows == 0:
-                continue
-            q_index, out, lse = _table_partial(q, k, v, key_padding_mask, table, plan)
-            collector.add(layer, table.heads, q_index, out, lse)
+    for layer, table in tables_by_layer(plan.tables):
+        q_index, out, lse = _table_partial(q, k, v, key_padding_mask, table, plan)
+        collector.add(layer, table.heads, q_index, out, lse)
     return collector.result()

@@ -19,7 +19,7 @@ from .blocks import (
     gather_key_padding,
     gather_keys,
     gather_queries,
-    head_layers,
+    tables_by_layer,
     kv_heads_of,
     local_index,
 )
@@ -107,17 +107,12 @@ def _row_group_partial(q, k, v, key_padding_mask, dt: DeviceTable, rows: slice, 
 def _row_groups(q, k, plan: CallPlan, work_size: int):
     """(layer, table, device table, kv heads, rows) for every group of rows the call processes."""
     batch, _, num_heads, _ = q.shape
-    tables = plan.tables
-    for layer, members in enumerate(head_layers(tables)):
-        for index in members:
-            table = tables[index]
-            if table.num_rows == 0:
-                continue
-            dt = DeviceTable.of(table, q.device)
-            kv_heads = kv_heads_of(table.heads, num_heads, k.shape[2], q.device)
-            group = rows_per_group(work_size, batch, len(table.heads))
-            for row0 in range(0, table.num_rows, group):
-                yield layer, table, dt, kv_heads, slice(row0, min(row0 + group, table.num_rows))
+    for layer, table in tables_by_layer(plan.tables):
+        dt = DeviceTable.of(table, q.device)
+        kv_heads = kv_heads_of(table.heads, num_heads, k.shape[2], q.device)
+        group = rows_per_group(work_size, batch, len(table.heads))
+        for row0 in range(0, table.num_rows, group):
+            yield layer, table, dt, kv_heads, slice(row0, min(row0 + group, table.num_rows))
 
 
 def _forward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int):

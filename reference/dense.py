@@ -11,7 +11,6 @@ from torch import nn
 
 from .config import DilationConfig, SparsePatternConfig
 from .inputs import default_scale, validate_qkv
-from .merge import merge_partials  # noqa: F401  (re-exported: the reference's merge)
 from .semantics import AttentionGeometry, dense_multiplicity
 
 

@@ -9,7 +9,6 @@ which refuses large sizes unless told otherwise.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
