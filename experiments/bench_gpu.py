@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python3 -m experiments.bench_gpu --out DIR [--budget-s 420] [--only tiles,main,flexorig,huge]
     PYTHONPATH=. python3 -m experiments.bench_gpu --equivalence --out DIR --examples 60
+    PYTHONPATH=. python3 -m experiments.bench_gpu --out DIR --only ab   # kernel variants x tiles, one process
 
 Measures (triton.testing.do_bench medians, bf16, B = 1) forward time, TFLOP/s on active blocks
 (4 x active pairs x D, pairs from reference.semantics.active_pair_count) and peak memory above
@@ -90,7 +91,8 @@ def tflops(pairs, head_dim, ms):
 class Recorder:
     def __init__(self, out_dir, name="bench_gpu.json"):
         self.path = os.path.join(out_dir, name)
-        self.data = {"info": {}, "ceilings": {}, "tiles": {}, "rows": [], "flex_original": [], "huge": {}, "errors": []}
+        self.data = {"info": {}, "ceilings": {}, "tiles": {}, "rows": [], "flex_original": [], "huge": {}, "errors": [],
+                     "ab": []}
 
     def save(self):
         with open(self.path, "w") as handle:
@@ -246,6 +248,112 @@ def sweep_tiles(rec, N=65536):
         return original(block_size, block_d, dtype)
 
     triton_backend.default_tile = tuned
+
+
+AB_TILES = {
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)],
+}
+AB_PATTERNS = ("dense", "local_window", "dilated_sparse", "random")
+
+
+def measure_ab(rec, deadline, Ns=(65536, 1 << 20)):
+    """Kernel variants (triton_backend.VARIANTS) x tiles, eager, in one process, with flex and the peer.
+
+    Each (variant, tile) is first checked against v2 at the default tile on the same inputs (bf16:
+    max |diff| of out, and lse -inf patterns identical), then timed.
+    """
+    for N in Ns:
+        for D in (64, 128):
+            if time.time() > deadline:
+                rec.data["errors"].append(f"ab skipped D={D} N={N}: time budget")
+                continue
+            spec = DILATIONS[D]
+            H = spec["heads"]
+            torch.cuda.empty_cache()
+            q, k, v = randn(1, N, H, D), randn(1, N, H, D), randn(1, N, H, D)
+            geometry = AttentionGeometry(DilationConfig(spec["segments"], spec["rates"], "split"), N, H)
+            dense_pairs = active_pair_count(geometry, pattern_configs()["dense"])
+            ms = attempt(rec, f"ab gather_sdpa D={D} N={N}", lambda: bench(lambda: gather_sdpa(q, k, v, geometry)))
+            if ms is not None:
+                rec.data["ab"].append({"D": D, "N": N, "pattern": "dense", "method": "gather_sdpa", "ms": ms,
+                                       "tflops": tflops(dense_pairs, D, ms)})
+            for name in AB_PATTERNS:
+                if time.time() > deadline:
+                    break
+                config = pattern_configs()[name]
+                pairs = active_pair_count(geometry, config)
+                plan = CallPlan.whole(geometry, config, False, D**-0.5)
+                with torch.no_grad():
+                    ref_out, ref_lse = triton_backend.partial_forward(q, k, v, None, plan, variant="v2")
+                calls = attempt(rec, f"ab flex inputs D={D} N={N} {name}",
+                                lambda: compacted_flex_inputs(q, k, v, geometry, config))
+                if calls:
+                    flex = compiled_flex()
+                    ms = attempt(rec, f"ab flex D={D} N={N} {name}", lambda: bench(
+                        lambda: [flex(Q, K, V, block_mask=m, scale=D**-0.5) for Q, K, V, m in calls]))
+                    if ms is not None:
+                        rec.data["ab"].append({"D": D, "N": N, "pattern": name, "method": "flex_compacted",
+                                               "ms": ms, "tflops": tflops(pairs, D, ms)})
+                    del calls
+                for variant in triton_backend.VARIANTS:
+                    for cand in AB_TILES[D]:
+                        tile = triton_backend.TileConfig(*cand)
+
+                        def call():
+                            return triton_backend.partial_forward(q, k, v, None, plan, tile=tile, variant=variant)
+
+                        def check():
+                            out, lse = call()
+                            diff = float((out.float() - ref_out.float()).abs().max())
+                            same_empty = bool(torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)))
+                            return diff, same_empty and bool(torch.isfinite(out).all())
+
+                        verdict = attempt(rec, f"ab check {variant} {cand} D={D} N={N} {name}", check)
+                        if verdict is None:
+                            continue
+                        ms = attempt(rec, f"ab {variant} {cand} D={D} N={N} {name}", lambda: bench(call, 10, 60))
+                        if ms is None:
+                            continue
+                        rec.data["ab"].append({"D": D, "N": N, "pattern": name, "method": f"triton_{variant}",
+                                               "tile": cand, "ms": ms, "tflops": tflops(pairs, D, ms),
+                                               "max_abs_diff_vs_v2": verdict[0], "finite_same_empty": verdict[1]})
+                    rec.save()
+                del ref_out, ref_lse
+                print(f"ab D={D} N={N} {name}: " + ", ".join(
+                    f"{r['method']}{r.get('tile', '')} {r['ms']:.3f}" for r in rec.data["ab"]
+                    if r["D"] == D and r["N"] == N and r["pattern"] == name), flush=True)
+            del q, k, v
+
+
+def summarize_ab(rec):
+    rows = rec.data["ab"]
+    if not rows:
+        return
+    ceiling = rec.data["ceilings"].get("matmul_bf16_8192_tflops", float("nan"))
+    print(f"\nA/B (eager, bf16, block {BLOCK}); ceiling {ceiling:.0f} TF; best tile per variant")
+    print(f"{'D':>4} {'N':>8} {'pattern':>15} {'variant':>13} {'tile':>18} {'ms':>8} {'TF':>5} {'%mm':>5} "
+          f"{'xflex':>6} {'xpeer':>6} {'diff':>8}")
+    for D in (64, 128):
+        for N in sorted({r["N"] for r in rows if r["D"] == D}):
+            peer = next((r for r in rows if r["D"] == D and r["N"] == N and r["method"] == "gather_sdpa"), None)
+            for name in AB_PATTERNS:
+                here = [r for r in rows if r["D"] == D and r["N"] == N and r["pattern"] == name]
+                flex = next((r for r in here if r["method"] == "flex_compacted"), None)
+                if flex:
+                    print(f"{D:>4} {N:>8} {name:>15} {'flex':>13} {'':>18} {flex['ms']:>8.3f} {flex['tflops']:>5.0f}")
+                for variant in triton_backend.VARIANTS:
+                    cands = [r for r in here if r["method"] == f"triton_{variant}"]
+                    if not cands:
+                        continue
+                    best = min(cands, key=lambda r: r["ms"])
+                    xflex = f"{flex['ms'] / best['ms']:.2f}" if flex else "-"
+                    xpeer = f"{peer['ms'] / best['ms']:.2f}" if (peer and name == "dense") else "-"
+                    print(f"{D:>4} {N:>8} {name:>15} {variant:>13} {str(best['tile']):>18} {best['ms']:>8.3f} "
+                          f"{best['tflops']:>5.0f} {100 * best['tflops'] / ceiling:>5.1f} {xflex:>6} {xpeer:>6} "
+                          f"{best['max_abs_diff_vs_v2']:>8.1e}")
+            if peer:
+                print(f"{D:>4} {N:>8} {'dense':>15} {'gather_sdpa':>13} {'':>18} {peer['ms']:>8.3f} {peer['tflops']:>5.0f}")
 
 
 def measure_main(rec, D, Ns, patterns, deadline, flex_max_n=1 << 20):
@@ -493,7 +601,8 @@ def run_equivalence(out_dir, examples):
     except Exception as exc:  # noqa: BLE001
         record["passed"] = False
         record["error"] = f"{type(exc).__name__}: {str(exc)[:800]}"
-    with open(os.path.join(out_dir, "equivalence_gpu.json"), "w") as handle:
+    name = f"equivalence_gpu_{triton_backend.kernel_variant()}.json"
+    with open(os.path.join(out_dir, name), "w") as handle:
         json.dump(record, handle, indent=1, default=str)
     print("equivalence:", record["examples"], "examples, passed:", record["passed"])
     for key, worst in sorted(record["worst"].items()):
@@ -558,6 +667,8 @@ def main(argv=None):
     Ns = [int(n) for n in args.ns.split(",")]
     patterns = args.patterns.split(",")
     attempt(rec, "ceiling", lambda: measure_ceiling(rec))
+    if "ab" in parts:
+        attempt(rec, "ab", lambda: measure_ab(rec, deadline - 20))
     if "tiles" in parts:
         attempt(rec, "tiles", lambda: sweep_tiles(rec))
     if "main" in parts:
@@ -570,8 +681,10 @@ def main(argv=None):
         attempt(rec, "flex original", lambda: measure_flex_original(rec, deadline))
     rec.data["info"]["elapsed_s"] = time.time() - start
     rec.save()
-    attempt(rec, "plot", lambda: plot(rec, args.out))
-    summarize(rec)
+    if rec.data["rows"]:
+        attempt(rec, "plot", lambda: plot(rec, args.out))
+        summarize(rec)
+    summarize_ab(rec)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ keeps an online softmax in float32 (base-2 exponentials on log2(e)-scaled scores
 Launches: tables whose heads are disjoint form one launch ("layer"): head_mode "split" is one
 launch for the whole call. A head that sits in several branches (head_mode "all") gets one
 launch per branch, each later launch merging into what is already written by SPEC section 5's
-lse rule (merge on write). ``out``/``lse`` start as 0 / -inf, so points on no lattice stay
-exactly empty.
+lse rule (merge on write). ``out``/``lse`` start as 0 / -inf on every head the first launch does
+not write in full, so points on no lattice stay exactly empty; fully written heads are not filled.
+How full key blocks are read is a kernel variant (VARIANTS; experiments/NOTES_gpu.md, Version 3).
 
 Masks: t >= lattice length, points outside the call's query/key chunks, causal (t_k <= t_q),
 key padding, and head-dim padding to the next power of two. Grouped-query heads read kv head
@@ -40,7 +41,8 @@ MIN_BLOCK_SIZE = 16
 MAX_HEAD_DIM = 256
 # Device-side block tables kept per (plan, device); each is small (int32 per row and per entry).
 TABLE_CACHE_SIZE = 64
-_ITEM_FIELDS = 8  # lattice_start, lattice_length, query_block, entry_start, entry_stop, stride, head, full_stop
+# lattice_start, lattice_length, query_block, entry_start, entry_stop, stride, head, full_stop, run_block, run_count
+_ITEM_FIELDS = 10
 # Rows with at most this many full key blocks keep their block list in registers (no index load in the loop).
 MAX_REGISTER_ENTRIES = 256
 _WEIGHT_FIELDS = 8  # lattice_start, lattice_length, query_block, key_block, stride, head, pad, pad
@@ -49,6 +51,24 @@ _LOG2E = 1.4426950408889634
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# How the kernel reads k/v on full key blocks (kept selectable for the A/B in experiments/bench_gpu.py):
+#   "v2":    an int64 address tile per step from the block index (run 2's kernel);
+#   "v3":    each row's longest run of consecutive full blocks is walked by advancing one pointer tile
+#            (the lattice is a strided 2D view: row stride dilation_rate * stride_n), the rest as in v2;
+#   "v3tma": like v3, with k/v of full blocks read through Hopper tensor descriptors (TMA) built per
+#            program on the lattice view; needs 16-byte aligned strides, else v3 runs.
+VARIANTS = ("v2", "v3", "v3tma")
+VARIANT_ENV = "BSRDA_TRITON_VARIANT"
+DEFAULT_VARIANT = "v2"
+
+
+def kernel_variant(variant: str | None = None) -> str:
+    variant = variant or os.environ.get(VARIANT_ENV) or DEFAULT_VARIANT
+    if variant not in VARIANTS:
+        raise ValueError(f"{VARIANT_ENV} / variant={variant!r} is not a triton kernel variant: use one of {VARIANTS}")
+    return variant
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,12 +167,17 @@ class LaunchTable:
 
     Within a row, key blocks that need no mask ("full": every point on the lattice and inside the
     key chunk, not the causal diagonal) come first, ``entry_start..full_stop``; the rest follow.
+    The full ones start with the row's longest run of consecutive key blocks (``run_count``
+    blocks from ``run_block``), which the v3 kernels walk without reading the list.
     """
 
     items: torch.Tensor  # (n_items, _ITEM_FIELDS) int32
     key_block: torch.Tensor  # (nnz,) int32
     num_items: int
     max_full: int  # most full entries of one row (sizes the in-register index list)
+    max_listed: int  # most full entries of one row outside its run
+    # (H,) bool on the CPU: this launch writes every query point of the head (skip zeroing it first).
+    covers_head: torch.Tensor
 
 
 def _layers(tables) -> list[list]:
@@ -172,38 +197,78 @@ def _layers(tables) -> list[list]:
     return [members for _, members in layers]
 
 
+def _lattice_range(start, length, stride, lo, hi):
+    """[first_t, stop_t): the lattice points at positions inside [lo, hi)."""
+    first_t = torch.clamp(torch.div(lo - start + stride - 1, stride, rounding_mode="floor"), min=0)
+    stop_t = torch.minimum(torch.clamp(torch.div(hi - start + stride - 1, stride, rounding_mode="floor"), min=0), length)
+    return first_t, stop_t
+
+
 def _full_entries(table, is_causal: bool) -> torch.Tensor:
     """(nnz,) bool: the key block needs no mask (all its points exist and lie in the key chunk)."""
     rows = table.entry_row
-    start, length = table.lattice_start[rows], table.lattice_length[rows]
-    lo, hi = table.key_limits
-    stride, b = table.stride, table.block_size
-    first_t = torch.clamp(torch.div(lo - start + stride - 1, stride, rounding_mode="floor"), min=0)
-    stop_t = torch.minimum(torch.clamp(torch.div(hi - start + stride - 1, stride, rounding_mode="floor"), min=0), length)
-    t0 = table.key_block * b
-    full = (t0 >= first_t) & (t0 + b <= stop_t)
+    first_t, stop_t = _lattice_range(
+        table.lattice_start[rows], table.lattice_length[rows], table.stride, *table.key_limits
+    )
+    t0 = table.key_block * table.block_size
+    full = (t0 >= first_t) & (t0 + table.block_size <= stop_t)
     if is_causal:
         full &= table.key_block != table.query_block[rows]
     return full
 
 
-def _launch_table(tables, device, is_causal: bool) -> LaunchTable:
+def _entry_order(entry_row, key_block, full, rows):
+    """Entry order (chosen run, other full, masked; ascending blocks in each) and per row (run_block, run_count)."""
+    # Full first, ascending key blocks within each kind.
+    first = torch.sort(entry_row * 2 + (~full).long(), stable=True).indices
+    row_s, kb_s, full_s = entry_row[first], key_block[first], full[first]
+    n = row_s.numel()
+    run_block = torch.zeros(rows, dtype=torch.long)
+    run_count = torch.zeros(rows, dtype=torch.long)
+    if n == 0 or not bool(full_s.any()):
+        return first, run_block, run_count
+    prev_same = torch.zeros(n, dtype=torch.bool)
+    prev_same[1:] = (row_s[1:] == row_s[:-1]) & full_s[:-1] & (kb_s[1:] == kb_s[:-1] + 1)
+    run_id = torch.cumsum((~prev_same).long(), 0) - 1  # runs of consecutive full blocks in one row
+    runs = int(run_id[-1]) + 1
+    length = torch.bincount(run_id[full_s], minlength=runs)
+    head_of_run = torch.zeros(runs, dtype=torch.long).scatter_reduce(
+        0, run_id, torch.arange(n), reduce="amin", include_self=False
+    )
+    run_row = row_s[head_of_run]
+    longest = torch.zeros(rows, dtype=torch.long).scatter_reduce(0, run_row, length, reduce="amax", include_self=True)
+    candidate = (length == longest[run_row]) & (length > 0)
+    chosen = torch.full((rows,), runs, dtype=torch.long).scatter_reduce(
+        0, run_row[candidate], torch.arange(runs)[candidate], reduce="amin", include_self=True
+    )
+    has_run = chosen < runs
+    chosen_safe = torch.where(has_run, chosen, 0)
+    run_block = torch.where(has_run, kb_s[head_of_run[chosen_safe]], 0)
+    run_count = torch.where(has_run, length[chosen_safe], 0)
+    in_run = full_s & (run_id == chosen[row_s])
+    category = torch.where(in_run, 0, torch.where(full_s, 1, 2))
+    second = torch.sort(row_s * 3 + category, stable=True).indices
+    return first[second], run_block, run_count
+
+
+def _launch_table(tables, device, is_causal: bool, num_heads: int) -> LaunchTable:
     items, keys = [], []
     entry_base = 0
+    written = torch.zeros(num_heads, dtype=torch.long)
+    query_points = None
     for table in tables:
         nh = len(table.heads)
         rows = table.num_rows
         full = _full_entries(table, is_causal)
         entry_row = table.entry_row
-        # Full blocks first within each row (stable: ascending key blocks within each kind).
-        order = torch.sort(entry_row * 2 + (~full).long(), stable=True).indices
+        order, run_block, run_count = _entry_order(entry_row, table.key_block, full, rows)
         full_count = torch.bincount(entry_row[full], minlength=rows)
         fields = torch.stack(
             [
                 table.lattice_start, table.lattice_length, table.query_block,
                 table.row_ptr[:-1] + entry_base, table.row_ptr[1:] + entry_base,
                 torch.full((rows,), table.stride, dtype=torch.long), torch.zeros(rows, dtype=torch.long),
-                table.row_ptr[:-1] + entry_base + full_count,
+                table.row_ptr[:-1] + entry_base + full_count, run_block, run_count,
             ],
             dim=1,
         )
@@ -212,6 +277,14 @@ def _launch_table(tables, device, is_causal: bool) -> LaunchTable:
         items.append(per_head.reshape(rows * nh, _ITEM_FIELDS))
         keys.append(table.key_block[order])
         entry_base += table.nnz
+        # Query points this table writes per head: rows are distinct (lattice, block) pairs.
+        first_t, stop_t = _lattice_range(
+            table.lattice_start, table.lattice_length, table.stride, *table.query_limits
+        )
+        t0 = table.query_block * table.block_size
+        points = torch.clamp(torch.minimum(t0 + table.block_size, stop_t) - torch.maximum(t0, first_t), min=0)
+        written[table.heads.start : table.heads.stop] += int(points.sum())
+        query_points = table.query_limits[1] - table.query_limits[0]
     items = torch.cat(items)
     # Longest rows first: the heavy programs start early and the short ones fill the tail.
     counts = items[:, 4] - items[:, 3]
@@ -220,11 +293,14 @@ def _launch_table(tables, device, is_causal: bool) -> LaunchTable:
     if items.numel() and int(items.max()) >= 2**31:
         raise ValueError("sequence too long for the kernel's int32 block tables (positions >= 2**31)")
     max_full = int((items[:, 7] - items[:, 3]).max()) if items.numel() else 0
+    max_listed = int((items[:, 7] - items[:, 3] - items[:, 9]).max()) if items.numel() else 0
     return LaunchTable(
         items=items.to(torch.int32).contiguous().to(device),
         key_block=torch.cat(keys).to(torch.int32).to(device),
         num_items=int(items.shape[0]),
         max_full=max_full,
+        max_listed=max_listed,
+        covers_head=written == query_points,
     )
 
 
@@ -238,7 +314,8 @@ def device_tables(plan: CallPlan, device) -> tuple[LaunchTable, ...]:
     if cached is not None:
         _table_cache.move_to_end(key)
         return cached
-    launches = tuple(_launch_table(layer, device, plan.is_causal) for layer in _layers(plan.tables))
+    num_heads = plan.geometry.num_heads
+    launches = tuple(_launch_table(layer, device, plan.is_causal, num_heads) for layer in _layers(plan.tables))
     _table_cache[key] = launches
     while len(_table_cache) > TABLE_CACHE_SIZE:
         _table_cache.popitem(last=False)
@@ -267,6 +344,21 @@ def _softmax_step(s, v, m_i, l_i, acc, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _full_block_step(q, k, v, m_i, l_i, acc, KPM, kpm_base, stride_mn, idx_k, qk_scale,
+                     HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr):
+    """One key tile of a full block: every point exists and lies in the chunk (only padding can mask)."""
+    if FP32_DOT:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * qk_scale
+    if HAS_PADDING:
+        padded = tl.load(KPM + kpm_base + idx_k * stride_mn)
+        s = tl.where((padded == 0)[None, :], s, float("-inf"))
+    return _softmax_step(s, v, m_i, l_i, acc, FP32_DOT)
+
+
+@triton.jit
 def _forward_kernel(
     Q, K, V, KPM, Out, Lse, Items, KeyBlock,
     stride_qb, stride_qn, stride_qh,
@@ -279,6 +371,7 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, MERGE: tl.constexpr, FP32_DOT: tl.constexpr,
     EVEN_D: tl.constexpr, REGISTER_INDEX: tl.constexpr, MAX_ENTRIES: tl.constexpr,
+    RUNS: tl.constexpr, TMA: tl.constexpr, ITEM_FIELDS: tl.constexpr,
 ):
     M_SUB: tl.constexpr = BLOCK // BLOCK_M
     N_SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -286,7 +379,7 @@ def _forward_kernel(
     batch = tl.program_id(1).to(tl.int64)
     item = pid // M_SUB
     m_sub = pid % M_SUB
-    meta = Items + item * 8
+    meta = Items + item * ITEM_FIELDS
     lattice_start = tl.load(meta + 0)
     lattice_len = tl.load(meta + 1)
     query_block = tl.load(meta + 2)
@@ -307,37 +400,81 @@ def _forward_kernel(
 
     k_base = K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch * stride_vb + kv_head.to(tl.int64) * stride_vh
+    kpm_base = batch * stride_mb
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # Full key blocks: no lattice/chunk/causal mask. Their block list sits in registers when it
-    # is short, so the loads of step i+2 have their addresses without waiting on an index load.
     full_stop = tl.load(meta + 7)
+    n_off = tl.arange(0, BLOCK_N)
+    # Lattice point t of this row sits at chunk row (lattice_start - k_lo) + stride * t: a strided 2D view.
+    row_step = stride.to(tl.int64) * stride_kn
+    if RUNS:
+        run_block = tl.load(meta + 8)
+        run_count = tl.load(meta + 9)
+        list_start = entry_start + run_count
+    else:
+        list_start = entry_start
+    if TMA:
+        # Descriptors over the lattice points inside the key chunk: [first_t, stop_t) x HEAD_DIM.
+        first_t = tl.maximum((k_lo - lattice_start + stride - 1) // stride, 0)
+        stop_t = tl.minimum(tl.maximum((k_hi - lattice_start + stride - 1) // stride, 0), lattice_len)
+        rows = tl.maximum(stop_t - first_t, 1)
+        row0 = (lattice_start - k_lo).to(tl.int64) + stride.to(tl.int64) * first_t
+        k_desc = tl.make_tensor_descriptor(k_base + row0 * stride_kn, shape=[rows, HEAD_DIM],
+                                           strides=[stride * stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base + row0 * stride_vn, shape=[rows, HEAD_DIM],
+                                           strides=[stride * stride_vn, 1], block_shape=[BLOCK_N, BLOCK_D])
+    if RUNS:
+        # The row's run of consecutive full blocks: one pointer tile (or descriptor) walked by a constant step.
+        t_run = run_block * BLOCK
+        idx_k = (lattice_start - k_lo + stride * (t_run + n_off)).to(tl.int64)
+        if not TMA:
+            k_ptrs = k_base + idx_k[:, None] * stride_kn + d[None, :]
+            v_ptrs = v_base + idx_k[:, None] * stride_vn + d[None, :]
+            k_step = BLOCK_N * row_step
+            v_step = BLOCK_N * stride.to(tl.int64) * stride_vn
+        for step in range(0, run_count * N_SUB):
+            if TMA:
+                k = k_desc.load([t_run + step * BLOCK_N - first_t, 0])
+                v = v_desc.load([t_run + step * BLOCK_N - first_t, 0])
+            elif EVEN_D:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+            m_i, l_i, acc = _full_block_step(q, k, v, m_i, l_i, acc, KPM, kpm_base, stride_mn, idx_k, qk_scale,
+                                             HAS_PADDING, FP32_DOT)
+            if not TMA:
+                k_ptrs += k_step
+                v_ptrs += v_step
+            if HAS_PADDING:
+                idx_k += BLOCK_N * stride
+
+    # Listed full key blocks: no lattice/chunk/causal mask. Their block list sits in registers when it
+    # is short, so the loads of step i+2 have their addresses without waiting on an index load.
     if REGISTER_INDEX:
         slots = tl.arange(0, MAX_ENTRIES)
-        row_blocks = tl.load(KeyBlock + entry_start + slots, mask=slots < full_stop - entry_start, other=0)
-    for step in range(0, (full_stop - entry_start) * N_SUB):
+        row_blocks = tl.load(KeyBlock + list_start + slots, mask=slots < full_stop - list_start, other=0)
+    for step in range(0, (full_stop - list_start) * N_SUB):
         if REGISTER_INDEX:
             key_block = tl.sum(tl.where(slots == step // N_SUB, row_blocks, 0), axis=0)
         else:
-            key_block = tl.load(KeyBlock + entry_start + step // N_SUB)
-        t_k = key_block * BLOCK + (step % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+            key_block = tl.load(KeyBlock + list_start + step // N_SUB)
+        t_k0 = key_block * BLOCK + (step % N_SUB) * BLOCK_N
+        t_k = t_k0 + n_off
         idx_k = (lattice_start - k_lo + stride * t_k).to(tl.int64)
-        if EVEN_D:
+        if TMA:
+            k = k_desc.load([t_k0 - first_t, 0])
+            v = v_desc.load([t_k0 - first_t, 0])
+        elif EVEN_D:
             k = tl.load(k_base + idx_k[:, None] * stride_kn + d[None, :])
             v = tl.load(v_base + idx_k[:, None] * stride_vn + d[None, :])
         else:
             k = tl.load(k_base + idx_k[:, None] * stride_kn + d[None, :], mask=d_ok[None, :], other=0.0)
             v = tl.load(v_base + idx_k[:, None] * stride_vn + d[None, :], mask=d_ok[None, :], other=0.0)
-        if FP32_DOT:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale
-        if HAS_PADDING:
-            padded = tl.load(KPM + batch * stride_mb + idx_k * stride_mn)
-            s = tl.where((padded == 0)[None, :], s, float("-inf"))
-        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, FP32_DOT)
+        m_i, l_i, acc = _full_block_step(q, k, v, m_i, l_i, acc, KPM, kpm_base, stride_mn, idx_k, qk_scale,
+                                         HAS_PADDING, FP32_DOT)
 
     # The other key blocks: the last block of a lattice, chunk edges, the causal diagonal.
     for step in range(0, (entry_stop - full_stop) * N_SUB):
@@ -350,7 +487,7 @@ def _forward_kernel(
         k = tl.load(k_base + idx_k[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + idx_k[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)
         if HAS_PADDING:
-            padded = tl.load(KPM + batch * stride_mb + idx_k * stride_mn, mask=k_ok, other=1)
+            padded = tl.load(KPM + kpm_base + idx_k * stride_mn, mask=k_ok, other=1)
             k_ok = k_ok & (padded == 0)
         if FP32_DOT:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -469,30 +606,89 @@ def _padding_view(key_padding_mask, like):
     return mask, mask.stride(0), mask.stride(1), True
 
 
-def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, tile: TileConfig | None = None):
+def _head_runs(flags: torch.Tensor) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges of the heads where ``flags`` is True."""
+    runs, start = [], None
+    for h, flag in enumerate(flags.tolist() + [False]):
+        if flag and start is None:
+            start = h
+        elif not flag and start is not None:
+            runs.append((start, h))
+            start = None
+    return runs
+
+
+def _allocate_outputs(batch, num_queries, num_heads, head_dim, out_dtype, device, covered):
+    """out = 0 and lse = -inf on every head the first launch does not write in full; the rest is left unset.
+
+    Skipping the fill where the kernel writes every point saves a pass over out (4.3 GB at 1M
+    tokens, D=128). Off CUDA, or with BSRDA_TRITON_POISON=1, those heads are filled with NaN, so a
+    point the kernel failed to write fails every comparison instead of passing by luck.
+    """
+    poison = torch.device(device).type != "cuda" or os.environ.get("BSRDA_TRITON_POISON", "0") not in ("", "0")
+    alloc = (lambda *shape, **kw: torch.full(shape, float("nan"), **kw)) if poison else torch.empty  # noqa: E731
+    out = alloc(batch, num_queries, num_heads, head_dim, dtype=out_dtype, device=device)
+    lse = alloc(batch, num_heads, num_queries, dtype=torch.float32, device=device)
+    for start, stop in _head_runs(~covered):
+        out[:, :, start:stop].zero_()
+        lse[:, start:stop].fill_(float("-inf"))
+    return out, lse
+
+
+def _tma_ready(*tensors) -> bool:
+    """Tensor descriptors need 16-byte aligned base addresses and strides (every lattice view then is)."""
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % 16 or any((st * size) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+_allocator_set = False
+
+
+def _ensure_descriptor_allocator() -> None:
+    # Descriptors built inside a kernel live in a scratch buffer Triton asks the host for.
+    global _allocator_set
+    if not _allocator_set:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _allocator_set = True
+
+
+def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, tile: TileConfig | None = None,
+                    variant: str | None = None):
     """Partial attention of q (B, Nq, H, D) at plan.query_range against k, v (B, Nk, H_kv, D) at plan.key_range.
 
     Returns (out, lse): out (B, Nq, H, D) in q.dtype when the call covers the whole key range,
     float32 for a key chunk (its partial is merged with others later); lse (B, H, Nq) float32.
+    ``variant``: how full key blocks are read (VARIANTS; default: env BSRDA_TRITON_VARIANT or DEFAULT_VARIANT).
     """
     _check_inputs(q, k, v, key_padding_mask, plan)
+    variant = kernel_variant(variant)
     q, k, v = _prepare(q, k, v)
     batch, num_queries, num_heads, head_dim = q.shape
     block_d = max(16, triton.next_power_of_2(head_dim))
     b = plan.block_size
     whole_keys = plan.key_range == (0, plan.geometry.seq_len)
     out_dtype = q.dtype if whole_keys else torch.float32
-    out = torch.zeros(batch, num_queries, num_heads, head_dim, dtype=out_dtype, device=q.device)
-    lse = torch.full((batch, num_heads, num_queries), float("-inf"), dtype=torch.float32, device=q.device)
     launches = device_tables(plan, q.device)
     if not launches:
+        out = torch.zeros(batch, num_queries, num_heads, head_dim, dtype=out_dtype, device=q.device)
+        lse = torch.full((batch, num_heads, num_queries), float("-inf"), dtype=torch.float32, device=q.device)
         return out, lse
+    out, lse = _allocate_outputs(batch, num_queries, num_heads, head_dim, out_dtype, q.device,
+                                 launches[0].covers_head)
     tile = tile or default_tile(b, block_d, q.dtype)
     if b % tile.block_m or b % tile.block_n:
         raise ValueError(f"tile {tile} must divide block_size={b}")
+    runs = variant != "v2"
+    tma = variant == "v3tma" and _tma_ready(k, v)
+    if tma and q.is_cuda:
+        _ensure_descriptor_allocator()
     mask, mask_sb, mask_sn, has_padding = _padding_view(key_padding_mask, lse)
     kv_group = num_heads // k.shape[2]
     for layer, launch in enumerate(launches):
+        listed = launch.max_listed if runs else launch.max_full
         grid = (launch.num_items * (b // tile.block_m), batch)
         _forward_kernel[grid](
             q, k, v, mask, out, lse, launch.items, launch.key_block,
@@ -506,8 +702,9 @@ def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, tile: TileConfig 
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=b, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
             IS_CAUSAL=plan.is_causal, HAS_PADDING=has_padding, MERGE=layer > 0,
             FP32_DOT=q.dtype == torch.float32, EVEN_D=block_d == head_dim,
-            REGISTER_INDEX=launch.max_full <= MAX_REGISTER_ENTRIES,
-            MAX_ENTRIES=max(16, triton.next_power_of_2(max(1, launch.max_full))),
+            REGISTER_INDEX=listed <= MAX_REGISTER_ENTRIES,
+            MAX_ENTRIES=max(16, triton.next_power_of_2(max(1, listed))),
+            RUNS=runs, TMA=tma, ITEM_FIELDS=_ITEM_FIELDS,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
     return out, lse

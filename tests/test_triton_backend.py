@@ -192,6 +192,55 @@ def test_module_runs_triton_backend():
     assert_within_budget(compare("out", out.cpu(), out64, out_lowp, q.dtype, empty=empty), "module")
 
 
+@pytest.mark.parametrize("variant", triton_backend.VARIANTS)
+@pytest.mark.parametrize(
+    "pattern, head_mode, causal, D, dtype, query_range, key_range",
+    [
+        ("dense", "split", False, 32, torch.float16, None, None),
+        ("global_local", "all", True, 24, torch.float32, (9, 61), (5, 58)),
+        ("dilated_sparse", "split", False, 16, torch.float32, (7, 61), (0, 61)),
+    ],
+)
+def test_kernel_variants_match_reference(variant, pattern, head_mode, causal, D, dtype, query_range, key_range):
+    """Every way of reading full key blocks (address tile, pointer runs, tensor descriptors) gives the same function.
+
+    Block 16 over segments 64 (rate 1) and 61 (rate 2): rows hold runs of consecutive full blocks,
+    listed full blocks outside the run, and masked blocks (chunk edges, lattice ends, diagonal).
+    """
+    config = make_config(pattern, max_blocks=8)
+    geometry = AttentionGeometry(DilationConfig((64, 61), (1, 2), head_mode), 61, 4)
+    q, k, v, mask = make_inputs(D + len(pattern), 1, 61, 4, 2, D, dtype, 0.1)
+    scale = D**-0.5
+    q0, q1 = query_range or (0, 61)
+    k0, k1 = key_range or (0, 61)
+    plan = CallPlan(geometry, config, causal, scale, (q0, q1), (k0, k1))
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    out, lse = triton_backend.partial_forward(
+        dev(q[:, q0:q1]), dev(k[:, k0:k1]), dev(v[:, k0:k1]), dev(mask[:, k0:k1]), plan, variant=variant
+    )
+    launch = triton_backend.device_tables(plan, DEVICE)[0]
+    assert int((launch.items[:, 9] > 0).sum()) > 0, "the case must contain runs of full blocks"
+    if pattern == "dilated_sparse":
+        assert launch.max_listed > 0, "the case must contain full blocks outside a row's run"
+    kwargs = dict(query_start=q0, key_start=k0, is_causal=causal, key_padding_mask=mask[:, k0:k1], scale=scale)
+    qc, kc, vc = q[:, q0:q1], k[:, k0:k1], v[:, k0:k1]
+    out64, lse64 = partial_attention(qc, kc, vc, geometry, config, **kwargs)
+    out_lowp, lse_lowp = partial_attention(qc, kc, vc, geometry, config, compute_dtype=None, **kwargs)
+    context = f"variant={variant} {pattern} {head_mode} D={D}"
+    empty = torch.isneginf(lse64)
+    assert_within_budget(
+        compare("lse", lse.cpu(), lse64, lse_lowp, dtype, empty=empty, empty_value=float("-inf")), context
+    )
+    out_empty = empty.transpose(1, 2).unsqueeze(-1)
+    assert_within_budget(compare("out", out.cpu(), out64, out_lowp, dtype, empty=out_empty, empty_value=0.0), context)
+
+
+def test_unknown_kernel_variant_is_a_value_error():
+    q, k, v, _ = make_inputs(1, 1, 32, 2, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="variant='v9'.*v2"):
+        triton_backend.partial_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, _plan(16), variant="v9")
+
+
 # ------------------------------------------------------------------------------------------
 # What the kernel refuses
 # ------------------------------------------------------------------------------------------
