@@ -76,7 +76,7 @@ def gather_key_padding(key_padding_mask, index: torch.Tensor, valid: torch.Tenso
 
 
 def head_layers(tables) -> list[list[int]]:
-    """Group table indices into layers whose tables cover disjoint heads.
+    """Group the indices of tables with rows into layers whose tables cover disjoint heads.
 
     Tables of one layer write side by side into one (out, lse); layers are merged with the
     lse rule (head_mode "all": one layer per branch; "split": a single layer).
@@ -84,8 +84,8 @@ def head_layers(tables) -> list[list[int]]:
     layers: list[tuple[set[int], list[int]]] = []
     for index, table in enumerate(tables):
         heads = set(table.heads)
-        if not heads:
-            continue
+        if not heads or table.num_rows == 0:
+            continue  # a table with no rows writes nothing and needs no launch
         for taken, members in layers:
             if not (taken & heads):
                 taken |= heads
@@ -100,8 +100,7 @@ def tables_by_layer(tables):
     """(layer, table) for every table with rows, layers as ``head_layers`` forms them."""
     for layer, members in enumerate(head_layers(tables)):
         for index in members:
-            if tables[index].num_rows:
-                yield layer, tables[index]
+            yield layer, tables[index]
 
 
 class PartialCollector:

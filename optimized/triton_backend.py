@@ -34,6 +34,7 @@ try:
 except ImportError as error:  # pragma: no cover - triton is a dependency of the gpu extra
     raise ImportError(f"backend='triton' needs the triton package: {error}") from error
 
+from .blocks import head_layers
 from .plan import CallPlan
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -182,19 +183,7 @@ class LaunchTable:
 
 def _layers(tables) -> list[list]:
     """Tables grouped into launches whose heads are disjoint (so one launch never writes a point twice)."""
-    layers: list[tuple[set, list]] = []
-    for table in tables:
-        heads = set(table.heads)
-        if not heads or table.num_rows == 0:
-            continue
-        for taken, members in layers:
-            if not (taken & heads):
-                taken |= heads
-                members.append(table)
-                break
-        else:
-            layers.append((heads, [table]))
-    return [members for _, members in layers]
+    return [[tables[index] for index in members] for members in head_layers(tables)]
 
 
 def _lattice_range(start, length, stride, lo, hi):
