@@ -241,28 +241,12 @@ def check_backend(
 
 
 def differentiable_reference(q, k, v, case: s.AttentionCase, key_padding_mask=None, scale: float | None = None):
-    """SPEC section 4 literally, differentiable, in q's dtype on the CPU: (out, lse).
-
-    The same dense math as ``reference.partial_attention`` (which detaches its inputs), written
-    so that empty rows give zero gradients instead of NaN: their logits are replaced before the
-    log-sum-exp and their outputs masked afterwards.
-    """
+    """``reference.partial_attention`` of the whole sequence for ``case``, in q's dtype: (out, lse), differentiable."""
     geometry = reference.AttentionGeometry(case.dilation, q.shape[1], q.shape[2])
-    counts = dense_multiplicity(geometry, case.sparse_config, case.is_causal)
-    if key_padding_mask is not None:
-        counts = counts.masked_fill(key_padding_mask.to("cpu")[:, None, None, :], 0)
-    dtype = q.dtype
-    repeat = q.shape[2] // k.shape[2]
-    kf, vf = (t.repeat_interleave(repeat, dim=2) for t in (k, v))
-    scale = q.shape[3] ** -0.5 if scale is None else scale
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, kf) * scale
-    row_empty = (counts.sum(-1) == 0).unsqueeze(-1)  # known before any arithmetic: no NaN paths
-    # In place on the sum keeps its memory layout, hence the reference's reduction order.
-    logits = (scores + torch.log(counts.to(dtype))).masked_fill_(row_empty, 0.0)
-    lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - lse.unsqueeze(-1)).masked_fill(row_empty, 0.0)
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, vf)
-    return out, lse.masked_fill(row_empty.squeeze(-1), float("-inf"))
+    return reference.partial_attention(
+        q, k, v, geometry, case.sparse_config, is_causal=case.is_causal, key_padding_mask=key_padding_mask,
+        scale=scale, compute_dtype=None,
+    )
 
 
 def _reference_grads(q, k, v, grad_out, case, mask, dtype):

@@ -40,6 +40,7 @@ def partial_attention(
     ``key_padding_mask`` (B, Nk)) hold [key_start, key_start + Nk). Returns ``(out, lse)`` or
     ``(out, lse, weights)``: out (B, Nq, H, D), lse (B, H, Nq), weights (B, H, Nq, Nk), all in
     ``compute_dtype`` (the input dtype when None), on the CPU. Empty rows: out 0, lse -inf.
+    Differentiable in q, k, v (the gradients of SPEC section 4's formula; empty rows give 0).
     """
     dtype = q.dtype if compute_dtype is None else compute_dtype
     num_heads = q.shape[2]
@@ -48,16 +49,20 @@ def partial_attention(
     counts = dense_multiplicity(geometry, sparse_config, is_causal, None, q_range, k_range)
     if key_padding_mask is not None:
         counts = counts.masked_fill(key_padding_mask.to("cpu")[:, None, None, :], 0)
-    qf = q.detach().to("cpu", dtype)
-    kf = _expand_kv_heads(k.detach().to("cpu", dtype), num_heads)
-    vf = _expand_kv_heads(v.detach().to("cpu", dtype), num_heads)
+    # Casts and moves are differentiable: gradients of the formula flow back to the inputs.
+    qf = q.to("cpu", dtype)
+    kf = _expand_kv_heads(k.to("cpu", dtype), num_heads)
+    vf = _expand_kv_heads(v.to("cpu", dtype), num_heads)
     scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * default_scale(q.shape[3], scale)
     # A key allowed in c branches contributes c * exp(score): add log(c), -inf where c = 0.
-    logits = scores + torch.log(counts.to(dtype))
+    # Rows with no key at all are known from the counts; their logits become 0 before the
+    # log-sum-exp (whose gradient on an all -inf row is NaN) and their results are set after.
+    row_empty = (counts.sum(-1) == 0).unsqueeze(-1)
+    logits = (scores + torch.log(counts.to(dtype))).masked_fill(row_empty, 0.0)
     lse = torch.logsumexp(logits, dim=-1)
-    empty = torch.isneginf(lse)
-    probs = torch.exp(logits - lse.unsqueeze(-1)).masked_fill(empty.unsqueeze(-1), 0.0)
+    probs = torch.exp(logits - lse.unsqueeze(-1)).masked_fill(row_empty, 0.0)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, vf)
+    lse = lse.masked_fill(row_empty.squeeze(-1), float("-inf"))
     return (out, lse, probs) if return_weights else (out, lse)
 
 

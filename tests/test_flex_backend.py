@@ -15,7 +15,6 @@ from reference import (
     SparsePatternConfig,
     assert_within_budget,
     compare,
-    dense_multiplicity,
     partial_attention,
 )
 from reference.verification import K_GRADIENT
@@ -160,20 +159,6 @@ needs_cuda = pytest.mark.skipif(
     not CUDA, reason="needs CUDA (compiled FlexAttention; the CPU runs the same comparisons eagerly above)")
 
 
-def dense_formula(q, k, v, counts, scale, dtype):
-    """SPEC section 4 literally and differentiably, from the reference's multiplicity matrix."""
-    heads = q.shape[2]
-    qf, kf, vf = (t.to("cpu", dtype) for t in (q, k, v))
-    kf = kf.repeat_interleave(heads // k.shape[2], dim=2)
-    vf = vf.repeat_interleave(heads // v.shape[2], dim=2)
-    logits = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale + torch.log(counts.to(dtype))
-    empty = (counts == 0).all(dim=-1).expand(logits.shape[:-1])
-    safe = torch.logsumexp(torch.where(empty.unsqueeze(-1), torch.zeros_like(logits), logits), dim=-1)
-    lse = torch.where(empty, torch.full_like(safe, float("-inf")), safe)
-    probs = torch.exp(logits - torch.where(empty, torch.zeros_like(safe), safe).unsqueeze(-1))
-    return torch.einsum("bhqk,bkhd->bqhd", probs, vf), lse
-
-
 def gradients(forward, q, k, v, out_weight, lse_weight, dtype):
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     out, lse = forward(*leaves)
@@ -193,16 +178,17 @@ def test_cuda_gradients_match_float64_formula(dtype):
     geometry = AttentionGeometry(DilationConfig((64, 128), (1, 2), "all"), 150, 4)
     q, k, v, mask = make_inputs(41, 2, 150, 4, 2, 16, dtype, 0.15, "cuda")
     scale = 16 ** -0.5
-    counts = dense_multiplicity(geometry, config, True, mask.cpu())
     generator = torch.Generator().manual_seed(5)
     out_weight = torch.randn(2, 150, 4, 16, generator=generator)
     lse_weight = torch.randn(2, 4, 150, generator=generator)
     plan = CallPlan.whole(geometry, config, True, scale)
     actual = gradients(lambda a, b, c: flex_backend.partial_forward(a, b, c, mask, plan),
                        q, k, v, out_weight, lse_weight, torch.float32)
-    exact = gradients(lambda a, b, c: dense_formula(a, b, c, counts, scale, torch.float64),
+    exact = gradients(lambda a, b, c: partial_attention(a, b, c, geometry, config, is_causal=True,
+                                      key_padding_mask=mask.cpu(), scale=scale, compute_dtype=torch.float64),
                       q, k, v, out_weight, lse_weight, torch.float64)
-    lowp = gradients(lambda a, b, c: dense_formula(a, b, c, counts, scale, dtype),
+    lowp = gradients(lambda a, b, c: partial_attention(a, b, c, geometry, config, is_causal=True,
+                                      key_padding_mask=mask.cpu(), scale=scale, compute_dtype=dtype),
                      q, k, v, out_weight, lse_weight, dtype)
     for name, got, want, base in zip(("dq", "dk", "dv"), actual, exact, lowp):
         assert_within_budget(compare(name, got, want, base, dtype, k=K_GRADIENT), f"flex cuda {dtype}")

@@ -15,7 +15,6 @@ from reference import (
     SparsePatternConfig,
     assert_within_budget,
     compare,
-    dense_multiplicity,
     partial_attention,
 )
 from reference.verification import K_GRADIENT
@@ -195,21 +194,6 @@ def test_bad_work_size_is_rejected(work_size):
 # ---------------------------------------------------------------------------------------------
 
 
-def dense_formula(q, k, v, counts, scale, dtype):
-    """SPEC section 4 literally and differentiably, from the reference's multiplicity matrix."""
-    heads = q.shape[2]
-    qf, kf, vf = (t.to(dtype) for t in (q, k, v))
-    kf = kf.repeat_interleave(heads // k.shape[2], dim=2)
-    vf = vf.repeat_interleave(heads // v.shape[2], dim=2)
-    logits = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale + torch.log(counts.to(dtype))
-    empty = (counts == 0).all(dim=-1).expand(logits.shape[:-1])
-    # logsumexp of an all -inf row has a NaN gradient: take it of zeros there and put -inf back.
-    safe = torch.logsumexp(torch.where(empty.unsqueeze(-1), torch.zeros_like(logits), logits), dim=-1)
-    lse = torch.where(empty, torch.full_like(safe, float("-inf")), safe)
-    probs = torch.exp(logits - torch.where(empty, torch.zeros_like(safe), safe).unsqueeze(-1))
-    return torch.einsum("bhqk,bkhd->bqhd", probs, vf), lse
-
-
 def gradients(forward, q, k, v, out_weight, lse_weight, dtype):
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     out, lse = forward(*leaves)
@@ -229,11 +213,7 @@ def test_gradients_match_float64_formula(pattern, head_mode, dtype):
     geometry = AttentionGeometry(DilationConfig((16, 24), (1, 2), head_mode), 37, 4)
     q, k, v, mask = make_inputs(41, 2, 37, 4, 2, 8, dtype, 0.15, True)
     scale = 8 ** -0.5
-    counts = dense_multiplicity(geometry, config, True, mask)
-    # The test's formula is the reference's: same forward.
-    out64, lse64 = dense_formula(q, k, v, counts, scale, torch.float64)
-    ref_out, ref_lse = partial_attention(q, k, v, geometry, config, is_causal=True, key_padding_mask=mask, scale=scale)
-    assert_within_budget(compare("formula out", out64, ref_out, ref_out, torch.float64))
+    out64, lse64 = partial_attention(q, k, v, geometry, config, is_causal=True, key_padding_mask=mask, scale=scale)
     assert bool(torch.isneginf(lse64).any()), "the case should hold an empty row"
 
     generator = torch.Generator().manual_seed(5)
@@ -242,9 +222,11 @@ def test_gradients_match_float64_formula(pattern, head_mode, dtype):
     plan = CallPlan.whole(geometry, config, True, scale)
     actual = gradients(lambda a, b, c: torch_backend.partial_forward(a, b, c, mask, plan, work_size=5),
                        q, k, v, out_weight, lse_weight, torch.float32)
-    exact = gradients(lambda a, b, c: dense_formula(a, b, c, counts, scale, torch.float64),
+    exact = gradients(lambda a, b, c: partial_attention(a, b, c, geometry, config, is_causal=True,
+                                      key_padding_mask=mask, scale=scale, compute_dtype=torch.float64),
                       q, k, v, out_weight, lse_weight, torch.float64)
-    lowp = gradients(lambda a, b, c: dense_formula(a, b, c, counts, scale, dtype),
+    lowp = gradients(lambda a, b, c: partial_attention(a, b, c, geometry, config, is_causal=True,
+                                      key_padding_mask=mask, scale=scale, compute_dtype=dtype),
                      q, k, v, out_weight, lse_weight, dtype)
     for name, got, want, base in zip(("dq", "dk", "dv"), actual, exact, lowp):
         assert got.dtype == dtype
