@@ -8,6 +8,7 @@ import torch
 import optimized
 from optimized import flex_backend
 from optimized.plan import CallPlan
+from random_inputs import make_inputs
 from reference import (
     AttentionGeometry,
     BlockSparseRingDilatedAttention as ReferenceAttention,
@@ -23,19 +24,6 @@ pytest.importorskip("torch.nn.attention.flex_attention", reason="backend 'flex' 
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
-
-
-def make_inputs(seed, B, N, H, H_kv, D, dtype, pad_fraction=0.0, device="cpu"):
-    generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, N, H, D, generator=generator).to(device, dtype)
-    k = torch.randn(B, N, H_kv, D, generator=generator).to(device, dtype)
-    v = torch.randn(B, N, H_kv, D, generator=generator).to(device, dtype)
-    mask = None
-    if pad_fraction > 0:
-        mask = torch.rand(B, N, generator=generator) < pad_fraction
-        mask[0, 0] = True  # with is_causal, query 0 of batch 0 then has no key: an empty row
-        mask = mask.to(device)
-    return q, k, v, mask
 
 
 def check_partial(q, k, v, mask, geometry, config, causal, query_range, key_range, context):
@@ -86,7 +74,7 @@ def test_every_layout_matches_reference(device, pattern, head_mode, causal):
     config = make_config(pattern, block_size)
     segments = (16, 24) if device == "cpu" else (64, 96)
     geometry = AttentionGeometry(DilationConfig(segments, (1, 2), head_mode), N, 4)
-    q, k, v, mask = make_inputs(len(pattern), 2, N, 4, 2, 16, torch.float32, 0.15, device)
+    q, k, v, mask = make_inputs(len(pattern), 2, N, 4, 2, 16, torch.float32, 0.15, pad_first=True, device=device)
     check_partial(q, k, v, mask, geometry, config, causal, (0, N), (0, N), f"{pattern} {head_mode} {device}")
 
 
@@ -96,7 +84,7 @@ def test_every_layout_matches_reference(device, pattern, head_mode, causal):
 def test_block_sizes_and_dtypes(block_size, dtype):
     config = SparsePatternConfig(pattern_type="local_window", block_size=block_size, local_window_size=4 * block_size)
     geometry = AttentionGeometry(DilationConfig((32, 64), (1, 3), "split"), 70, 3)
-    q, k, v, mask = make_inputs(block_size, 1, 70, 3, 3, 16, dtype, 0.1)
+    q, k, v, mask = make_inputs(block_size, 1, 70, 3, 3, 16, dtype, 0.1, pad_first=True)
     check_partial(q, k, v, mask, geometry, config, True, (0, 70), (0, 70), f"block_size={block_size} dtype={dtype}")
 
 
@@ -104,14 +92,14 @@ def test_block_sizes_and_dtypes(block_size, dtype):
 def test_chunked_query_and_key_ranges(query_range, key_range):
     config = SparsePatternConfig(pattern_type="global_local", block_size=3, local_window_size=9, global_tokens=4)
     geometry = AttentionGeometry(DilationConfig((12, 30), (1, 3), "all"), 61, 4)
-    q, k, v, mask = make_inputs(sum(query_range), 2, 61, 4, 2, 8, torch.float32, 0.1)
+    q, k, v, mask = make_inputs(sum(query_range), 2, 61, 4, 2, 8, torch.float32, 0.1, pad_first=True)
     check_partial(q, k, v, mask, geometry, config, True, query_range, key_range, f"q={query_range} k={key_range}")
 
 
 def test_empty_rows_are_exact():
     config = SparsePatternConfig(pattern_type="local_window", block_size=4, local_window_size=8)
     geometry = AttentionGeometry(DilationConfig((16,), (1,), "split"), 32, 2)
-    q, k, v, mask = make_inputs(8, 2, 32, 2, 2, 8, torch.float32, 0.2)
+    q, k, v, mask = make_inputs(8, 2, 32, 2, 2, 8, torch.float32, 0.2, pad_first=True)
     mask[0] = True  # batch 0: every key padded, every row empty
     empty = check_partial(q, k, v, mask, geometry, config, False, (0, 32), (0, 32), "empty rows")
     assert bool(empty[0].all()) and not bool(empty[1].any())
@@ -120,7 +108,7 @@ def test_empty_rows_are_exact():
 def test_module_end_to_end():
     config = SparsePatternConfig(pattern_type="dilated_sparse", block_size=4, sparsity_ratio=0.5)
     args = ([16, 32], [1, 2])
-    q, k, v, mask = make_inputs(31, 2, 45, 4, 2, 8, torch.float32, 0.1)
+    q, k, v, mask = make_inputs(31, 2, 45, 4, 2, 8, torch.float32, 0.1, pad_first=True)
     module = optimized.BlockSparseRingDilatedAttention(*args, sparse_config=config, backend="flex")
     out, weights, lse = module(q, k, v, is_causal=True, key_padding_mask=mask, return_attention_weights=True,
                                return_lse=True)
@@ -176,7 +164,7 @@ def gradients(forward, q, k, v, out_weight, lse_weight, dtype):
 def test_cuda_gradients_match_float64_formula(dtype):
     config = SparsePatternConfig(pattern_type="global_local", block_size=16, local_window_size=32, global_tokens=16)
     geometry = AttentionGeometry(DilationConfig((64, 128), (1, 2), "all"), 150, 4)
-    q, k, v, mask = make_inputs(41, 2, 150, 4, 2, 16, dtype, 0.15, "cuda")
+    q, k, v, mask = make_inputs(41, 2, 150, 4, 2, 16, dtype, 0.15, pad_first=True, device="cuda")
     scale = 16 ** -0.5
     generator = torch.Generator().manual_seed(5)
     out_weight = torch.randn(2, 150, 4, 16, generator=generator)
@@ -201,7 +189,7 @@ def test_cuda_block_sizes(block_size, dtype):
     config = SparsePatternConfig(pattern_type="local_window", block_size=block_size, local_window_size=4 * block_size)
     N = 5 * block_size + 7
     geometry = AttentionGeometry(DilationConfig((2 * block_size, 4 * block_size), (1, 2), "split"), N, 2)
-    q, k, v, mask = make_inputs(block_size, 1, N, 2, 1, 32, dtype, 0.1, "cuda")
+    q, k, v, mask = make_inputs(block_size, 1, N, 2, 1, 32, dtype, 0.1, pad_first=True, device="cuda")
     check_partial(q, k, v, mask, geometry, config, True, (0, N), (0, N), f"cuda block_size={block_size}")
 
 

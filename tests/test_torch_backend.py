@@ -8,6 +8,7 @@ import torch
 import optimized
 from optimized import torch_backend
 from optimized.plan import CallPlan
+from random_inputs import make_inputs
 from reference import (
     AttentionGeometry,
     BlockSparseRingDilatedAttention as ReferenceAttention,
@@ -18,19 +19,6 @@ from reference import (
     partial_attention,
 )
 from reference.verification import K_GRADIENT
-
-
-def make_inputs(seed, B, N, H, H_kv, D, dtype, pad_fraction=0.0, pad_first=False):
-    generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, N, H, D, generator=generator).to(dtype)
-    k = torch.randn(B, N, H_kv, D, generator=generator).to(dtype)
-    v = torch.randn(B, N, H_kv, D, generator=generator).to(dtype)
-    mask = None
-    if pad_fraction > 0:
-        mask = torch.rand(B, N, generator=generator) < pad_fraction
-        if pad_first:
-            mask[0, 0] = True  # with is_causal, query 0 of batch 0 then has no key: an empty row
-    return q, k, v, mask
 
 
 def check_partial(forward, q, k, v, mask, geometry, config, causal, query_range, key_range, context):

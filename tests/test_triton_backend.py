@@ -21,6 +21,7 @@ triton = pytest.importorskip("triton")
 import optimized  # noqa: E402
 from optimized import triton_backend  # noqa: E402
 from optimized.plan import CallPlan  # noqa: E402
+from random_inputs import make_inputs
 from reference import (  # noqa: E402
     AttentionGeometry,
     DilationConfig,
@@ -43,19 +44,6 @@ DTYPES = [
         marks=pytest.mark.skipif(INTERPRETED, reason="bfloat16 only on CUDA: tl.dot on bf16 is broken in the interpreter"),
     ),
 ]
-
-
-def make_inputs(seed, B, N, H, H_kv, D, dtype, pad_fraction=0.0, pad_first=False):
-    generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, N, H, D, generator=generator).to(dtype)
-    k = torch.randn(B, N, H_kv, D, generator=generator).to(dtype)
-    v = torch.randn(B, N, H_kv, D, generator=generator).to(dtype)
-    mask = None
-    if pad_fraction > 0:
-        mask = torch.rand(B, N, generator=generator) < pad_fraction
-        if pad_first:
-            mask[0, 0] = True  # with is_causal, query 0 of batch 0 then has no key: an empty row
-    return q, k, v, mask
 
 
 def check_partial(q, k, v, mask, geometry, config, causal, query_range=None, key_range=None, context="", tile=None):

@@ -9,6 +9,7 @@ import optimized
 from optimized import torch_backend
 from optimized import weights as sparse_weights
 from optimized.plan import CallPlan
+from random_inputs import make_inputs
 from reference import (
     AttentionGeometry,
     BlockSparseRingDilatedAttention as ReferenceAttention,
@@ -18,16 +19,6 @@ from reference import (
     assert_within_budget,
     compare,
 )
-
-
-def make_inputs(seed, B, N, H, H_kv, D, dtype=torch.float32, pad_fraction=0.1):
-    generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, N, H, D, generator=generator).to(dtype)
-    k = torch.randn(B, N, H_kv, D, generator=generator).to(dtype)
-    v = torch.randn(B, N, H_kv, D, generator=generator).to(dtype)
-    mask = torch.rand(B, N, generator=generator) < pad_fraction
-    mask[0, 0] = True  # with is_causal: query 0 of batch 0 has no key, an empty row
-    return q, k, v, mask
 
 
 CASES = [
@@ -45,7 +36,7 @@ CASES = [
 def test_weights_match_reference(name, head_mode, causal, config_kwargs, dtype):
     config = SparsePatternConfig(**config_kwargs)
     args = ([16, 24], [1, 2])
-    q, k, v, mask = make_inputs(len(name), 2, 43, 4, 2, 8, dtype)
+    q, k, v, mask = make_inputs(len(name), 2, 43, 4, 2, 8, dtype, pad_fraction=0.1, pad_first=True)
     module = optimized.BlockSparseRingDilatedAttention(*args, sparse_config=config, head_mode=head_mode,
                                                        backend="torch")
     out, weights, lse = module(q, k, v, is_causal=causal, key_padding_mask=mask, return_attention_weights=True,
@@ -76,7 +67,7 @@ def test_weights_match_reference(name, head_mode, causal, config_kwargs, dtype):
 def test_weights_are_sparse_at_moderate_length(monkeypatch):
     config = SparsePatternConfig(pattern_type="local_window", block_size=16, local_window_size=64)
     geometry = AttentionGeometry(DilationConfig((512, 1024), (1, 2), "split"), 2048, 2)
-    q, k, _, mask = make_inputs(3, 1, 2048, 2, 2, 8)
+    q, k, _, mask = make_inputs(3, 1, 2048, 2, 2, 8, pad_fraction=0.1, pad_first=True)
     plan = CallPlan.whole(geometry, config, False, 8 ** -0.5)
     lse = torch_backend.partial_forward(q, k, k, mask, plan)[1]
     weights = sparse_weights.attention_weights(q, k, mask, lse, plan)
@@ -97,7 +88,7 @@ def test_chunk_of_coo_matches_rows_of_the_whole():
     # Key positions of stored blocks are global: the sparse tensor's rows agree with dense rows.
     config = SparsePatternConfig(pattern_type="dilated_sparse", block_size=4, sparsity_ratio=0.5)
     geometry = AttentionGeometry(DilationConfig((20,), (3,), "split"), 41, 3)
-    q, k, _, mask = make_inputs(9, 1, 41, 3, 1, 8)
+    q, k, _, mask = make_inputs(9, 1, 41, 3, 1, 8, pad_fraction=0.1, pad_first=True)
     plan = CallPlan.whole(geometry, config, True, 0.3)
     lse = torch_backend.partial_forward(q, k, k, mask, plan)[1]
     weights = sparse_weights.attention_weights(q, k, mask, lse, plan, work_size=2)
@@ -117,7 +108,7 @@ def test_chunk_of_coo_matches_rows_of_the_whole():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU run is test_weights_match_reference)")
 def test_weights_stay_on_the_cuda_device():
     config = SparsePatternConfig(pattern_type="local_window", block_size=16, local_window_size=64)
-    q, k, v, mask = (t.cuda() for t in make_inputs(4, 1, 96, 2, 2, 16))
+    q, k, v, mask = (t.cuda() for t in make_inputs(4, 1, 96, 2, 2, 16, pad_fraction=0.1, pad_first=True))
     module = optimized.BlockSparseRingDilatedAttention([32, 64], [1, 2], sparse_config=config, backend="torch")
     out, weights = module(q, k, v, key_padding_mask=mask, return_attention_weights=True)
     for key in ("block_values", "query_positions", "key_positions", "block_heads"):
