@@ -130,51 +130,70 @@ def _forward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int):
     return collector.result()
 
 
-def _backward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int, out, lse, grad_out, grad_lse):
-    """Gradients of SPEC section 4's formula, flash-attention style, from the final out and lse.
+def _entry_probabilities(q, k, v, key_padding_mask, plan: CallPlan, work_size: int, lse, grad_out):
+    """Every active block entry with P = exp(scale q.k - lse) from the final lse, and dP = dO . v.
 
-    Every active block entry recomputes P = exp(scale q.k - lse) with the final (all branches,
-    all chunks) lse, so dS = P * (dP - rowsum(dO * out) + dlse) is the exact gradient of the
-    union's softmax: keys counted in two branches contribute twice, as they should, and the
-    cancelling terms are formed from the same dP (no eps residue where the true gradient is 0).
+    Yields per key step of every row group: (query slots (n*b*nh,), key slots (n*b*nh,), q blocks,
+    k blocks, dO blocks (each (B, n, b, nh, D)), P, dP (each (B, n, nh, b_q, b_k)), live query slots
+    (B, n, nh, b_q)). Slots (n, b, nh) index the flattened (N, H) / (N, H_kv) axes.
     """
-    batch, num_queries, num_heads, head_dim = q.shape
-    num_keys, num_kv_heads = k.shape[1], k.shape[2]
-    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(torch.float32)
-    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(torch.float32)
-    delta = (grad_out * out).sum(-1)  # (B, Nq, H): rowsum(dO * O)
-    # Per query point and head: [lse, rowsum, dlse] gathered together like a (B, Nq, H, 3) tensor.
-    row_terms = torch.stack((lse.transpose(1, 2), delta, grad_lse.transpose(1, 2)), dim=-1)
-    dq = torch.zeros(batch, num_queries * num_heads, head_dim, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(batch, num_keys * num_kv_heads, head_dim, dtype=torch.float32, device=q.device)
-    dv = torch.zeros_like(dk)
+    num_heads, num_kv_heads = q.shape[2], k.shape[2]
+    lse_points = lse.transpose(1, 2).unsqueeze(-1)  # (B, Nq, H, 1): gathered like q
     for _, table, dt, kv_heads, rows in _row_groups(q, k, plan, work_size):
         q_index, q_t, q_valid = _row_queries(dt, rows, plan)
         heads = table.heads
+        head_ids = torch.arange(heads.start, heads.stop, device=q.device)
+        query_slots = (q_index.unsqueeze(-1) * num_heads + head_ids).reshape(-1)
         q_blocks = gather_queries(q, q_index, heads).to(torch.float32)  # (B, n, b, nh, D)
         do_blocks = gather_queries(grad_out, q_index, heads)
-        terms = gather_queries(row_terms, q_index, heads).permute(0, 1, 3, 2, 4)  # (B, n, nh, b, 3)
-        row_lse, row_delta, row_dlse = terms.unbind(-1)
+        row_lse = gather_queries(lse_points, q_index, heads).squeeze(-1).permute(0, 1, 3, 2)  # (B, n, nh, b)
         # Slots outside the lattice or chunk, and empty rows, take no part.
         live = q_valid[None, :, None, :] & ~torch.isneginf(row_lse)
         row_lse = torch.where(live, row_lse, torch.zeros_like(row_lse))
-        dq_blocks = torch.zeros_like(q_blocks)
         for k_index, allowed in _key_steps(key_padding_mask, dt, rows, q_t, plan):
             k_blocks = gather_keys(k, k_index, kv_heads).to(torch.float32)
             v_blocks = gather_keys(v, k_index, kv_heads).to(torch.float32)
             scores = torch.einsum("bnihd,bnjhd->bnhij", q_blocks, k_blocks) * plan.scale
             probs = torch.exp(scores - row_lse.unsqueeze(-1)).masked_fill(~(allowed & live.unsqueeze(-1)), 0.0)
             dprobs = torch.einsum("bnihd,bnjhd->bnhij", do_blocks, v_blocks)
-            dscores = probs * (dprobs - row_delta.unsqueeze(-1) + row_dlse.unsqueeze(-1))
-            dq_blocks = dq_blocks + torch.einsum("bnhij,bnjhd->bnihd", dscores, k_blocks) * plan.scale
-            key_slots = (k_index.unsqueeze(-1) * num_kv_heads + kv_heads).reshape(-1)  # (n * b * nh,)
-            dk.index_add_(1, key_slots, (torch.einsum("bnhij,bnihd->bnjhd", dscores, q_blocks) * plan.scale)
-                          .reshape(batch, -1, head_dim))
-            dv.index_add_(1, key_slots, torch.einsum("bnhij,bnihd->bnjhd", probs, do_blocks).reshape(batch, -1, head_dim))
-        head_ids = torch.arange(heads.start, heads.stop, device=q.device)
-        query_slots = (q_index.unsqueeze(-1) * num_heads + head_ids).reshape(-1)
-        dq_blocks = dq_blocks * q_valid[None, :, :, None, None]
-        dq.index_add_(1, query_slots, dq_blocks.reshape(batch, -1, head_dim))
+            key_slots = (k_index.unsqueeze(-1) * num_kv_heads + kv_heads).reshape(-1)
+            yield query_slots, key_slots, q_blocks, k_blocks, do_blocks, probs, dprobs, live
+
+
+def _backward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int, out, lse, grad_out, grad_lse):
+    """Gradients of SPEC section 4's formula, flash-attention style, from the final lse.
+
+    Every active block entry recomputes P with the final (all branches, all chunks) lse, so
+    dS = P * (dP - sum_j P dP + dlse) is the exact gradient of the union's softmax: a key counted
+    in two branches contributes twice. The row sum is taken over the same P and dP in a first
+    pass (not as rowsum(dO * out)), so the two cancelling terms carry the same rounding, as in the
+    reference's autograd; sums over entries accumulate in float64.
+    """
+    batch, num_queries, num_heads, head_dim = q.shape
+    num_keys, num_kv_heads = k.shape[1], k.shape[2]
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(torch.float32)
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(torch.float32)
+    entries = lambda: _entry_probabilities(q, k, v, key_padding_mask, plan, work_size, lse, grad_out)  # noqa: E731
+
+    row_sum = torch.zeros(batch, num_queries * num_heads, dtype=torch.float64, device=q.device)
+    for query_slots, _, _, _, _, probs, dprobs, _ in entries():
+        row_sum.index_add_(1, query_slots, (probs * dprobs).sum(-1).permute(0, 1, 3, 2).reshape(batch, -1).double())
+    # (B, Nq, H) -> gathered per step below through the same query slots; dlse joins it.
+    row_terms = (grad_lse.transpose(1, 2).reshape(batch, -1).double() - row_sum).float()
+
+    dq = torch.zeros(batch, num_queries * num_heads, head_dim, dtype=torch.float64, device=q.device)
+    dk = torch.zeros(batch, num_keys * num_kv_heads, head_dim, dtype=torch.float64, device=q.device)
+    dv = torch.zeros_like(dk)
+    for query_slots, key_slots, q_blocks, k_blocks, do_blocks, probs, dprobs, _ in entries():
+        n, b_q, nh = q_blocks.shape[1], q_blocks.shape[2], q_blocks.shape[3]
+        shift = row_terms[:, query_slots].reshape(batch, n, b_q, nh).permute(0, 1, 3, 2)  # (B, n, nh, b_q)
+        dscores = probs * (dprobs + shift.unsqueeze(-1))
+        dq.index_add_(1, query_slots, (torch.einsum("bnhij,bnjhd->bnihd", dscores, k_blocks) * plan.scale)
+                      .reshape(batch, -1, head_dim).double())
+        dk.index_add_(1, key_slots, (torch.einsum("bnhij,bnihd->bnjhd", dscores, q_blocks) * plan.scale)
+                      .reshape(batch, -1, head_dim).double())
+        dv.index_add_(1, key_slots, torch.einsum("bnhij,bnihd->bnjhd", probs, do_blocks)
+                      .reshape(batch, -1, head_dim).double())
     return (
         dq.reshape(q.shape).to(q.dtype),
         dk.reshape(k.shape).to(k.dtype),
