@@ -678,6 +678,11 @@ def plot_peaks(rows, ax=None, value: str = "peak_bytes", min_fit_seq_len: int = 
         ax.loglog(ns, [nxn[n] / 2**20 for n in ns], "k--", lw=1, label="analytic: one B·H·N·N tensor (slope 2)")
     ax.set_xlabel("sequence length N")
     ax.set_ylabel("MiB")
+    return _finish_axes(ax, title)
+
+
+def _finish_axes(ax, title: str | None):
+    """Grid, legend outside the plot on the right, optional title: the look of every plot here."""
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     if title:
@@ -696,11 +701,7 @@ def plot_throughput(rows, ax=None, title: str | None = None):
         ax.semilogx(ns, vs, label=label, **_METHOD_STYLE.get(method, {}))
     ax.set_xlabel("sequence length N")
     ax.set_ylabel("useful TFLOP/s (4 x allowed pairs x D / time)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    if title:
-        ax.set_title(title, fontsize=9)
-    return ax
+    return _finish_axes(ax, title)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -75,6 +75,17 @@ def gather_key_padding(key_padding_mask, index: torch.Tensor, valid: torch.Tenso
     return valid.unsqueeze(0) & ~key_padding_mask[:, index]
 
 
+def allowed_slots(key_padding_mask, k_index, k_valid, q_t, k_t, is_causal: bool) -> torch.Tensor:
+    """(B|1, n, 1, b_q, b_k) bool: key slot j may be attended by query slot i of the same block row.
+
+    Valid and not padding; with ``is_causal`` also t_k <= t_q, which on one lattice is exactly j <= i.
+    """
+    allowed = gather_key_padding(key_padding_mask, k_index, k_valid).unsqueeze(2).unsqueeze(3)
+    if is_causal:
+        allowed = allowed & (k_t.unsqueeze(1) <= q_t.unsqueeze(2)).unsqueeze(1)
+    return allowed
+
+
 def head_layers(tables) -> list[list[int]]:
     """Group the indices of tables with rows into layers whose tables cover disjoint heads.
 

@@ -15,8 +15,8 @@ import torch
 from .blocks import (
     DeviceTable,
     PartialCollector,
+    allowed_slots,
     block_points,
-    gather_key_padding,
     gather_keys,
     gather_queries,
     tables_by_layer,
@@ -65,11 +65,7 @@ def _key_steps(key_padding_mask, dt: DeviceTable, rows: slice, q_t, plan: CallPl
                                            plan.key_range)
         k_valid &= has_block.unsqueeze(1)
         k_index = local_index(k_pos, k_valid, plan.key_start)
-        allowed = gather_key_padding(key_padding_mask, k_index, k_valid).unsqueeze(2).unsqueeze(3)
-        if plan.is_causal:
-            # Same lattice, so causality in compacted indices is exactly j <= i.
-            allowed = allowed & (k_t.unsqueeze(1) <= q_t.unsqueeze(2)).unsqueeze(1)
-        yield k_index, allowed
+        yield k_index, allowed_slots(key_padding_mask, k_index, k_valid, q_t, k_t, plan.is_causal)
 
 
 def _row_group_partial(q, k, v, key_padding_mask, dt: DeviceTable, rows: slice, kv_heads, plan: CallPlan):

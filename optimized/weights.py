@@ -12,7 +12,9 @@ from collections.abc import Mapping
 
 import torch
 
-from .blocks import DeviceTable, block_points, gather_key_padding, gather_keys, gather_queries, kv_heads_of, local_index
+from .blocks import (
+    DeviceTable, allowed_slots, block_points, gather_keys, gather_queries, kv_heads_of, local_index,
+)
 from .plan import CallPlan
 
 # to_dense() refuses more elements than this unless asked (it is for small N only).
@@ -118,10 +120,8 @@ def attention_weights(q, k, key_padding_mask, lse, plan: CallPlan, work_size: in
                 k_pos, k_t, k_valid = block_points(start, length, k_block, table.stride, b, plan.key_range)
                 q_index = local_index(q_pos, q_valid, plan.query_start)
                 k_index = local_index(k_pos, k_valid, plan.key_start)
-                allowed = gather_key_padding(key_padding_mask, k_index, k_valid).unsqueeze(2).unsqueeze(3)
+                allowed = allowed_slots(key_padding_mask, k_index, k_valid, q_t, k_t, plan.is_causal)
                 allowed = allowed & q_valid.unsqueeze(-1).unsqueeze(1)  # (B|1, n, 1, b, b)
-                if plan.is_causal:
-                    allowed = allowed & (k_t.unsqueeze(1) <= q_t.unsqueeze(2)).unsqueeze(1)
                 q_blocks = gather_queries(q, q_index, table.heads).to(torch.float32)
                 k_blocks = gather_keys(k, k_index, kv_heads).to(torch.float32)
                 scores = torch.einsum("bnihd,bnjhd->bnhij", q_blocks, k_blocks) * plan.scale
