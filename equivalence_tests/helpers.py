@@ -18,6 +18,7 @@ and ``example_count``.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -144,6 +145,26 @@ def _describe_call(case: s.AttentionCase, backend: str, dtype, device, extra: st
     return f"{text}, {extra}" if extra else text
 
 
+# Where every verdict of a run is appended (one JSON line each) when set: the record of a GPU run
+# of the suite (experiments/equivalence_record.py summarizes it into examples and worst error/budget).
+RECORD_ENV = "EQUIVALENCE_RECORD"
+
+
+def _record(verdicts: dict[str, Verdict], backend: str, dtype, device, case: s.AttentionCase) -> None:
+    path = os.environ.get(RECORD_ENV)
+    if not path:
+        return
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+    with open(path, "a") as handle:
+        for name, verdict in verdicts.items():
+            handle.write(json.dumps({
+                "test": test, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
+                "device": torch.device(device).type, "quantity": name, "error": verdict.error,
+                "budget": verdict.budget, "passed": verdict.passed, "problem": verdict.problem,
+                "case": case.describe(),
+            }) + "\n")
+
+
 def _require(verdict: Verdict, actual: torch.Tensor, reference64: torch.Tensor, context: str) -> Verdict:
     """assert_within_budget, with the worst element's two values added to the message."""
     if not verdict.passed and verdict.worst_index is not None:
@@ -208,6 +229,7 @@ def check_backend(
         "out": compare("out", out, out64, out_lowp, dtype, k=K_OUTPUT, empty=empty.transpose(1, 2).unsqueeze(-1)),
         "lse": compare("lse", lse, lse64, lse_lowp, dtype, k=K_OUTPUT, empty=empty, empty_value=float("-inf")),
     }
+    _record(verdicts, backend, dtype, device, case)
     _require(verdicts["out"], out, out64, context)
     _require(verdicts["lse"], lse, lse64, context)
 
@@ -222,12 +244,13 @@ def check_backend(
         probs64, probs_lowp = ref64[1], ref_lowp[1]
         row_empty = empty.unsqueeze(-1)
         verdicts["weights"] = compare("weights", dense, probs64, probs_lowp, dtype, empty=row_empty)
-        _require(verdicts["weights"], dense, probs64, context)
         # Rows sum to 1, or to 0 for empty rows (then exactly: every entry of such a row is 0).
         expected_sums = (~empty).to(torch.float64)
         verdicts["row sums"] = compare(
             "row sums", dense.sum(-1), expected_sums, probs_lowp.sum(-1), dtype, empty=empty,
         )
+        _record({key: verdicts[key] for key in ("weights", "row sums")}, backend, dtype, device, case)
+        _require(verdicts["weights"], dense, probs64, context)
         _require(verdicts["row sums"], dense.sum(-1), expected_sums, context)
         coo = weights.to_sparse_coo()
         assert coo.is_sparse and tuple(coo.shape) == tuple(dense.shape), f"to_sparse_coo {coo.shape}; {context}"
@@ -296,8 +319,10 @@ def check_gradients(
             actual = whole([x.grad for x in leaves])
             verdicts[name] = compare(f"{name} (as part of (dq, dk, dv))", actual, whole(grads64), whole(grads_lowp),
                                      dtype, k=K_GRADIENT)
+            _record({name: verdicts[name]}, backend, dtype, device, case)
             _require(verdicts[name], actual, whole(grads64), context)
             continue
         verdicts[name] = compare(name, leaf.grad, g64, glowp, dtype, k=K_GRADIENT)
+        _record({name: verdicts[name]}, backend, dtype, device, case)
         _require(verdicts[name], leaf.grad, g64, context)
     return verdicts

@@ -257,11 +257,49 @@ AB_TILES = {
 AB_PATTERNS = ("dense", "local_window", "dilated_sparse", "random")
 
 
-def measure_ab(rec, deadline, Ns=(65536, 1 << 20)):
-    """Kernel variants (triton_backend.VARIANTS) x tiles, eager, in one process, with flex and the peer.
+def ab_candidates(D):
+    """The kernel choices of the A/B: each read variant at the default tile and item order / index mode,
+    v3 at the other tiles, each item order and index mode on v2 and v3."""
+    cands = [dict(variant=variant) for variant in triton_backend.VARIANTS]
+    cands += [dict(variant="v3", tile=tile) for tile in AB_TILES[D][1:]]
+    cands += [dict(variant=variant, order="by_lattice") for variant in ("v2", "v3")]
+    cands += [dict(variant="v2", index="load"), dict(variant="v3", order="by_lattice", index="load")]
+    return cands
 
-    Each (variant, tile) is first checked against v2 at the default tile on the same inputs (bf16:
-    max |diff| of out, and lse -inf patterns identical), then timed.
+
+def ab_label(cand):
+    parts = [cand["variant"]]
+    if cand.get("tile"):
+        parts.append("x".join(map(str, cand["tile"])))
+    parts += [cand[key] for key in ("order", "index") if cand.get(key)]
+    return "+".join(parts)
+
+
+def parse_choice(label):
+    """The inverse of ab_label: "v3+by_lattice+load" -> dict(variant="v3", order="by_lattice", index="load")."""
+    variant, *rest = label.split("+")
+    cand = {"variant": variant}
+    for part in rest:
+        if part in triton_backend.ITEM_ORDERS:
+            cand["order"] = part
+        elif part in triton_backend.INDEX_MODES:
+            cand["index"] = part
+        else:
+            cand["tile"] = tuple(int(x) for x in part.split("x"))
+    return cand
+
+
+def run_choice(q, k, v, plan, cand):
+    tile = triton_backend.TileConfig(*cand["tile"]) if cand.get("tile") else None
+    return triton_backend.partial_forward(q, k, v, None, plan, tile=tile, variant=cand["variant"],
+                                          order=cand.get("order"), index=cand.get("index"))
+
+
+def measure_ab(rec, deadline, Ns=(65536, 1 << 20)):
+    """Kernel choices (ab_candidates) eager, in one process, with flex and the gather + SDPA peer.
+
+    Each choice is first checked against v2 at the default tile on the same inputs (bf16: max |diff|
+    of out, and lse -inf patterns identical), then timed.
     """
     for N in Ns:
         for D in (64, 128):
@@ -296,32 +334,31 @@ def measure_ab(rec, deadline, Ns=(65536, 1 << 20)):
                         rec.data["ab"].append({"D": D, "N": N, "pattern": name, "method": "flex_compacted",
                                                "ms": ms, "tflops": tflops(pairs, D, ms)})
                     del calls
-                for variant in triton_backend.VARIANTS:
-                    for cand in AB_TILES[D]:
-                        tile = triton_backend.TileConfig(*cand)
+                for cand in ab_candidates(D):
+                    label = ab_label(cand)
 
-                        def call():
-                            return triton_backend.partial_forward(q, k, v, None, plan, tile=tile, variant=variant)
+                    def call():
+                        return run_choice(q, k, v, plan, cand)
 
-                        def check():
-                            out, lse = call()
-                            diff = float((out.float() - ref_out.float()).abs().max())
-                            same_empty = bool(torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)))
-                            return diff, same_empty and bool(torch.isfinite(out).all())
+                    def check():
+                        out, lse = call()
+                        diff = float((out.float() - ref_out.float()).abs().max())
+                        same_empty = bool(torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)))
+                        return diff, same_empty and bool(torch.isfinite(out).all())
 
-                        verdict = attempt(rec, f"ab check {variant} {cand} D={D} N={N} {name}", check)
-                        if verdict is None:
-                            continue
-                        ms = attempt(rec, f"ab {variant} {cand} D={D} N={N} {name}", lambda: bench(call, 10, 60))
-                        if ms is None:
-                            continue
-                        rec.data["ab"].append({"D": D, "N": N, "pattern": name, "method": f"triton_{variant}",
-                                               "tile": cand, "ms": ms, "tflops": tflops(pairs, D, ms),
-                                               "max_abs_diff_vs_v2": verdict[0], "finite_same_empty": verdict[1]})
-                    rec.save()
+                    verdict = attempt(rec, f"ab check {label} D={D} N={N} {name}", check)
+                    if verdict is None:
+                        continue
+                    ms = attempt(rec, f"ab {label} D={D} N={N} {name}", lambda: bench(call, 10, 60))
+                    if ms is None:
+                        continue
+                    rec.data["ab"].append({"D": D, "N": N, "pattern": name, "method": f"triton_{label}",
+                                           "choice": cand, "ms": ms, "tflops": tflops(pairs, D, ms),
+                                           "max_abs_diff_vs_v2": verdict[0], "finite_same_empty": verdict[1]})
+                rec.save()
                 del ref_out, ref_lse
                 print(f"ab D={D} N={N} {name}: " + ", ".join(
-                    f"{r['method']}{r.get('tile', '')} {r['ms']:.3f}" for r in rec.data["ab"]
+                    f"{r['method']} {r['ms']:.3f}" for r in rec.data["ab"]
                     if r["D"] == D and r["N"] == N and r["pattern"] == name), flush=True)
             del q, k, v
 
@@ -331,29 +368,29 @@ def summarize_ab(rec):
     if not rows:
         return
     ceiling = rec.data["ceilings"].get("matmul_bf16_8192_tflops", float("nan"))
-    print(f"\nA/B (eager, bf16, block {BLOCK}); ceiling {ceiling:.0f} TF; best tile per variant")
-    print(f"{'D':>4} {'N':>8} {'pattern':>15} {'variant':>13} {'tile':>18} {'ms':>8} {'TF':>5} {'%mm':>5} "
-          f"{'xflex':>6} {'xpeer':>6} {'diff':>8}")
+    print(f"\nA/B (eager, bf16, block {BLOCK}); ceiling {ceiling:.0f} TF; ms; best = fastest kernel choice")
+    print(f"{'D':>4} {'N':>8} {'pattern':>15} {'flex':>7} {'v2':>7} {'v3':>7} {'v3tma':>7} {'best':>7} "
+          f"{'%mm':>5} {'xflex':>6} {'xpeer':>6} {'maxdiff':>8}  best choice")
     for D in (64, 128):
         for N in sorted({r["N"] for r in rows if r["D"] == D}):
             peer = next((r for r in rows if r["D"] == D and r["N"] == N and r["method"] == "gather_sdpa"), None)
             for name in AB_PATTERNS:
                 here = [r for r in rows if r["D"] == D and r["N"] == N and r["pattern"] == name]
+                ours = [r for r in here if r["method"].startswith("triton_")]
+                if not ours:
+                    continue
                 flex = next((r for r in here if r["method"] == "flex_compacted"), None)
-                if flex:
-                    print(f"{D:>4} {N:>8} {name:>15} {'flex':>13} {'':>18} {flex['ms']:>8.3f} {flex['tflops']:>5.0f}")
-                for variant in triton_backend.VARIANTS:
-                    cands = [r for r in here if r["method"] == f"triton_{variant}"]
-                    if not cands:
-                        continue
-                    best = min(cands, key=lambda r: r["ms"])
-                    xflex = f"{flex['ms'] / best['ms']:.2f}" if flex else "-"
-                    xpeer = f"{peer['ms'] / best['ms']:.2f}" if (peer and name == "dense") else "-"
-                    print(f"{D:>4} {N:>8} {name:>15} {variant:>13} {str(best['tile']):>18} {best['ms']:>8.3f} "
-                          f"{best['tflops']:>5.0f} {100 * best['tflops'] / ceiling:>5.1f} {xflex:>6} {xpeer:>6} "
-                          f"{best['max_abs_diff_vs_v2']:>8.1e}")
+                by = {r["method"]: r for r in ours}
+                cell = lambda r: f"{r['ms']:.3f}" if r else "-"  # noqa: E731
+                best = min(ours, key=lambda r: r["ms"])
+                xflex = f"{flex['ms'] / best['ms']:.2f}" if flex else "-"
+                xpeer = f"{peer['ms'] / best['ms']:.2f}" if (peer and name == "dense") else "-"
+                print(f"{D:>4} {N:>8} {name:>15} {cell(flex):>7} {cell(by.get('triton_v2')):>7} "
+                      f"{cell(by.get('triton_v3')):>7} {cell(by.get('triton_v3tma')):>7} {best['ms']:>7.3f} "
+                      f"{100 * best['tflops'] / ceiling:>5.1f} {xflex:>6} {xpeer:>6} "
+                      f"{max(r['max_abs_diff_vs_v2'] for r in ours):>8.1e}  {best['method'][7:]}")
             if peer:
-                print(f"{D:>4} {N:>8} {'dense':>15} {'gather_sdpa':>13} {'':>18} {peer['ms']:>8.3f} {peer['tflops']:>5.0f}")
+                print(f"{D:>4} {N:>8} {'gather_sdpa':>15} {peer['ms']:>7.3f}")
 
 
 def measure_main(rec, D, Ns, patterns, deadline, flex_max_n=1 << 20):

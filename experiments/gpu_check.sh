@@ -1,21 +1,71 @@
 #!/usr/bin/env bash
-# One device call: correctness on CUDA (bf16 included, outputs poisoned with NaN where the kernel
-# must write), the equivalence property per kernel variant, then the benchmark.
-# Usage on the device: [PARTS=ab] [EQ_VARIANTS="v2 v3 v3tma"] bash experiments/gpu_check.sh [bench budget s]
+# One device call of the GPU checks and benchmarks (experiments/NOTES_gpu.md), steps chosen by STEPS:
+#   env       nvidia-smi, torch and triton versions
+#   tests     the CUDA tests of tests/ (triton outputs poisoned with NaN where the kernel must write)
+#   suite     the whole equivalence suite under HYPOTHESIS_PROFILE=gpu, every verdict recorded and summarized
+#   ncu       Nsight Compute on our kernel variants and compiled flex (experiments/profile_kernels.py)
+#   bench     experiments/bench_gpu.py with --only "$PARTS" (tiles, main, flexorig, huge, ab)
+#   ring      experiments/bench_ring.py (the in-process ring against P)
+#   baseline  the GPU pytest-benchmark suite, saved as gpu_baseline.json (experiments/baselines/gpu.json)
+# Usage on the device: STEPS="env tests ncu bench" PARTS=ab BENCH_BUDGET=200 bash experiments/gpu_check.sh
+# Results go to $OUT/run and are packed into $OUT/results.tar.gz after every step, so a step cut short
+# by its timeout still leaves the earlier ones (the device returns at most 8 files).
 set -u
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT=${OUT:-experiments/results}
-BUDGET=${1:-270}
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,memory.used --format=csv | tee "$OUT/nvidia_smi.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/nvidia_smi.txt"
-BSRDA_TRITON_POISON=1 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_backend.py tests/test_cuda_graphs.py \
-  --durations=5 > "$OUT/pytest_gpu.log" 2>&1; echo "pytest rc=$?"; tail -4 "$OUT/pytest_gpu.log"
-for variant in ${EQ_VARIANTS:-v3 v3tma}; do
-  BSRDA_TRITON_VARIANT=$variant BSRDA_TRITON_POISON=1 HYPOTHESIS_PROFILE=gpu timeout 45 \
-    python3 -m experiments.bench_gpu --equivalence --out "$OUT" --examples "${EQ_EXAMPLES:-20}" \
-    > "$OUT/equivalence_gpu_$variant.log" 2>&1; echo "equivalence $variant rc=$?"; tail -3 "$OUT/equivalence_gpu_$variant.log"
+export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/gpu_check}
+RUN="$OUT/run"
+mkdir -p "$RUN"
+STEPS=${STEPS:-env tests suite ncu bench ring baseline}
+PYTEST="python3 -m pytest -p no:cacheprovider"
+pack() { tar czf "$OUT/results.tar.gz" -C "$RUN" . ; }
+started=$(date +%s)
+for step in $STEPS; do
+  t0=$(date +%s)
+  case $step in
+    env)
+      nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,memory.used --format=csv \
+        > "$RUN/nvidia_smi.txt"
+      python3 -c "import torch, triton, sys; print('torch', torch.__version__, 'triton', triton.__version__, 'python', sys.version.split()[0])" \
+        >> "$RUN/nvidia_smi.txt"
+      cat "$RUN/nvidia_smi.txt" ;;
+    tests)
+      BSRDA_TRITON_POISON=1 timeout "${TESTS_TIMEOUT:-240}" $PYTEST -q --timeout 120 --durations=5 \
+        ${TESTS:-tests/test_triton_backend.py tests/test_cuda_graphs.py tests/test_flex_backend.py tests/test_module.py \
+        tests/test_weights.py} --junitxml "$RUN/pytest_cuda.xml" > "$RUN/pytest_cuda.log" 2>&1
+      echo "tests rc=$?"; tail -3 "$RUN/pytest_cuda.log" ;;
+    suite)
+      rm -f "$RUN/verdicts.jsonl"
+      EQUIVALENCE_RECORD="$RUN/verdicts.jsonl" HYPOTHESIS_PROFILE=gpu BSRDA_TRITON_POISON=1 \
+        timeout "${SUITE_TIMEOUT:-420}" $PYTEST -q --timeout 300 --durations=10 equivalence_tests \
+        --junitxml "$RUN/equivalence_suite.xml" > "$RUN/equivalence_suite.log" 2>&1
+      echo "suite rc=$?"; tail -3 "$RUN/equivalence_suite.log"
+      HYPOTHESIS_PROFILE=gpu python3 -m experiments.equivalence_record "$RUN/verdicts.jsonl" \
+        --junit "$RUN/equivalence_suite.xml" --out "$RUN/equivalence_suite_gpu.json" > "$RUN/equivalence_summary.txt"
+      gzip -f "$RUN/verdicts.jsonl"; head -1 "$RUN/equivalence_summary.txt" ;;
+    ncu)
+      timeout "${NCU_TIMEOUT:-200}" ncu --clock-control none --kernel-name regex:'_forward_kernel|triton_tem' --launch-count 24 \
+        --section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats \
+        --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+        --section InstructionStats -f -o "$RUN/profile" \
+        python3 -m experiments.profile_kernels ${PROFILE_ARGS:-} > "$RUN/ncu.log" 2>&1
+      echo "ncu rc=$?"; grep "launch group" "$RUN/ncu.log" | tail -2
+      ncu --import "$RUN/profile.ncu-rep" --page details --csv > "$RUN/ncu_details.csv" 2>&1
+      ncu --import "$RUN/profile.ncu-rep" --page raw --csv > "$RUN/ncu_raw.csv" 2>&1
+      ncu --import "$RUN/profile.ncu-rep" --page details --print-details all > "$RUN/ncu_details.txt" 2>&1
+      grep -E "launch group|Error|error" "$RUN/ncu.log" | tail -20 ;;
+    bench)
+      timeout $((${BENCH_BUDGET:-270} + 90)) python3 -m experiments.bench_gpu --out "$RUN" \
+        --budget-s "${BENCH_BUDGET:-270}" --only "${PARTS:-main,huge}" > "$RUN/bench_gpu.log" 2>&1
+      echo "bench rc=$?"; grep -v "^\s*$" "$RUN/bench_gpu.log" | tail -45 ;;
+    ring)
+      timeout "${RING_TIMEOUT:-150}" python3 -m experiments.bench_ring --out "$RUN" > "$RUN/bench_ring.log" 2>&1
+      echo "ring rc=$?"; tail -8 "$RUN/bench_ring.log" ;;
+    baseline)
+      timeout "${BASELINE_TIMEOUT:-150}" $PYTEST -q experiments/test_bench_gpu.py --benchmark-enable \
+        --benchmark-json "$RUN/gpu_baseline.json" > "$RUN/baseline.log" 2>&1
+      echo "baseline rc=$?"; tail -3 "$RUN/baseline.log" ;;
+    *) echo "unknown step $step" ;;
+  esac
+  echo "== $step took $(( $(date +%s) - t0 )) s (total $(( $(date +%s) - started )) s)"
+  pack
 done
-timeout $((BUDGET + 60)) python3 -m experiments.bench_gpu --out "$OUT" --budget-s "$BUDGET" --only "${PARTS:-tiles,main,flexorig,huge}" > "$OUT/bench_gpu.log" 2>&1
-echo "bench rc=$?"
-grep -v "^\s*$" "$OUT/bench_gpu.log" | tail -60

@@ -63,13 +63,38 @@ def _interpreting() -> bool:
 VARIANTS = ("v2", "v3", "v3tma")
 VARIANT_ENV = "BSRDA_TRITON_VARIANT"
 DEFAULT_VARIANT = "v2"
+# Launch order of the work items (one query block of one head each):
+#   "longest_first": rows with the most key blocks start first (fewer stragglers at the tail);
+#   "by_lattice":    all query blocks of one (lattice, head) side by side, so the programs that run
+#                    together read the same keys and values (L2 reuse); no sort by length.
+ITEM_ORDERS = ("longest_first", "by_lattice")
+ITEM_ORDER_ENV = "BSRDA_TRITON_ITEM_ORDER"
+DEFAULT_ITEM_ORDER = "longest_first"
+# How the loop over listed full key blocks finds the next block index:
+#   "registers": the row's list is loaded once and picked per step (a reduction over the list);
+#   "load":      one scalar load per step from the (L1-resident) list.
+INDEX_MODES = ("registers", "load")
+INDEX_ENV = "BSRDA_TRITON_INDEX"
+DEFAULT_INDEX = "registers"
+
+
+def _choice(value: str | None, env: str, default: str, allowed: tuple[str, ...], what: str) -> str:
+    value = value or os.environ.get(env) or default
+    if value not in allowed:
+        raise ValueError(f"{what}={value!r} (or env {env}) is not allowed: use one of {allowed}")
+    return value
 
 
 def kernel_variant(variant: str | None = None) -> str:
-    variant = variant or os.environ.get(VARIANT_ENV) or DEFAULT_VARIANT
-    if variant not in VARIANTS:
-        raise ValueError(f"{VARIANT_ENV} / variant={variant!r} is not a triton kernel variant: use one of {VARIANTS}")
-    return variant
+    return _choice(variant, VARIANT_ENV, DEFAULT_VARIANT, VARIANTS, "variant")
+
+
+def item_order(order: str | None = None) -> str:
+    return _choice(order, ITEM_ORDER_ENV, DEFAULT_ITEM_ORDER, ITEM_ORDERS, "order")
+
+
+def index_mode(mode: str | None = None) -> str:
+    return _choice(mode, INDEX_ENV, DEFAULT_INDEX, INDEX_MODES, "index")
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +265,7 @@ def _entry_order(entry_row, key_block, full, rows):
     return first[second], run_block, run_count
 
 
-def _launch_table(tables, device, is_causal: bool, num_heads: int) -> LaunchTable:
+def _launch_table(tables, device, is_causal: bool, num_heads: int, order_name: str) -> LaunchTable:
     items, keys = [], []
     entry_base = 0
     written = torch.zeros(num_heads, dtype=torch.long)
@@ -263,6 +288,8 @@ def _launch_table(tables, device, is_causal: bool, num_heads: int) -> LaunchTabl
         )
         per_head = fields.unsqueeze(1).repeat(1, nh, 1)  # (rows, nh, F): heads of one row side by side
         per_head[:, :, 6] = torch.arange(table.heads.start, table.heads.stop)
+        if order_name == "by_lattice":
+            per_head = per_head.transpose(0, 1)  # (nh, rows, F): one head's rows (lattice-major) side by side
         items.append(per_head.reshape(rows * nh, _ITEM_FIELDS))
         keys.append(table.key_block[order])
         entry_base += table.nnz
@@ -275,10 +302,10 @@ def _launch_table(tables, device, is_causal: bool, num_heads: int) -> LaunchTabl
         written[table.heads.start : table.heads.stop] += int(points.sum())
         query_points = table.query_limits[1] - table.query_limits[0]
     items = torch.cat(items)
-    # Longest rows first: the heavy programs start early and the short ones fill the tail.
-    counts = items[:, 4] - items[:, 3]
-    order = torch.sort(counts, descending=True, stable=True).indices
-    items = items[order]
+    if order_name == "longest_first":
+        # The heavy programs start early and the short ones fill the tail.
+        counts = items[:, 4] - items[:, 3]
+        items = items[torch.sort(counts, descending=True, stable=True).indices]
     if items.numel() and int(items.max()) >= 2**31:
         raise ValueError("sequence too long for the kernel's int32 block tables (positions >= 2**31)")
     max_full = int((items[:, 7] - items[:, 3]).max()) if items.numel() else 0
@@ -296,15 +323,16 @@ def _launch_table(tables, device, is_causal: bool, num_heads: int) -> LaunchTabl
 _table_cache: OrderedDict = OrderedDict()
 
 
-def device_tables(plan: CallPlan, device) -> tuple[LaunchTable, ...]:
-    """The launches of ``plan`` on ``device``, built once per (plan, device) (bounded LRU)."""
-    key = (plan, str(device))
+def device_tables(plan: CallPlan, device, order: str | None = None) -> tuple[LaunchTable, ...]:
+    """The launches of ``plan`` on ``device`` in item order ``order``, built once per (plan, device, order) (LRU)."""
+    order = item_order(order)
+    key = (plan, str(device), order)
     cached = _table_cache.get(key)
     if cached is not None:
         _table_cache.move_to_end(key)
         return cached
     num_heads = plan.geometry.num_heads
-    launches = tuple(_launch_table(layer, device, plan.is_causal, num_heads) for layer in _layers(plan.tables))
+    launches = tuple(_launch_table(layer, device, plan.is_causal, num_heads, order) for layer in _layers(plan.tables))
     _table_cache[key] = launches
     while len(_table_cache) > TABLE_CACHE_SIZE:
         _table_cache.popitem(last=False)
@@ -645,22 +673,26 @@ def _ensure_descriptor_allocator() -> None:
 
 
 def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, tile: TileConfig | None = None,
-                    variant: str | None = None):
+                    variant: str | None = None, order: str | None = None, index: str | None = None):
     """Partial attention of q (B, Nq, H, D) at plan.query_range against k, v (B, Nk, H_kv, D) at plan.key_range.
 
     Returns (out, lse): out (B, Nq, H, D) in q.dtype when the call covers the whole key range,
     float32 for a key chunk (its partial is merged with others later); lse (B, H, Nq) float32.
-    ``variant``: how full key blocks are read (VARIANTS; default: env BSRDA_TRITON_VARIANT or DEFAULT_VARIANT).
+    ``variant``: how full key blocks are read (VARIANTS; default: env BSRDA_TRITON_VARIANT or DEFAULT_VARIANT);
+    ``order``: the launch order of work items (ITEM_ORDERS); ``index``: how listed blocks are found
+    (INDEX_MODES). Each defaults to its environment variable, then to its DEFAULT_*; the output
+    does not depend on them (each query block's keys are walked in the same order either way).
     """
     _check_inputs(q, k, v, key_padding_mask, plan)
     variant = kernel_variant(variant)
+    register_index = index_mode(index) == "registers"
     q, k, v = _prepare(q, k, v)
     batch, num_queries, num_heads, head_dim = q.shape
     block_d = max(16, triton.next_power_of_2(head_dim))
     b = plan.block_size
     whole_keys = plan.key_range == (0, plan.geometry.seq_len)
     out_dtype = q.dtype if whole_keys else torch.float32
-    launches = device_tables(plan, q.device)
+    launches = device_tables(plan, q.device, order)
     if not launches:
         out = torch.zeros(batch, num_queries, num_heads, head_dim, dtype=out_dtype, device=q.device)
         lse = torch.full((batch, num_heads, num_queries), float("-inf"), dtype=torch.float32, device=q.device)
@@ -691,7 +723,7 @@ def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, tile: TileConfig 
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=b, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
             IS_CAUSAL=plan.is_causal, HAS_PADDING=has_padding, MERGE=layer > 0,
             FP32_DOT=q.dtype == torch.float32, EVEN_D=block_d == head_dim,
-            REGISTER_INDEX=listed <= MAX_REGISTER_ENTRIES,
+            REGISTER_INDEX=register_index and listed <= MAX_REGISTER_ENTRIES,
             MAX_ENTRIES=max(16, triton.next_power_of_2(max(1, listed))),
             RUNS=runs, TMA=tma, ITEM_FIELDS=_ITEM_FIELDS,
             num_warps=tile.num_warps, num_stages=tile.num_stages,

@@ -180,7 +180,13 @@ def test_module_runs_triton_backend():
     assert_within_budget(compare("out", out.cpu(), out64, out_lowp, q.dtype, empty=empty), "module")
 
 
-@pytest.mark.parametrize("variant", triton_backend.VARIANTS)
+# Every read variant with the default order and index, and each other order / index mode once.
+KERNEL_CHOICES = [(variant, None, None) for variant in triton_backend.VARIANTS] + [
+    ("v3", "by_lattice", "load"), ("v2", "by_lattice", "registers"), ("v2", "longest_first", "load"),
+]
+
+
+@pytest.mark.parametrize("variant, order, index", KERNEL_CHOICES)
 @pytest.mark.parametrize(
     "pattern, head_mode, causal, D, dtype, query_range, key_range",
     [
@@ -189,8 +195,10 @@ def test_module_runs_triton_backend():
         ("dilated_sparse", "split", False, 16, torch.float32, (7, 61), (0, 61)),
     ],
 )
-def test_kernel_variants_match_reference(variant, pattern, head_mode, causal, D, dtype, query_range, key_range):
-    """Every way of reading full key blocks (address tile, pointer runs, tensor descriptors) gives the same function.
+def test_kernel_variants_match_reference(variant, order, index, pattern, head_mode, causal, D, dtype, query_range,
+                                        key_range):
+    """Every way of reading full key blocks (address tile, pointer runs, tensor descriptors), of ordering the
+    work items and of finding listed blocks gives the same function.
 
     Block 16 over segments 64 (rate 1) and 61 (rate 2): rows hold runs of consecutive full blocks,
     listed full blocks outside the run, and masked blocks (chunk edges, lattice ends, diagonal).
@@ -204,9 +212,10 @@ def test_kernel_variants_match_reference(variant, pattern, head_mode, causal, D,
     plan = CallPlan(geometry, config, causal, scale, (q0, q1), (k0, k1))
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     out, lse = triton_backend.partial_forward(
-        dev(q[:, q0:q1]), dev(k[:, k0:k1]), dev(v[:, k0:k1]), dev(mask[:, k0:k1]), plan, variant=variant
+        dev(q[:, q0:q1]), dev(k[:, k0:k1]), dev(v[:, k0:k1]), dev(mask[:, k0:k1]), plan, variant=variant,
+        order=order, index=index,
     )
-    launch = triton_backend.device_tables(plan, DEVICE)[0]
+    launch = triton_backend.device_tables(plan, DEVICE, order)[0]
     assert int((launch.items[:, 9] > 0).sum()) > 0, "the case must contain runs of full blocks"
     if pattern == "dilated_sparse":
         assert launch.max_listed > 0, "the case must contain full blocks outside a row's run"
@@ -214,7 +223,7 @@ def test_kernel_variants_match_reference(variant, pattern, head_mode, causal, D,
     qc, kc, vc = q[:, q0:q1], k[:, k0:k1], v[:, k0:k1]
     out64, lse64 = partial_attention(qc, kc, vc, geometry, config, **kwargs)
     out_lowp, lse_lowp = partial_attention(qc, kc, vc, geometry, config, compute_dtype=None, **kwargs)
-    context = f"variant={variant} {pattern} {head_mode} D={D}"
+    context = f"variant={variant} order={order} index={index} {pattern} {head_mode} D={D}"
     empty = torch.isneginf(lse64)
     assert_within_budget(
         compare("lse", lse.cpu(), lse64, lse_lowp, dtype, empty=empty, empty_value=float("-inf")), context
@@ -223,10 +232,13 @@ def test_kernel_variants_match_reference(variant, pattern, head_mode, causal, D,
     assert_within_budget(compare("out", out.cpu(), out64, out_lowp, dtype, empty=out_empty, empty_value=0.0), context)
 
 
-def test_unknown_kernel_variant_is_a_value_error():
+@pytest.mark.parametrize("argument, value, allowed", [
+    ("variant", "v9", "v2"), ("order", "shortest_first", "by_lattice"), ("index", "guess", "registers"),
+])
+def test_unknown_kernel_choice_is_a_value_error(argument, value, allowed):
     q, k, v, _ = make_inputs(1, 1, 32, 2, 2, 16, torch.float32)
-    with pytest.raises(ValueError, match="variant='v9'.*v2"):
-        triton_backend.partial_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, _plan(16), variant="v9")
+    with pytest.raises(ValueError, match=f"={value!r}.*{allowed}"):
+        triton_backend.partial_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, _plan(16), **{argument: value})
 
 
 # ------------------------------------------------------------------------------------------
