@@ -258,12 +258,16 @@ AB_PATTERNS = ("dense", "local_window", "dilated_sparse", "random")
 
 
 def ab_candidates(D):
-    """The kernel choices of the A/B: each read variant at the default tile and item order / index mode,
-    v3 at the other tiles, each item order and index mode on v2 and v3."""
+    """The kernel choices of the A/B: each read variant at the default tile, item order and index mode;
+    v3 at the other tiles (with AB_TILES=1 in the environment); the other item order and index mode
+    on v2 and v3."""
     cands = [dict(variant=variant) for variant in triton_backend.VARIANTS]
-    cands += [dict(variant="v3", tile=tile) for tile in AB_TILES[D][1:]]
-    cands += [dict(variant=variant, order="by_lattice") for variant in ("v2", "v3")]
-    cands += [dict(variant="v2", index="load"), dict(variant="v3", order="by_lattice", index="load")]
+    if os.environ.get("AB_TILES"):
+        cands += [dict(variant="v3", tile=tile) for tile in AB_TILES[D][1:]]
+    other_order = next(o for o in triton_backend.ITEM_ORDERS if o != triton_backend.item_order())
+    other_index = next(i for i in triton_backend.INDEX_MODES if i != triton_backend.index_mode())
+    cands += [dict(variant=variant, order=other_order) for variant in ("v2", "v3")]
+    cands += [dict(variant=variant, index=other_index) for variant in ("v2", "v3")]
     return cands
 
 
@@ -369,7 +373,7 @@ def summarize_ab(rec):
         return
     ceiling = rec.data["ceilings"].get("matmul_bf16_8192_tflops", float("nan"))
     print(f"\nA/B (eager, bf16, block {BLOCK}); ceiling {ceiling:.0f} TF; ms; best = fastest kernel choice")
-    print(f"{'D':>4} {'N':>8} {'pattern':>15} {'flex':>7} {'v2':>7} {'v3':>7} {'v3tma':>7} {'best':>7} "
+    print(f"{'D':>4} {'N':>8} {'pattern':>15} {'flex':>7} {'auto':>7} {'v2':>7} {'v3':>7} {'v3tma':>7} {'best':>7} "
           f"{'%mm':>5} {'xflex':>6} {'xpeer':>6} {'maxdiff':>8}  best choice")
     for D in (64, 128):
         for N in sorted({r["N"] for r in rows if r["D"] == D}):
@@ -385,7 +389,7 @@ def summarize_ab(rec):
                 best = min(ours, key=lambda r: r["ms"])
                 xflex = f"{flex['ms'] / best['ms']:.2f}" if flex else "-"
                 xpeer = f"{peer['ms'] / best['ms']:.2f}" if (peer and name == "dense") else "-"
-                print(f"{D:>4} {N:>8} {name:>15} {cell(flex):>7} {cell(by.get('triton_v2')):>7} "
+                print(f"{D:>4} {N:>8} {name:>15} {cell(flex):>7} {cell(by.get('triton_auto')):>7} {cell(by.get('triton_v2')):>7} "
                       f"{cell(by.get('triton_v3')):>7} {cell(by.get('triton_v3tma')):>7} {best['ms']:>7.3f} "
                       f"{100 * best['tflops'] / ceiling:>5.1f} {xflex:>6} {xpeer:>6} "
                       f"{max(r['max_abs_diff_vs_v2'] for r in ours):>8.1e}  {best['method'][7:]}")

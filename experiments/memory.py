@@ -844,31 +844,33 @@ def print_table(rows, columns=None, floats: str = "{:.3g}") -> None:
 
 
 def load_bench_gpu_peaks(results_dir: str = RESULTS_DIR, name: str = "bench_gpu.json"):
-    """Peak rows of the newest H200 benchmark file (experiments/bench_gpu.py; in ``results_dir`` or one
-    folder below it) in this module's row format, or None.
+    """Peak rows of the newest H200 benchmark file that has any (experiments/bench_gpu.py, by its recorded
+    start time; in ``results_dir`` or one folder below it) in this module's row format, or None.
 
     Its rows hold ``peak_extra`` (cuda max_memory_allocated above the bytes allocated before the
     call, outputs included: the same quantity as ``peak_bytes`` here) per method, pattern, N and D.
     Returns (environment-like info, rows with method names prefixed by the head dim).
     """
     candidates = glob.glob(os.path.join(results_dir, name)) + glob.glob(os.path.join(results_dir, "*", name))
-    if not candidates:
-        return None
-    path = max(candidates, key=os.path.getmtime)  # the newest run
-    try:
-        with open(path) as handle:
-            document = json.load(handle)
-    except (OSError, json.JSONDecodeError):
-        return None
-    rows = []
-    for row in document.get("rows", []):
-        if row.get("peak_extra") is None:
+    newest = None  # (started, path, document, rows): file times mean nothing in a fresh clone
+    for path in candidates:
+        try:
+            with open(path) as handle:
+                document = json.load(handle)
+        except (OSError, json.JSONDecodeError):
             continue
-        rows.append({
-            "method": f"{row['method']} D={row.get('D')}", "pattern": row.get("pattern"), "seq_len": row["N"],
-            "peak_bytes": row["peak_extra"], "heads": row.get("H"), "head_dim": row.get("D"),
-            "qkv_out_bytes": row.get("qkv_out_bytes"),
-        })
+        rows = [
+            {"method": f"{row['method']} D={row.get('D')}", "pattern": row.get("pattern"), "seq_len": row["N"],
+             "peak_bytes": row["peak_extra"], "heads": row.get("H"), "head_dim": row.get("D"),
+             "qkv_out_bytes": row.get("qkv_out_bytes")}
+            for row in document.get("rows", []) if row.get("peak_extra") is not None
+        ]
+        started = str(document.get("info", {}).get("started", ""))
+        if rows and (newest is None or started > newest[0]):
+            newest = (started, path, document, rows)
+    if newest is None:
+        return None
+    _, path, document, rows = newest
     info = {"info": document.get("info", {}), "huge": document.get("huge") or None,
             "file": os.path.relpath(path, os.path.dirname(results_dir))}
     return info, rows

@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=65536)
     parser.add_argument("--d", type=int, default=128, choices=sorted(DILATIONS))
     parser.add_argument("--patterns", default="dense,dilated_sparse")
-    parser.add_argument("--choices", default="v2,v3,v3tma,v3+by_lattice",
+    parser.add_argument("--choices", default="auto,v2,v3,v3tma",
                         help="kernel choices as experiments.bench_gpu.ab_label writes them")
     parser.add_argument("--no-flex", action="store_true")
     args = parser.parse_args(argv)

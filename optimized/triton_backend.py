@@ -10,9 +10,12 @@ keeps an online softmax in float32 (base-2 exponentials on log2(e)-scaled scores
 Launches: tables whose heads are disjoint form one launch ("layer"): head_mode "split" is one
 launch for the whole call. A head that sits in several branches (head_mode "all") gets one
 launch per branch, each later launch merging into what is already written by SPEC section 5's
-lse rule (merge on write). ``out``/``lse`` start as 0 / -inf on every head the first launch does
-not write in full, so points on no lattice stay exactly empty; fully written heads are not filled.
-How full key blocks are read is a kernel variant (VARIANTS; experiments/NOTES_gpu.md, Version 3).
+lse rule (merge on write). The first launch also writes 0 / -inf at the positions of each row's
+segment that lie on no lattice point of the head (the gaps between points, and those before the
+first), so no separate pass fills ``out``; only heads that it does not reach everywhere
+(``LaunchTable.covers_head``: a short last segment, a chunk starting in a gap) are filled first.
+How full key blocks are read, in which order work items launch and how a listed block is found
+are kernel choices (VARIANTS, ITEM_ORDERS, INDEX_MODES; experiments/NOTES_gpu.md).
 
 Masks: t >= lattice length, points outside the call's query/key chunks, causal (t_k <= t_q),
 key padding, and head-dim padding to the next power of two. Grouped-query heads read kv head
@@ -42,8 +45,9 @@ MIN_BLOCK_SIZE = 16
 MAX_HEAD_DIM = 256
 # Device-side block tables kept per (plan, device); each is small (int32 per row and per entry).
 TABLE_CACHE_SIZE = 64
-# lattice_start, lattice_length, query_block, entry_start, entry_stop, stride, head, full_stop, run_block, run_count
-_ITEM_FIELDS = 10
+# lattice_start, lattice_length, query_block, entry_start, entry_stop, stride, head, full_stop, run_block, run_count,
+# segment_start, segment_stop
+_ITEM_FIELDS = 12
 # Rows with at most this many full key blocks keep their block list in registers (no index load in the loop).
 MAX_REGISTER_ENTRIES = 256
 _WEIGHT_FIELDS = 8  # lattice_start, lattice_length, query_block, key_block, stride, head, pad, pad
@@ -60,16 +64,21 @@ def _interpreting() -> bool:
 #            (the lattice is a strided 2D view: row stride dilation_rate * stride_n), the rest as in v2;
 #   "v3tma": like v3, with k/v of full blocks read through Hopper tensor descriptors (TMA) built per
 #            program on the lattice view; needs 16-byte aligned strides, else v3 runs.
-VARIANTS = ("v2", "v3", "v3tma")
+#   "auto":  per launch, from its rows' mean run of consecutive full blocks (LaunchTable.mean_run):
+#            v3tma for long runs (dense layouts), v3 for medium ones (local windows), else v2; the
+#            thresholds come from the H200 A/B (experiments/results/run3, NOTES_gpu.md).
+VARIANTS = ("auto", "v2", "v3", "v3tma")
 VARIANT_ENV = "BSRDA_TRITON_VARIANT"
-DEFAULT_VARIANT = "v2"
+DEFAULT_VARIANT = "auto"
+AUTO_TMA_MIN_RUN = 8.0  # mean full blocks per run at which v3tma beat v3 (dense: 16 blocks per row)
+AUTO_RUNS_MIN_RUN = 3.0  # ... at which v3 beat v2 (local_window: ~5; dilated_sparse / random: ~1-2)
 # Launch order of the work items (one query block of one head each):
 #   "longest_first": rows with the most key blocks start first (fewer stragglers at the tail);
 #   "by_lattice":    all query blocks of one (lattice, head) side by side, so the programs that run
 #                    together read the same keys and values (L2 reuse); no sort by length.
 ITEM_ORDERS = ("longest_first", "by_lattice")
 ITEM_ORDER_ENV = "BSRDA_TRITON_ITEM_ORDER"
-DEFAULT_ITEM_ORDER = "longest_first"
+DEFAULT_ITEM_ORDER = "by_lattice"
 # How the loop over listed full key blocks finds the next block index:
 #   "registers": the row's list is loaded once and picked per step (a reduction over the list);
 #   "load":      one scalar load per step from the (L1-resident) list.
@@ -202,6 +211,7 @@ class LaunchTable:
     num_items: int
     max_full: int  # most full entries of one row (sizes the in-register index list)
     max_listed: int  # most full entries of one row outside its run
+    mean_run: float  # mean run_count over the rows that have full blocks (picks the "auto" variant)
     # (H,) bool on the CPU: this launch writes every query point of the head (skip zeroing it first).
     covers_head: torch.Tensor
 
@@ -265,7 +275,7 @@ def _entry_order(entry_row, key_block, full, rows):
     return first[second], run_block, run_count
 
 
-def _launch_table(tables, device, is_causal: bool, num_heads: int, order_name: str) -> LaunchTable:
+def _launch_table(tables, device, is_causal: bool, num_heads: int, order_name: str, geometry) -> LaunchTable:
     items, keys = [], []
     entry_base = 0
     written = torch.zeros(num_heads, dtype=torch.long)
@@ -277,12 +287,17 @@ def _launch_table(tables, device, is_causal: bool, num_heads: int, order_name: s
         entry_row = table.entry_row
         order, run_block, run_count = _entry_order(entry_row, table.key_block, full, rows)
         full_count = torch.bincount(entry_row[full], minlength=rows)
+        # The row's segment: the first launch also writes the positions of the segment that lie on no
+        # lattice point of this head (0 / -inf), so those need no separate fill of out and lse.
+        segment_start = table.lattice_start - table.offset
+        segment_stop = torch.clamp(segment_start + geometry.branches[table.branch].segment_length,
+                                   max=geometry.seq_len)
         fields = torch.stack(
             [
                 table.lattice_start, table.lattice_length, table.query_block,
                 table.row_ptr[:-1] + entry_base, table.row_ptr[1:] + entry_base,
                 torch.full((rows,), table.stride, dtype=torch.long), torch.zeros(rows, dtype=torch.long),
-                table.row_ptr[:-1] + entry_base + full_count, run_block, run_count,
+                table.row_ptr[:-1] + entry_base + full_count, run_block, run_count, segment_start, segment_stop,
             ],
             dim=1,
         )
@@ -293,14 +308,17 @@ def _launch_table(tables, device, is_causal: bool, num_heads: int, order_name: s
         items.append(per_head.reshape(rows * nh, _ITEM_FIELDS))
         keys.append(table.key_block[order])
         entry_base += table.nnz
-        # Query points this table writes per head: rows are distinct (lattice, block) pairs.
-        first_t, stop_t = _lattice_range(
-            table.lattice_start, table.lattice_length, table.stride, *table.query_limits
-        )
+        # Positions a row writes with gaps zeroed: one contiguous zone from its first point (the segment's
+        # start for block 0) to its last point + stride (the segment's end at most), inside the query chunk.
+        q_lo, q_hi = table.query_limits
         t0 = table.query_block * table.block_size
-        points = torch.clamp(torch.minimum(t0 + table.block_size, stop_t) - torch.maximum(t0, first_t), min=0)
-        written[table.heads.start : table.heads.stop] += int(points.sum())
-        query_points = table.query_limits[1] - table.query_limits[0]
+        t_end = torch.minimum(t0 + table.block_size, table.lattice_length)
+        zone_lo = torch.where(table.query_block == 0, segment_start, table.lattice_start + table.stride * t0)
+        zone_hi = torch.minimum(table.lattice_start + table.stride * t_end, segment_stop)
+        zone = torch.clamp(torch.minimum(zone_hi, torch.full_like(zone_hi, q_hi))
+                           - torch.maximum(zone_lo, torch.full_like(zone_lo, q_lo)), min=0)
+        written[table.heads.start : table.heads.stop] += int(zone.sum())
+        query_points = q_hi - q_lo
     items = torch.cat(items)
     if order_name == "longest_first":
         # The heavy programs start early and the short ones fill the tail.
@@ -310,12 +328,15 @@ def _launch_table(tables, device, is_causal: bool, num_heads: int, order_name: s
         raise ValueError("sequence too long for the kernel's int32 block tables (positions >= 2**31)")
     max_full = int((items[:, 7] - items[:, 3]).max()) if items.numel() else 0
     max_listed = int((items[:, 7] - items[:, 3] - items[:, 9]).max()) if items.numel() else 0
+    has_full = items[:, 9] > 0
+    mean_run = float(items[has_full, 9].double().mean()) if bool(has_full.any()) else 0.0
     return LaunchTable(
         items=items.to(torch.int32).contiguous().to(device),
         key_block=torch.cat(keys).to(torch.int32).to(device),
         num_items=int(items.shape[0]),
         max_full=max_full,
         max_listed=max_listed,
+        mean_run=mean_run,
         covers_head=written == query_points,
     )
 
@@ -332,7 +353,8 @@ def device_tables(plan: CallPlan, device, order: str | None = None) -> tuple[Lau
         _table_cache.move_to_end(key)
         return cached
     num_heads = plan.geometry.num_heads
-    launches = tuple(_launch_table(layer, device, plan.is_causal, num_heads, order) for layer in _layers(plan.tables))
+    launches = tuple(_launch_table(layer, device, plan.is_causal, num_heads, order, plan.geometry)
+                     for layer in _layers(plan.tables))
     _table_cache[key] = launches
     while len(_table_cache) > TABLE_CACHE_SIZE:
         _table_cache.popitem(last=False)
@@ -388,7 +410,7 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, MERGE: tl.constexpr, FP32_DOT: tl.constexpr,
     EVEN_D: tl.constexpr, REGISTER_INDEX: tl.constexpr, MAX_ENTRIES: tl.constexpr,
-    RUNS: tl.constexpr, TMA: tl.constexpr, ITEM_FIELDS: tl.constexpr,
+    RUNS: tl.constexpr, TMA: tl.constexpr, ZERO_GAPS: tl.constexpr, ITEM_FIELDS: tl.constexpr,
 ):
     M_SUB: tl.constexpr = BLOCK // BLOCK_M
     N_SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -540,6 +562,32 @@ def _forward_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
     tl.store(lse_ptrs, lse, mask=q_ok)
 
+    if ZERO_GAPS:
+        # The positions of this head's segment that lie on no lattice point are empty (out 0, lse -inf).
+        # The program writes those after each of its points (up to stride - 1, within the segment) and,
+        # for the lattice's first point, those before it; the host then skips its fill of this head.
+        segment_start = tl.load(meta + 10)
+        segment_stop = tl.load(meta + 11)
+        zero_tile = tl.zeros([BLOCK_M, BLOCK_D], dtype=Out.dtype.element_ty)
+        empty_lse = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        on_lattice = t_q < lattice_len
+        first_row = t_q == 0  # the lattice's first point (one row of one program)
+        out_base = Out + batch * stride_ob + head.to(tl.int64) * stride_oh
+        lse_base = Lse + (batch * num_heads + head) * num_queries
+        for gap in range(1, stride):
+            for side in tl.static_range(2):
+                # side 0: pos_q + gap (after each point); side 1: lattice_start - gap (before the first point)
+                if side == 0:
+                    pos_g = pos_q + gap
+                    g_ok = on_lattice & (pos_g < segment_stop)
+                else:
+                    pos_g = lattice_start - gap + tl.zeros([BLOCK_M], dtype=tl.int32)
+                    g_ok = first_row & (pos_g >= segment_start)
+                g_ok = g_ok & (pos_g >= q_lo) & (pos_g < q_hi)
+                idx_g = tl.where(g_ok, pos_g - q_lo, 0).to(tl.int64)
+                tl.store(out_base + idx_g[:, None] * stride_on + d[None, :], zero_tile, mask=g_ok[:, None] & d_ok[None, :])
+                tl.store(lse_base + idx_g, empty_lse, mask=g_ok)
+
 
 @triton.jit
 def _weights_kernel(
@@ -652,6 +700,14 @@ def _allocate_outputs(batch, num_queries, num_heads, head_dim, out_dtype, device
     return out, lse
 
 
+def _auto_variant(launch: LaunchTable) -> str:
+    if launch.mean_run >= AUTO_TMA_MIN_RUN:
+        return "v3tma"
+    if launch.mean_run >= AUTO_RUNS_MIN_RUN:
+        return "v3"
+    return "v2"
+
+
 def _tma_ready(*tensors) -> bool:
     """Tensor descriptors need 16-byte aligned base addresses and strides (every lattice view then is)."""
     for t in tensors:
@@ -702,13 +758,15 @@ def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, tile: TileConfig 
     tile = tile or default_tile(b, block_d, q.dtype)
     if b % tile.block_m or b % tile.block_n:
         raise ValueError(f"tile {tile} must divide block_size={b}")
-    runs = variant != "v2"
-    tma = variant == "v3tma" and _tma_ready(k, v)
-    if tma and q.is_cuda:
-        _ensure_descriptor_allocator()
+    tma_ready = _tma_ready(k, v)
     mask, mask_sb, mask_sn, has_padding = _padding_view(key_padding_mask, lse)
     kv_group = num_heads // k.shape[2]
     for layer, launch in enumerate(launches):
+        reads = _auto_variant(launch) if variant == "auto" else variant
+        runs = reads != "v2"
+        tma = reads == "v3tma" and tma_ready
+        if tma and q.is_cuda:
+            _ensure_descriptor_allocator()
         listed = launch.max_listed if runs else launch.max_full
         grid = (launch.num_items * (b // tile.block_m), batch)
         _forward_kernel[grid](
@@ -725,7 +783,7 @@ def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, tile: TileConfig 
             FP32_DOT=q.dtype == torch.float32, EVEN_D=block_d == head_dim,
             REGISTER_INDEX=register_index and listed <= MAX_REGISTER_ENTRIES,
             MAX_ENTRIES=max(16, triton.next_power_of_2(max(1, listed))),
-            RUNS=runs, TMA=tma, ITEM_FIELDS=_ITEM_FIELDS,
+            RUNS=runs, TMA=tma, ZERO_GAPS=layer == 0, ITEM_FIELDS=_ITEM_FIELDS,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
     return out, lse

@@ -232,6 +232,47 @@ def test_kernel_variants_match_reference(variant, order, index, pattern, head_mo
     assert_within_budget(compare("out", out.cpu(), out64, out_lowp, dtype, empty=out_empty, empty_value=0.0), context)
 
 
+@pytest.mark.parametrize(
+    "seq_len, segments, rates, heads, query_range, covered",
+    [
+        # Every segment holds every offset: the launch writes each position (points, and the gaps as 0 / -inf).
+        (64, (32, 64), (2, 4), 4, None, [True] * 4),
+        # The last segment (2 positions) holds offsets 0 and 1 of rate 4 only: heads 2 and 3 are filled first.
+        (66, (66, 64), (1, 4), 8, None, [True] * 4 + [True, True, False, False]),
+        # A query chunk starting in the gap after a block's last point (t = 15 at 60 or 61, rate 4): that
+        # block has no point in the chunk, so no row writes 62, 63 for offsets 0 and 1; offsets 2, 3 have theirs.
+        (128, (128,), (4,), 4, (62, 128), [False, False, True, True]),
+    ],
+)
+def test_first_launch_zeroes_the_lattice_gaps(seq_len, segments, rates, heads, query_range, covered):
+    """Positions on no lattice point of a head are written 0 / -inf by the kernel (no separate fill) where
+    its rows reach them; covers_head says which heads still need the fill. NaN poison (always on the
+    CPU) makes any position that neither writes fail the comparison."""
+    geometry = AttentionGeometry(DilationConfig(segments, rates, "split"), seq_len, heads)
+    config = make_config("dense")
+    q0, q1 = query_range or (0, seq_len)
+    plan = CallPlan(geometry, config, False, 16**-0.5, (q0, q1), (0, seq_len))
+    launch = triton_backend.device_tables(plan, DEVICE)[0]
+    assert launch.covers_head.tolist() == covered
+    q, k, v, _ = make_inputs(seq_len, 1, seq_len, heads, heads, 16, torch.float32)
+    empty = check_partial(q, k, v, None, geometry, config, False, query_range=query_range, context="gaps")
+    assert bool(empty.any()), "the case must contain positions on no lattice point"
+
+
+@pytest.mark.parametrize("pattern, expected", [("dense", "v3tma"), ("local_window", "v3"), ("dilated_sparse", "v2")])
+def test_auto_variant_follows_the_runs_of_full_blocks(pattern, expected):
+    """"auto" reads long runs of consecutive full blocks through descriptors, short ones by pointer steps, and
+    scattered blocks from the list (the H200 A/B, NOTES_gpu.md); the result is the same (test above)."""
+    geometry = AttentionGeometry(DilationConfig((256,), (1,), "split"), 256, 2)
+    config = make_config(pattern, block_size=16, max_blocks=16)
+    if pattern == "local_window":
+        config = SparsePatternConfig(pattern_type="local_window", block_size=16, local_window_size=64)
+    if pattern == "dilated_sparse":
+        config = SparsePatternConfig(pattern_type="dilated_sparse", block_size=16, sparsity_ratio=0.25)
+    launch = triton_backend.device_tables(CallPlan.whole(geometry, config, False, 1.0), DEVICE)[0]
+    assert triton_backend._auto_variant(launch) == expected, launch.mean_run
+
+
 @pytest.mark.parametrize("argument, value, allowed", [
     ("variant", "v9", "v2"), ("order", "shortest_first", "by_lattice"), ("index", "guess", "registers"),
 ])
