@@ -117,3 +117,43 @@ def test_large_inputs_run_eagerly():
     q, k, v = make_qkv(9, N=N, H=4, D=32)
     out = make_module()(q, k, v)
     assert graphs.cached_graph_count() == 0 and torch.equal(out, make_module(use_cuda_graphs=False)(q, k, v))
+
+
+def _flood_table_cache(monkeypatch, device):
+    """Build the tables of many other plans with a zero byte budget: every unpinned entry is evicted."""
+    from optimized import triton_backend
+    from optimized.plan import CallPlan
+    from reference import AttentionGeometry, DilationConfig
+
+    monkeypatch.setattr(triton_backend, "TABLE_CACHE_BYTES", 0)
+    config = SparsePatternConfig(pattern_type="dense", block_size=16)
+    for n in range(4):
+        geometry = AttentionGeometry(DilationConfig((32,), (1,), "split"), 32 + 16 * n, 2)
+        triton_backend.device_tables(CallPlan.whole(geometry, config, False, 1.0), device)
+    return triton_backend
+
+
+@needs_cuda
+def test_graph_keeps_its_tables_when_the_table_cache_evicts(monkeypatch):
+    """A replayed graph reads the block tables at their captured addresses: eviction must not free them."""
+    graphs.clear_graphs()
+    attention = make_module()
+    q, k, v = make_qkv(8)
+    expected = make_module(use_cuda_graphs=False)(q, k, v)
+    attention(q, k, v)  # captures
+    triton_backend = _flood_table_cache(monkeypatch, q.device)
+    assert len(triton_backend._table_cache) <= 1
+    garbage = [torch.full((1 << 20,), -1, dtype=torch.int32, device=q.device) for _ in range(8)]  # reuse freed memory
+    again = attention(q.clone(), k.clone(), v.clone())  # replays (copy-in)
+    del garbage
+    assert torch.equal(again, expected)
+
+
+def test_evicted_tables_are_rebuilt_on_the_next_call(monkeypatch):
+    """The same eviction on any device (CPU: the interpreter): the next call rebuilds the tables, same result."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    attention = make_module(use_cuda_graphs=False)
+    q, k, v = make_qkv(9, N=128, H=2, D=16, dtype=torch.float32, device=device)
+    first = attention(q, k, v)
+    _flood_table_cache(monkeypatch, device)
+    assert torch.equal(attention(q, k, v), first)
