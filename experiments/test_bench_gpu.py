@@ -52,7 +52,10 @@ def run(benchmark, fn, case: str, anchor: str | None):
         torch.cuda.synchronize()
         return result
 
-    benchmark.extra_info.update(case=case, anchor=anchor, device=torch.cuda.get_device_name())
+    import triton
+
+    benchmark.extra_info.update(case=case, anchor=anchor, device=torch.cuda.get_device_name(),
+                                torch=torch.__version__, triton=triton.__version__)
     with torch.no_grad():
         return benchmark.pedantic(synchronized, rounds=20, warmup_rounds=3, iterations=1)
 
