@@ -61,6 +61,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--junit", nargs="*", default=[], help="pytest --junitxml files of the same run")
     parser.add_argument("--out", required=True)
     parser.add_argument("--note", default="")
+    parser.add_argument("--device-info", help="the run's nvidia_smi.txt, when summarizing on another machine")
     args = parser.parse_args(argv)
     lines = []
     for path in args.record:
@@ -71,7 +72,11 @@ def main(argv=None) -> dict:
     summary["pytest"] = {os.path.basename(path): junit_counts(path) for path in args.junit if os.path.exists(path)}
     summary["profile"] = os.environ.get("HYPOTHESIS_PROFILE", "ci")
     summary["note"] = args.note
-    summary["environment"] = environment()
+    if args.device_info:
+        with open(args.device_info) as handle:
+            summary["environment"] = {"recorded_on_the_device": handle.read()}
+    else:
+        summary["environment"] = environment()
     with open(args.out, "w") as handle:
         json.dump(summary, handle, indent=1)
     print(f"{summary['verdicts']} verdicts, {summary['failed_verdicts']} failed, worst error/budget "

@@ -53,6 +53,19 @@ def _kernel_options(block_size: int):
     return {"BLOCK_M": tile, "BLOCK_N": tile}
 
 
+MIN_COMPILED_HEAD_DIM = 16
+
+
+def pad_head_dim(query, key, value, minimum: int):
+    """Zero-pad the head dim to ``minimum`` (compiled flex needs >= 16: inductor's "NYI: embedding
+    dimension ... at least 16", seen on the H200 at D = 1). Zero columns change no score (q . k) and
+    give zero output columns, which the caller slices off; the scale is passed explicitly."""
+    missing = minimum - query.shape[-1]
+    if missing <= 0:
+        return query, key, value
+    return tuple(torch.nn.functional.pad(x, (0, missing)) for x in (query, key, value))
+
+
 def _run_flex(query, key, value, block_mask, scale):
     """flex_attention returning (out, natural-log lse), with the API of this torch version."""
     flex = _flex_module()
@@ -62,8 +75,11 @@ def _run_flex(query, key, value, block_mask, scale):
         limits = dict(recompile_limit=max(RECOMPILE_LIMIT, dynamo_config.recompile_limit),
                       fail_on_recompile_limit_hit=True)
         options = _kernel_options(block_mask.BLOCK_SIZE[0])
+        head_dim = query.shape[-1]
+        query, key, value = pad_head_dim(query, key, value, MIN_COMPILED_HEAD_DIM)
         with dynamo_config.patch(**limits):
-            return _call_flex(flex, _compiled_flex_attention(), query, key, value, block_mask, scale, options)
+            out, lse = _call_flex(flex, _compiled_flex_attention(), query, key, value, block_mask, scale, options)
+        return out[..., :head_dim], lse
     return _call_flex(flex, flex.flex_attention, query, key, value, block_mask, scale, None)
 
 

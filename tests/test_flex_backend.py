@@ -205,3 +205,22 @@ def test_cuda_block_size_rule_is_checked_before_running(monkeypatch):
 
     with pytest.raises(ValueError, match="block_size=3"):
         flex_backend._check_inputs(FakeCuda(), FakeCuda(), FakeCuda(), plan)
+
+
+def test_head_dim_padding_for_compiled_flex_changes_nothing():
+    """Compiled flex (CUDA) pads head dims below 16 with zeros; the same padding on eager flex (CPU) gives
+    the unpadded result in the first D columns, zeros after, and the same lse."""
+    from optimized import flex_backend
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    generator = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 3, 32, 3, generator=generator, dtype=torch.float64) for _ in range(3))
+    mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, 32, 32, device="cpu", BLOCK_SIZE=16)
+    flex = flex_backend._flex_module()
+    out, lse = flex_backend._call_flex(flex, flex.flex_attention, q, k, v, mask, 0.5, None)
+    padded = flex_backend.pad_head_dim(q, k, v, 16)
+    assert padded[0].shape[-1] == 16
+    out_p, lse_p = flex_backend._call_flex(flex, flex.flex_attention, *padded, mask, 0.5, None)
+    torch.testing.assert_close(out_p[..., :3], out, rtol=1e-12, atol=1e-12)
+    assert torch.equal(out_p[..., 3:], torch.zeros_like(out_p[..., 3:]))
+    torch.testing.assert_close(lse_p, lse, rtol=1e-12, atol=1e-12)
