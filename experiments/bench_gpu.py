@@ -1,7 +1,6 @@
 """GPU benchmark of the triton path against its peers, in one process (experiments/NOTES_gpu.md).
 
     PYTHONPATH=. python3 -m experiments.bench_gpu --out DIR [--budget-s 420] [--only tiles,main,flexorig,huge]
-    PYTHONPATH=. python3 -m experiments.bench_gpu --equivalence --out DIR --examples 60
     PYTHONPATH=. python3 -m experiments.bench_gpu --out DIR --only ab   # kernel variants x tiles, one process
 
 Measures (triton.testing.do_bench medians, bf16, B = 1) forward time, TFLOP/s on active blocks
@@ -604,52 +603,6 @@ def plot(rec, out_dir):
     fig.savefig(os.path.join(out_dir, "bench_gpu.png"), dpi=110)
 
 
-def run_equivalence(out_dir, examples):
-    """The triton equivalence property with more examples; records every verdict's error / budget."""
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-
-    from equivalence_tests import strategies as s
-    from equivalence_tests.helpers import case_sizes, check_backend
-
-    record = {"examples": 0, "failures": [], "worst": {}}
-    cases = s.attention_cases(**case_sizes("triton").case_kwargs(), block_sizes=(16, 32, 64),
-                              head_dims=(16, 32, 64, 128))
-    dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
-
-    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
-    @given(case=cases, dtype=dtypes, weights=st.booleans())
-    def prop(case, dtype, weights):
-        if triton_backend.supports(case.sparse_config, case.shape.head_dim, dtype, "cuda") is not None:
-            return
-        try:
-            verdicts = check_backend(case, "triton", dtype, "cuda", check_weights=weights and dtype == torch.float32)
-        except AssertionError as exc:
-            record["failures"].append(str(exc)[:600])
-            raise
-        record["examples"] += 1
-        for name, verdict in verdicts.items():
-            key = f"{name} {dtype}"
-            ratio = verdict.error / verdict.budget if verdict.budget > 0 else 0.0
-            if ratio >= record["worst"].get(key, {}).get("ratio", -1):
-                record["worst"][key] = {"ratio": ratio, "error": verdict.error, "budget": verdict.budget,
-                                        "case": case.describe()}
-
-    try:
-        prop()
-        record["passed"] = True
-    except Exception as exc:  # noqa: BLE001
-        record["passed"] = False
-        record["error"] = f"{type(exc).__name__}: {str(exc)[:800]}"
-    name = f"equivalence_gpu_{triton_backend.kernel_variant()}.json"
-    with open(os.path.join(out_dir, name), "w") as handle:
-        json.dump(record, handle, indent=1, default=str)
-    print("equivalence:", record["examples"], "examples, passed:", record["passed"])
-    for key, worst in sorted(record["worst"].items()):
-        print(f"  {key}: worst error/budget {worst['ratio']:.3f} ({worst['error']:.2e} / {worst['budget']:.2e})")
-
-
 def summarize(rec):
     rows = rec.data["rows"]
     ceiling = rec.data["ceilings"].get("matmul_bf16_8192_tflops", float("nan"))
@@ -687,13 +640,8 @@ def main(argv=None):
     parser.add_argument("--only", default="tiles,main,flexorig,huge")
     parser.add_argument("--ns", default="8192,65536,1048576")
     parser.add_argument("--patterns", default=",".join(pattern_configs()))
-    parser.add_argument("--equivalence", action="store_true")
-    parser.add_argument("--examples", type=int, default=60)
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    if args.equivalence:
-        run_equivalence(args.out, args.examples)
-        return
     start = time.time()
     deadline = start + args.budget_s
     rec = Recorder(args.out)

@@ -5,7 +5,7 @@
 Input: ``ncu --import profile.ncu-rep --page details --csv`` (one row per kernel launch and metric),
 optionally ``--page raw --csv`` for the warp stall breakdown, and the log of
 experiments/profile_kernels.py, whose "launch group" lines name each launch in order (a method's
-second call is the warm one). Launches are matched to names by order, per kernel name family.
+second call is the warm one). Launches are matched to those names by their order in the report.
 """
 
 from __future__ import annotations
