@@ -155,14 +155,16 @@ def _record(verdicts: dict[str, Verdict], backend: str, dtype, device, case: s.A
     if not path:
         return
     test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+    lines = "".join(json.dumps({
+        "test": test, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
+        "device": torch.device(device).type, "quantity": name, "error": verdict.error,
+        "budget": verdict.budget, "passed": verdict.passed, "problem": verdict.problem,
+        "case": case.describe(),
+    }) + "\n" for name, verdict in verdicts.items())
+    # One write of the whole batch: pytest-xdist workers append to the same file, and an O_APPEND
+    # write lands whole at the end, so lines of two workers never interleave.
     with open(path, "a") as handle:
-        for name, verdict in verdicts.items():
-            handle.write(json.dumps({
-                "test": test, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
-                "device": torch.device(device).type, "quantity": name, "error": verdict.error,
-                "budget": verdict.budget, "passed": verdict.passed, "problem": verdict.problem,
-                "case": case.describe(),
-            }) + "\n")
+        handle.write(lines)
 
 
 def _require(verdict: Verdict, actual: torch.Tensor, reference64: torch.Tensor, context: str) -> Verdict:

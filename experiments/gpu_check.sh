@@ -8,6 +8,7 @@
 #   ring      experiments/bench_ring.py (the in-process ring against P)
 #   baseline  the GPU pytest-benchmark suite, saved as gpu_baseline.json (experiments/baselines/gpu.json)
 # Usage on the device: STEPS="env tests ncu bench" PARTS=ab BENCH_BUDGET=200 bash experiments/gpu_check.sh
+# SUITE_WORKERS=N runs the suite in N pytest-xdist processes sharing the GPU (compiling flex is CPU-bound).
 # Results go to $OUT/run and are packed into $OUT/results.tar.gz after every step, so a step cut short
 # by its timeout still leaves the earlier ones (the device returns at most 8 files).
 set -u
@@ -36,7 +37,8 @@ for step in $STEPS; do
     suite)
       rm -f "$RUN/verdicts.jsonl"
       EQUIVALENCE_RECORD="$RUN/verdicts.jsonl" HYPOTHESIS_PROFILE=gpu BSRDA_TRITON_POISON=1 \
-        timeout "${SUITE_TIMEOUT:-420}" $PYTEST -q --timeout 300 --durations=10 equivalence_tests \
+        timeout "${SUITE_TIMEOUT:-420}" $PYTEST -q --timeout 300 --durations=10 ${SUITE_WORKERS:+-n $SUITE_WORKERS} \
+        equivalence_tests \
         --junitxml "$RUN/equivalence_suite.xml" > "$RUN/equivalence_suite.log" 2>&1
       echo "suite rc=$?"; tail -3 "$RUN/equivalence_suite.log"
       HYPOTHESIS_PROFILE=gpu python3 -m experiments.equivalence_record "$RUN/verdicts.jsonl" \
