@@ -36,8 +36,12 @@ for step in $STEPS; do
       echo "tests rc=$?"; tail -3 "$RUN/pytest_cuda.log" ;;
     suite)
       rm -f "$RUN/verdicts.jsonl"
+      # Each worker gets its share of the cores: the float64 reference runs on the CPU, and six workers of
+      # 16 threads each slowed the torch tests past the per-test timeout (run 8).
       EQUIVALENCE_RECORD="$RUN/verdicts.jsonl" HYPOTHESIS_PROFILE=gpu BSRDA_TRITON_POISON=1 \
-        timeout "${SUITE_TIMEOUT:-420}" $PYTEST -q --timeout 300 --durations=10 ${SUITE_WORKERS:+-n $SUITE_WORKERS} \
+        OMP_NUM_THREADS=$(( $(nproc) / ${SUITE_WORKERS:-1} )) \
+        timeout "${SUITE_TIMEOUT:-420}" $PYTEST -q --timeout "${SUITE_TEST_TIMEOUT:-300}" --durations=10 \
+        ${SUITE_WORKERS:+-n $SUITE_WORKERS} \
         equivalence_tests \
         --junitxml "$RUN/equivalence_suite.xml" > "$RUN/equivalence_suite.log" 2>&1
       echo "suite rc=$?"; tail -3 "$RUN/equivalence_suite.log"
