@@ -24,6 +24,10 @@ def _triton_version() -> str | None:
 
 
 def _git_commit() -> str | None:
+    # The device machine's copy of the tree can carry stale git metadata: a caller that knows the commit
+    # (experiments/gpu_check.sh is handed it) says so through BSRDA_GIT_COMMIT.
+    if os.environ.get("BSRDA_GIT_COMMIT"):
+        return os.environ["BSRDA_GIT_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         result = subprocess.run(

@@ -7,7 +7,9 @@
 #   bench     experiments/bench_gpu.py with --only "$PARTS" (tiles, main, flexorig, huge, ab)
 #   ring      experiments/bench_ring.py (the in-process ring against P)
 #   baseline  the GPU pytest-benchmark suite, saved as gpu_baseline.json (experiments/baselines/gpu.json)
-# Usage on the device: STEPS="env tests ncu bench" PARTS=ab BENCH_BUDGET=200 bash experiments/gpu_check.sh
+# Usage on the device: STEPS="env tests ncu bench" PARTS=ab BENCH_BUDGET=200 BSRDA_GIT_COMMIT=<commit> \
+#   bash experiments/gpu_check.sh
+# (the device's copy of .git was seen stale, so the commit is handed in from here and recorded as given)
 # SUITE_WORKERS=N runs the suite in N pytest-xdist processes sharing the GPU (compiling flex is CPU-bound).
 # Results go to $OUT/run and are packed into $OUT/results.tar.gz after every step, so a step cut short
 # by its timeout still leaves the earlier ones (the device returns at most 8 files).
@@ -27,6 +29,8 @@ for step in $STEPS; do
       nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,memory.used --format=csv \
         > "$RUN/nvidia_smi.txt"
       python3 -c "import torch, triton, sys; print('torch', torch.__version__, 'triton', triton.__version__, 'python', sys.version.split()[0])" \
+        >> "$RUN/nvidia_smi.txt"
+      echo "commit ${BSRDA_GIT_COMMIT:-unknown} (as handed in); git here says $(git rev-parse --short HEAD 2>/dev/null)" \
         >> "$RUN/nvidia_smi.txt"
       cat "$RUN/nvidia_smi.txt" ;;
     tests)
