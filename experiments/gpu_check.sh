@@ -10,7 +10,8 @@
 # Usage on the device: STEPS="env tests ncu bench" PARTS=ab BENCH_BUDGET=200 BSRDA_GIT_COMMIT=<commit> \
 #   bash experiments/gpu_check.sh
 # (the device's copy of .git was seen stale, so the commit is handed in from here and recorded as given)
-# SUITE_WORKERS=N runs the suite in N pytest-xdist processes sharing the GPU (compiling flex is CPU-bound).
+# SUITE_WORKERS=N runs the suite in N pytest-xdist processes sharing the GPU (compiling flex is CPU-bound);
+# SUITE_SELECT="expr" runs only the suite's tests that pytest -k selects (the record says which ran).
 # Results go to $OUT/run and are packed into $OUT/results.tar.gz after every step, so a step cut short
 # by its timeout still leaves the earlier ones (the device returns at most 8 files).
 set -u
@@ -45,7 +46,7 @@ for step in $STEPS; do
       EQUIVALENCE_RECORD="$RUN/verdicts.jsonl" HYPOTHESIS_PROFILE=gpu BSRDA_TRITON_POISON=1 \
         OMP_NUM_THREADS=$(( $(nproc) / ${SUITE_WORKERS:-1} )) \
         timeout "${SUITE_TIMEOUT:-420}" $PYTEST -q --timeout "${SUITE_TEST_TIMEOUT:-300}" --durations=10 \
-        ${SUITE_WORKERS:+-n $SUITE_WORKERS} \
+        ${SUITE_WORKERS:+-n $SUITE_WORKERS} ${SUITE_SELECT:+-k "$SUITE_SELECT"} \
         equivalence_tests \
         --junitxml "$RUN/equivalence_suite.xml" > "$RUN/equivalence_suite.log" 2>&1
       echo "suite rc=$?"; tail -3 "$RUN/equivalence_suite.log"

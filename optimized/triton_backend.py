@@ -278,7 +278,7 @@ def _entry_order(entry_row, key_block, full, rows):
     return first[second], run_block, run_count
 
 
-def _launch_table(tables, device, is_causal: bool, num_heads: int, order_name: str, geometry) -> LaunchTable:
+def _launch_table(tables, device, is_causal: bool, num_heads: int, order_name: str) -> LaunchTable:
     items, keys = [], []
     entry_base = 0
     written = torch.zeros(num_heads, dtype=torch.long)
@@ -292,9 +292,7 @@ def _launch_table(tables, device, is_causal: bool, num_heads: int, order_name: s
         full_count = torch.bincount(entry_row[full], minlength=rows)
         # The row's segment: the first launch also writes the positions of the segment that lie on no
         # lattice point of this head (0 / -inf), so those need no separate fill of out and lse.
-        segment_start = table.lattice_start - table.offset
-        segment_stop = torch.clamp(segment_start + geometry.branches[table.branch].segment_length,
-                                   max=geometry.seq_len)
+        segment_start, segment_stop = table.segment_start, table.segment_stop
         fields = torch.stack(
             [
                 table.lattice_start, table.lattice_length, table.query_block,
@@ -365,7 +363,7 @@ def device_tables(plan: CallPlan, device, order: str | None = None) -> tuple[Lau
             _table_cache.move_to_end(key)
         return cached
     num_heads = plan.geometry.num_heads
-    launches = tuple(_launch_table(layer, device, plan.is_causal, num_heads, order, plan.geometry)
+    launches = tuple(_launch_table(layer, device, plan.is_causal, num_heads, order)
                      for layer in _layers(plan.tables))
     if capturing:
         _pinned_tables[key] = launches

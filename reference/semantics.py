@@ -226,6 +226,8 @@ class BlockTable:
     (same lattice) are ``key_block[row_ptr[n]:row_ptr[n+1]]``. Rows with no key block are kept
     so that a consumer sees every query position of the lattice. ``query_limits`` and
     ``key_limits`` are the [lo, hi) global position ranges a consumer must mask to (a chunk).
+    ``segment_start[n]`` and ``segment_stop[n]`` bound the segment row ``n`` belongs to: a consumer
+    that writes the segment's off-lattice positions of its heads (zeros) needs them.
     """
 
     branch: int
@@ -240,6 +242,8 @@ class BlockTable:
     key_block: torch.Tensor  # (nnz,)
     query_limits: tuple[int, int]
     key_limits: tuple[int, int]
+    segment_start: torch.Tensor  # (R,)
+    segment_stop: torch.Tensor  # (R,), clamped to the sequence
 
     @property
     def num_rows(self) -> int:
@@ -309,7 +313,7 @@ def _block_table_cached(geometry, config, branch, offset, is_causal, query_range
     overlap_lo, overlap_hi = max(query_range[0], key_range[0]), min(query_range[1], key_range[1])
     kept = (length > 0) & (q_stop > q_first) & (seg_stop > overlap_lo) & (seg_start < overlap_hi)
     num_blocks = torch.div(length + b - 1, b, rounding_mode="floor")
-    starts, lengths, qblocks, counts, keys = [], [], [], [], []
+    starts, lengths, qblocks, counts, keys, segment_of_rows = [], [], [], [], [], []
     for nb in sorted(set(num_blocks[kept].tolist()), key=lambda n: int((num_blocks == n).nonzero()[0])):
         segments = (kept & (num_blocks == nb)).nonzero().squeeze(1)  # ascending
         blocks = block_list(config, nb, is_causal)
@@ -321,6 +325,7 @@ def _block_table_cached(geometry, config, branch, offset, is_causal, query_range
             & (blocks.key_blocks >= k_first[segments, None]) & (blocks.key_blocks < k_stop[segments, None])
         )  # (S, nnz)
         segment_of_row = segments[:, None].expand(-1, nb)[row_kept]
+        segment_of_rows.append(segment_of_row)
         starts.append(lattice_start[segment_of_row])
         lengths.append(length[segment_of_row])
         qblocks.append(row_ids.expand(segments.numel(), -1)[row_kept])
@@ -336,11 +341,13 @@ def _block_table_cached(geometry, config, branch, offset, is_causal, query_range
     row_counts = cat(counts)
     row_ptr = torch.zeros(row_counts.numel() + 1, dtype=torch.long)
     row_ptr[1:] = torch.cumsum(row_counts, 0)
+    segment_of_row = cat(segment_of_rows)
     return BlockTable(
         branch=branch, offset=offset, stride=rate, block_size=b,
         heads=geo.heads_with_offset(offset),
         lattice_start=cat(starts), lattice_length=cat(lengths), query_block=cat(qblocks),
         row_ptr=row_ptr, key_block=cat(keys), query_limits=query_range, key_limits=key_range,
+        segment_start=seg_start[segment_of_row], segment_stop=seg_stop[segment_of_row],
     )
 
 

@@ -197,6 +197,24 @@ def test_block_tables_keep_every_query_point_of_every_lattice(geometry_config, i
     assert not tables, f"tables for offsets no head uses: {list(tables)}"
 
 
+@given(geometry_config=geometries(), is_causal=s.causal_flags(), data=st.data())
+def test_block_table_rows_know_their_segment(geometry_config, is_causal, data):
+    """Each row's segment bounds are the segment (BranchGeometry.segment_bounds) its lattice lies in."""
+    geometry, config = geometry_config
+    query_range = data.draw(chunk_ranges(geometry.seq_len), label="query_range")
+    for table in block_tables(geometry, config, is_causal, query_range, None):
+        geo = geometry.branches[table.branch]
+        assert table.segment_start.shape == table.segment_stop.shape == (table.num_rows,)
+        for row in range(table.num_rows):
+            start, stop = int(table.segment_start[row]), int(table.segment_stop[row])
+            segment = start // geo.segment_length
+            assert (start, stop) == geo.segment_bounds(segment), (table.branch, row)
+            first = int(table.lattice_start[row])
+            last = first + table.stride * (int(table.lattice_length[row]) - 1)
+            assert start <= first <= last < stop, (table.branch, row, start, first, last, stop)
+            assert first - start == table.offset
+
+
 @given(geometry_config=geometries(), is_causal=s.causal_flags())
 def test_active_pair_count_equals_the_dense_count(geometry_config, is_causal):
     geometry, config = geometry_config
