@@ -22,7 +22,7 @@ from reference import SparsePatternConfig
 BATCH, SEQ_LEN, HEADS, HEAD_DIM = 1, 1024, 4, 32
 SEGMENTS, RATES, BLOCK = (256, 512, 1024), (1, 2, 4), 16
 REFERENCE_SEQ_LEN = 256  # the float64 dense reference is quadratic; it gets its own, smaller anchor
-PATTERNS = ("dense", "local_window", "dilated_sparse", "random")
+PATTERNS = ("dense", "local_window", "dilated_sparse", "global_local", "random")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,14 +1,17 @@
 """Backend "torch": portable block-sparse attention in vectorized PyTorch (any device, autograd).
 
 The algorithm the GPU kernel follows. For every BlockTable of the plan (one per (branch,
-offset)), rows are processed in groups: the group's query blocks are gathered from the caller's
-tensors, then its CSR key blocks are walked column by column ("the c-th active key block of every
-row", rows with fewer blocks masked) with an online softmax in float32. At most ``work_size``
+offset)), rows are processed in groups of similar key-block counts (``blocks.row_groups``): the
+group's query blocks are gathered from the caller's tensors, then its CSR key blocks are walked
+column by column ("the c-th active key block of every row", rows with fewer blocks masked) with
+an online softmax in float32. At most ``work_size``
 (rows x heads x batch) score blocks of b x b exist at once; no N x N tensor, no full-lattice copy.
 Tables covering the same heads (head_mode "all") are merged with SPEC section 5's lse rule.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -19,9 +22,11 @@ from .blocks import (
     block_points,
     gather_keys,
     gather_queries,
-    tables_by_layer,
+    indexed_tables_by_layer,
     kv_heads_of,
     local_index,
+    row_groups,
+    rows_by_count,
 )
 from .plan import CallPlan
 
@@ -39,7 +44,7 @@ def rows_per_group(work_size: int, batch: int, num_heads: int) -> int:
     return max(1, work_size // max(1, batch * num_heads))
 
 
-def _row_queries(dt: DeviceTable, rows: slice, plan: CallPlan):
+def _row_queries(dt: DeviceTable, rows: torch.Tensor, plan: CallPlan):
     """(query chunk index, compacted t, valid), each (n, b), of the query blocks of ``rows``."""
     table = dt.table
     q_pos, q_t, q_valid = block_points(
@@ -49,7 +54,7 @@ def _row_queries(dt: DeviceTable, rows: slice, plan: CallPlan):
     return local_index(q_pos, q_valid, plan.query_start), q_t, q_valid
 
 
-def _key_steps(key_padding_mask, dt: DeviceTable, rows: slice, q_t, plan: CallPlan):
+def _key_steps(key_padding_mask, dt: DeviceTable, rows: torch.Tensor, q_t, plan: CallPlan):
     """For c = 0, 1, ...: (key chunk index (n, b), allowed (B|1, n, 1, b_q, b_k)) of every row's c-th key block.
 
     Rows with fewer than c + 1 key blocks get no allowed slot. Forward and backward walk the same steps.
@@ -68,7 +73,7 @@ def _key_steps(key_padding_mask, dt: DeviceTable, rows: slice, q_t, plan: CallPl
         yield k_index, allowed_slots(key_padding_mask, k_index, k_valid, q_t, k_t, plan.is_causal)
 
 
-def _row_group_partial(q, k, v, key_padding_mask, dt: DeviceTable, rows: slice, kv_heads, plan: CallPlan):
+def _row_group_partial(q, k, v, key_padding_mask, dt: DeviceTable, rows: torch.Tensor, kv_heads, plan: CallPlan):
     """Online softmax over the key blocks of ``rows`` of one table.
 
     Returns (query chunk index (n, b), query valid (n, b), out (B, n, nh, b, D), lse (B, n, nh, b)).
@@ -100,15 +105,30 @@ def _row_group_partial(q, k, v, key_padding_mask, dt: DeviceTable, rows: slice, 
     return q_index, q_valid, out, lse
 
 
+@functools.lru_cache(maxsize=256)
+def _grouping(plan: CallPlan, batch: int, work_size: int) -> tuple[tuple[torch.Tensor, tuple], ...]:
+    """Per table of ``plan.tables``: its rows by count and the [start, stop) groups of them (cached:
+    a forward and its backward, and every call of the same shapes, group alike)."""
+    grouping = []
+    for table in plan.tables:
+        group = rows_per_group(work_size, batch, len(table.heads))
+        ranges = tuple(row_groups(table, group, blocks_per_row=batch * len(table.heads)))
+        grouping.append((rows_by_count(table), ranges))
+    return tuple(grouping)
+
+
 def _row_groups(q, k, plan: CallPlan, work_size: int):
     """(layer, table, device table, kv heads, rows) for every group of rows the call processes."""
     batch, _, num_heads, _ = q.shape
-    for layer, table in tables_by_layer(plan.tables):
+    tables, grouping = plan.tables, _grouping(plan, batch, work_size)
+    for layer, index in indexed_tables_by_layer(tables):
+        table = tables[index]
+        order, ranges = grouping[index]
         dt = DeviceTable.of(table, q.device)
+        order = order.to(q.device)
         kv_heads = kv_heads_of(table.heads, num_heads, k.shape[2], q.device)
-        group = rows_per_group(work_size, batch, len(table.heads))
-        for row0 in range(0, table.num_rows, group):
-            yield layer, table, dt, kv_heads, slice(row0, min(row0 + group, table.num_rows))
+        for start, stop in ranges:
+            yield layer, table, dt, kv_heads, order[start:stop]
 
 
 def _forward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int):

@@ -16,7 +16,7 @@ from .semantics import (
     dense_multiplicity,
     layout_mask,
 )
-from .verification import Verdict, assert_within_budget, compare
+from .verification import Verdict, assert_within_budget, compare, weights_inherited_budget
 
 BlockSparseRingDilatedAttentionV2 = BlockSparseRingDilatedAttention
 
@@ -25,5 +25,5 @@ __all__ = [
     "BlockSparseRingDilatedAttention", "BlockSparseRingDilatedAttentionV2", "merge_all", "merge_partials", "partial_attention",
     "AttentionGeometry", "BlockList", "BlockTable", "BranchGeometry", "active_block_count", "active_pair_count",
     "block_list", "block_table", "block_tables", "dense_multiplicity", "layout_mask",
-    "Verdict", "assert_within_budget", "compare",
+    "Verdict", "assert_within_budget", "compare", "weights_inherited_budget",
 ]

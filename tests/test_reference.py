@@ -379,3 +379,36 @@ def test_input_dtype_mode_runs_in_the_input_dtype_near_float64(dtype, case):
                          context)
     assert_within_budget(compare("lse", lse, lse64, other_lse, dtype, empty=empty, empty_value=float("-inf")),
                          context)
+
+
+# --------------------------------------------------------------------------------------------
+# (g) the weights' budget: what they inherit from lse, and no more
+# --------------------------------------------------------------------------------------------
+
+
+@given(case=s.attention_cases(max_seq_len=24), data=st.data())
+def test_weights_budget_covers_an_lse_within_budget_and_catches_a_wrong_normalisation(case, data):
+    """Weights exp(s - lse') from an lse' off by its whole budget pass; weights off by 0.1% fail."""
+    from reference import weights_inherited_budget
+
+    q, k, v, mask = s.make_inputs(case, torch.float32)
+    call = dict(is_causal=case.is_causal, key_padding_mask=mask, return_attention_weights=True, return_lse=True)
+    _, probs64, lse64 = reference_module(case)(q, k, v, **call)
+    _, probs32, lse32 = reference_module(case, compute_dtype=None)(q, k, v, **call)
+    empty = torch.isneginf(lse64)
+    lse_verdict = compare("lse", lse32, lse64, lse32, torch.float32, empty=empty, empty_value=float("-inf"))
+    assert lse_verdict.passed, lse_verdict.describe()
+    if not bool((probs64 > 0).any()):
+        return
+    inherited = weights_inherited_budget(lse_verdict, probs64)
+    # A path whose lse sits a whole budget off (either side) computes p * exp(-shift).
+    shift = data.draw(st.sampled_from([-1.0, 1.0]), label="sign") * lse_verdict.budget
+    shifted = (probs64 * torch.exp(torch.tensor(-shift, dtype=torch.float64))).to(torch.float32)
+    verdict = compare("weights", shifted, probs64, probs32, torch.float32, empty=empty.unsqueeze(-1),
+                      inherited=inherited)
+    assert_within_budget(verdict, case.describe())
+    # The old V2's kind of bug (a normalisation off by a factor) stays far outside the budget.
+    wrong = (probs64 * 1.001).to(torch.float32)
+    verdict = compare("weights", wrong, probs64, probs32, torch.float32, empty=empty.unsqueeze(-1),
+                      inherited=inherited)
+    assert not verdict.passed, f"a 0.1% wrong normalisation passed: {verdict.describe()}; {case.describe()}"

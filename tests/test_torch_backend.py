@@ -219,3 +219,43 @@ def test_gradients_match_float64_formula(pattern, head_mode, dtype):
     for name, got, want, base in zip(("dq", "dk", "dv"), actual, exact, lowp):
         assert got.dtype == dtype
         assert_within_budget(compare(name, got, want, base, dtype, k=K_GRADIENT), f"{pattern} {head_mode} {dtype}")
+
+
+@pytest.mark.parametrize("pattern", ["global_local", "dense", "random", "custom_ragged"])
+@pytest.mark.parametrize("group_size", [1, 3, 1000])
+def test_row_groups_cover_every_row_once(pattern, group_size):
+    from optimized.blocks import row_groups, rows_by_count
+    from reference.semantics import block_tables
+
+    if pattern == "custom_ragged":  # rows of 0, 1, 2, ..., 7 key blocks
+        layout = torch.tril(torch.ones(8, 8, dtype=torch.bool), diagonal=-1)
+        config = SparsePatternConfig(pattern_type="custom", block_size=4, block_layout=layout)
+    else:
+        config = SparsePatternConfig(pattern_type=pattern, block_size=4, local_window_size=8, global_tokens=4,
+                                     sparsity_ratio=0.3)
+    geometry = AttentionGeometry(DilationConfig((32, 64), (1, 2), "all"), 70, 2)
+    for table in block_tables(geometry, config):
+        counts = table.row_counts[rows_by_count(table)]
+        assert bool((counts[1:] <= counts[:-1]).all()), "rows_by_count is not by descending count"
+        ranges = row_groups(table, group_size, blocks_per_row=2)
+        assert [start for start, _ in ranges] == [0] + [stop for _, stop in ranges[:-1]]  # contiguous
+        assert ranges[-1][1] == table.num_rows
+        assert all(0 < stop - start <= group_size for start, stop in ranges)
+
+
+def test_row_groups_set_a_few_long_rows_apart_and_keep_uniform_rows_together():
+    """global_local at 64 blocks a lattice: the global rows walk 64 key blocks, the others a few."""
+    from optimized.blocks import row_groups, rows_by_count
+    from reference.semantics import block_tables
+
+    config = SparsePatternConfig(pattern_type="global_local", block_size=4, local_window_size=8, global_tokens=4)
+    geometry = AttentionGeometry(DilationConfig((256,), (1,), "split"), 1024, 1)
+    (table,) = block_tables(geometry, config)
+    counts = table.row_counts[rows_by_count(table)]
+    ranges = row_groups(table, 10_000, blocks_per_row=8)
+    longest_of_each = [int(counts[start]) for start, _ in ranges]
+    assert len(ranges) >= 2 and longest_of_each[0] == 64 and max(longest_of_each[1:]) < 8, longest_of_each
+    # A layout whose rows walk 2 or 3 blocks stays one group: a cut would cost a step more than it saves.
+    config = SparsePatternConfig(pattern_type="local_window", block_size=4, local_window_size=8)
+    (table,) = block_tables(geometry, config)
+    assert row_groups(table, 10_000, blocks_per_row=8) == [(0, table.num_rows)]
