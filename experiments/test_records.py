@@ -40,3 +40,17 @@ def test_suite_record_from_two_processes_is_whole(tmp_path):
     assert summary["failed_verdicts"] == 0
     assert summary["verdicts"] == len(rows) > 0
     assert all(group["verdicts"] % 2 == 0 for group in summary["groups"]), summary["groups"]
+
+
+def test_row_groups_ab_runs_every_setting_and_restores_the_default(tmp_path):
+    from experiments import ab_row_groups
+    from optimized import blocks
+
+    default = blocks.STEP_OVERHEAD_BLOCKS
+    out = tmp_path / "row_groups.json"
+    rows = ab_row_groups.main(["--sizes", "96,8,1", "--out", str(out)])
+    assert [row["pattern"] for row in rows] == list(ab_row_groups.PATTERNS)
+    assert all(row[f"{setting}_ms"] > 0 for row in rows for setting in ab_row_groups.SETTINGS)
+    assert blocks.STEP_OVERHEAD_BLOCKS == default
+    with open(out) as handle:
+        assert json.load(handle)["environment"]["torch"] == env.environment("cpu")["torch"]

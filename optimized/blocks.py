@@ -37,8 +37,9 @@ class DeviceTable:
 
 
 # What one step over a group costs beyond its score blocks (the torch ops of a step on a few
-# rows), in score blocks. With a cut at every factor-2 change of the row count instead, the CPU
-# forward at N = 1024 ran 1.3-1.35x slower on local_window, dilated_sparse and random.
+# rows), in score blocks. 0 cuts at every factor-2 change of the row count: the CPU forward at
+# N = 1024 then ran 1.3-1.35x slower on local_window, dilated_sparse and random
+# (experiments/ab_row_groups.py, results/row_groups_cpu.json).
 STEP_OVERHEAD_BLOCKS = 256
 
 
@@ -69,6 +70,7 @@ def row_groups(table: BlockTable, group_size: int, blocks_per_row: int = 1) -> l
     def cost(first: int, last: int) -> float:  # rows cuts[first] .. cuts[last] - 1 as one run
         rows = cuts[last] - cuts[first]
         groups = -(-rows // group_size)
+        # Read at call time, so that experiments/ab_row_groups.py can set it.
         return max(longest[cuts[first]], 1) * (groups * STEP_OVERHEAD_BLOCKS + rows * blocks_per_row)
 
     # best[j]: the cheapest cover of the first j buckets, and where its last run starts.
