@@ -71,6 +71,7 @@ class MemorySetting:
     block_size: int = SEED_BLOCK
     backend: str = "auto"
     work_size: int = 4096
+    head_mode: str = "split"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -89,12 +90,14 @@ class MemorySetting:
         )
 
     def geometry(self, seq_len: int) -> AttentionGeometry:
-        return AttentionGeometry(DilationConfig(self.segment_lengths, self.dilation_rates), seq_len, self.heads)
+        return AttentionGeometry(DilationConfig(self.segment_lengths, self.dilation_rates, self.head_mode), seq_len,
+                                 self.heads)
 
     def describe(self) -> str:
         return (
             f"B={self.batch}, H={self.heads}, D={self.head_dim}, {self.dtype}, segments {list(self.segment_lengths)}, "
             f"rates {list(self.dilation_rates)}, block {self.block_size}"
+            + ("" if self.head_mode == "split" else f", head_mode {self.head_mode}")
         )
 
 
@@ -338,14 +341,16 @@ def method_callable(method: str, q, k, v, setting: MemorySetting, pattern: str |
         case "reference":
             from reference import BlockSparseRingDilatedAttention as Reference
 
-            module = Reference(setting.segment_lengths, setting.dilation_rates, pattern_config(pattern, setting))
+            module = Reference(setting.segment_lengths, setting.dilation_rates, pattern_config(pattern, setting),
+                               head_mode=setting.head_mode)
             return lambda: module(q, k, v)
         case "optimized" | "optimized+weights":
             from optimized import BlockSparseRingDilatedAttention as Optimized
 
             module = Optimized(
                 setting.segment_lengths, setting.dilation_rates, pattern_config(pattern, setting),
-                backend=setting.backend, work_size=setting.work_size, use_cuda_graphs=False,
+                head_mode=setting.head_mode, backend=setting.backend, work_size=setting.work_size,
+                use_cuda_graphs=False,
             )
             with_weights = method == "optimized+weights"
             return lambda: module(q, k, v, return_attention_weights=with_weights)

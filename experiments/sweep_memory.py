@@ -34,6 +34,8 @@ def parse_args(argv=None):
     parser.add_argument("--rates", nargs="+", type=int, default=list(memory.SEED_RATES))
     parser.add_argument("--block-size", type=int, default=16, help="default: the seed's 128 / 8")
     parser.add_argument("--backend", default="auto", help="optimized backend: auto, torch, flex, triton")
+    parser.add_argument("--head-mode", default="split", choices=["split", "all"],
+                        help="split: each head one branch; all: every head every branch (merged)")
     parser.add_argument("--work-size", type=int, default=4096,
                         help="blocks the torch backend and the weights process at once (the module's default 4096)")
     parser.add_argument("--max-dense-seq-len", type=int, default=4096, help="largest N for dense_nxn")
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
     setting = memory.MemorySetting(
         batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
         segment_lengths=tuple(args.segments), dilation_rates=tuple(args.rates), block_size=args.block_size,
-        backend=args.backend, work_size=args.work_size,
+        backend=args.backend, work_size=args.work_size, head_mode=args.head_mode,
     )
     env = environment(args.device)
     print(f"{describe(env)}\n{setting.describe()}")

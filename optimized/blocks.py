@@ -174,9 +174,16 @@ class PartialCollector:
     """Collects per-query-point results of tables and assembles (out, lse) of one call.
 
     Each piece holds P query points of a contiguous head run: chunk indices (P,), out
-    (B, P, nh, D) float32, lse (B, P, nh) float32. Assembly uses out-of-place index_copy, so
-    autograd flows to the pieces; points no table wrote stay empty (out 0, lse -inf).
+    (B, P, nh, D) float32, lse (B, P, nh) float32; points no table wrote stay empty (out 0,
+    lse -inf). Pieces that autograd tracks are assembled with out-of-place index_copy, so
+    gradients flow to them. Untracked pieces (the torch backend's forward, any no_grad call) are
+    copied into the result in place one at a time, each dropped once copied: the pieces, their
+    concatenation and two full copies never coexist (about 2x out at the end instead of 4x).
     """
+
+    # Queries merged at once across layers (head_mode "all") in the untracked path: bounds the
+    # float64 temporaries of the merge to a slice of out.
+    MERGE_QUERIES = 4096
 
     def __init__(self, batch: int, num_queries: int, num_heads: int, head_dim: int, device) -> None:
         self.shape = (batch, num_queries, num_heads, head_dim)
@@ -186,29 +193,58 @@ class PartialCollector:
     def add(self, layer: int, heads: range, index: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
         self.layers.setdefault(layer, []).append((heads, index, out, lse))
 
-    def _assemble(self, pieces):
+    def _empty(self):
         B, Nq, H, D = self.shape
-        out_index, out_values, lse_index, lse_values = [], [], [], []
-        for heads, index, out, lse in pieces:
-            head_ids = torch.arange(heads.start, heads.stop, device=self.device)
-            out_index.append((index.unsqueeze(1) * H + head_ids).reshape(-1))
-            out_values.append(out.reshape(B, -1, D))
-            lse_index.append((head_ids * Nq + index.unsqueeze(1)).reshape(-1))
-            lse_values.append(lse.reshape(B, -1))
-        out = torch.zeros(B, Nq * H, D, dtype=torch.float32, device=self.device)
-        lse = torch.full((B, H * Nq), float("-inf"), dtype=torch.float32, device=self.device)
-        if out_index:
-            out = out.index_copy(1, torch.cat(out_index), torch.cat(out_values, dim=1))
-            lse = lse.index_copy(1, torch.cat(lse_index), torch.cat(lse_values, dim=1))
+        return (torch.zeros(B, Nq * H, D, dtype=torch.float32, device=self.device),
+                torch.full((B, H * Nq), float("-inf"), dtype=torch.float32, device=self.device))
+
+    def _slots(self, heads: range, index: torch.Tensor):
+        """Flat (query, head) slots of out (B, Nq * H, D) and (head, query) slots of lse (B, H * Nq)."""
+        _, Nq, H, _ = self.shape
+        head_ids = torch.arange(heads.start, heads.stop, device=self.device)
+        return (index.unsqueeze(1) * H + head_ids).reshape(-1), (head_ids * Nq + index.unsqueeze(1)).reshape(-1)
+
+    def _assemble(self, pieces: list, tracked: bool):
+        B, Nq, H, D = self.shape
+        out, lse = self._empty()
+        if not tracked:
+            while pieces:  # pop: each piece is freed as soon as it is copied
+                heads, index, piece_out, piece_lse = pieces.pop()
+                out_slots, lse_slots = self._slots(heads, index)
+                out.index_copy_(1, out_slots, piece_out.reshape(B, -1, D))
+                lse.index_copy_(1, lse_slots, piece_lse.reshape(B, -1))
+                del piece_out, piece_lse
+        elif pieces:
+            slots = [self._slots(heads, index) for heads, index, _, _ in pieces]
+            out = out.index_copy(1, torch.cat([o for o, _ in slots]),
+                                 torch.cat([piece[2].reshape(B, -1, D) for piece in pieces], dim=1))
+            lse = lse.index_copy(1, torch.cat([s for _, s in slots]),
+                                 torch.cat([piece[3].reshape(B, -1) for piece in pieces], dim=1))
         return out.reshape(B, Nq, H, D), lse.reshape(B, H, Nq)
 
     def result(self):
         """(out (B, Nq, H, D) float32, lse (B, H, Nq) float32), layers merged by SPEC section 5's rule."""
-        parts = [self._assemble(self.layers[layer]) for layer in sorted(self.layers)] or [self._assemble([])]
+        B, Nq, H, D = self.shape
+        tracked = torch.is_grad_enabled() and any(
+            piece[2].requires_grad or piece[3].requires_grad for pieces in self.layers.values() for piece in pieces
+        )
+        parts = [self._assemble(self.layers.pop(layer), tracked) for layer in sorted(self.layers)]
+        parts = parts or [self._assemble([], tracked)]
         if len(parts) == 1:
             return parts[0]
         # Several branches per head (head_mode "all"): one merge of all of them, in float64. A
         # chain of float32 merges roughly doubled the gradient's rounding error against the
         # single-softmax reference (seen at k = 3 on dk with a key counted in three branches).
-        out, lse = merge_all([out.double() for out, _ in parts], [lse.double() for _, lse in parts])
-        return out.float(), lse.float()
+        if tracked:
+            out, lse = merge_all([out.double() for out, _ in parts], [lse.double() for _, lse in parts])
+            return out.float(), lse.float()
+        # Untracked: the same merge, a slice of queries at a time, into float32 results.
+        out = torch.empty(B, Nq, H, D, dtype=torch.float32, device=self.device)
+        lse = torch.empty(B, H, Nq, dtype=torch.float32, device=self.device)
+        for q0 in range(0, Nq, self.MERGE_QUERIES):
+            q1 = min(q0 + self.MERGE_QUERIES, Nq)
+            merged_out, merged_lse = merge_all([part[:, q0:q1].double() for part, _ in parts],
+                                               [part[:, :, q0:q1].double() for _, part in parts])
+            out[:, q0:q1] = merged_out
+            lse[:, :, q0:q1] = merged_lse
+        return out, lse

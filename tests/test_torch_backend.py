@@ -259,3 +259,39 @@ def test_row_groups_set_a_few_long_rows_apart_and_keep_uniform_rows_together():
     config = SparsePatternConfig(pattern_type="local_window", block_size=4, local_window_size=8)
     (table,) = block_tables(geometry, config)
     assert row_groups(table, 10_000, blocks_per_row=8) == [(0, table.num_rows)]
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_collector_assembles_untracked_pieces_in_place_exactly_as_tracked_ones(layers, monkeypatch):
+    """The no-grad path (pieces copied in place, layers merged a slice of queries at a time) gives
+    bitwise the result of the autograd path, and the autograd path still carries gradients."""
+    from optimized.blocks import PartialCollector
+
+    monkeypatch.setattr(PartialCollector, "MERGE_QUERIES", 5)  # several slices of the 13 queries
+    batch, num_queries, num_heads, head_dim = 2, 13, 4, 3
+    generator = torch.Generator().manual_seed(layers)
+    pieces = []
+    for layer in range(layers):
+        for heads in (range(0, 1), range(1, 4)):
+            # Each layer writes a random subset of the queries of its heads, as tables do; the rest stay empty.
+            index = torch.randperm(num_queries, generator=generator)[: int(torch.randint(1, num_queries, (1,),
+                                                                                       generator=generator))]
+            out = torch.randn(batch, index.numel(), len(heads), head_dim, generator=generator)
+            lse = torch.randn(batch, index.numel(), len(heads), generator=generator)
+            pieces.append((layer, heads, index, out, lse))
+
+    def collect(track: bool):
+        collector = PartialCollector(batch, num_queries, num_heads, head_dim, torch.device("cpu"))
+        leaves = []
+        for layer, heads, index, out, lse in pieces:
+            out, lse = out.clone().requires_grad_(track), lse.clone().requires_grad_(track)
+            leaves += [out, lse]
+            collector.add(layer, heads, index, out, lse)
+        return collector.result(), leaves
+
+    with torch.no_grad():
+        (out_untracked, lse_untracked), _ = collect(track=False)
+    (out_tracked, lse_tracked), leaves = collect(track=True)
+    assert torch.equal(out_untracked, out_tracked.detach()) and torch.equal(lse_untracked, lse_tracked.detach())
+    (out_tracked.sum() + torch.where(torch.isinf(lse_tracked), 0.0, lse_tracked).sum()).backward()
+    assert all(leaf.grad is not None for leaf in leaves)
