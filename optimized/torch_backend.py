@@ -184,6 +184,12 @@ def _backward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int, out, ls
     in two branches contributes twice. The row sum is taken over the same P and dP in a first
     pass (not as rowsum(dO * out)), so the two cancelling terms carry the same rounding, as in the
     reference's autograd; sums over entries accumulate in float64.
+
+    The same pass sums the row's mass M = sum_j P (1 up to the rounding of the float32 lse and
+    exp), and the second uses P / M: the exact softmax of the recomputed scores. Without it a
+    key counted in three branches (M = 3 * fl(1/3)) left dS = P dP (1 - M) ~ 1e-7 * P dP where
+    the true gradient is exactly 0, past the budget under the dev profile. With P dP summed in
+    float64, D / M equals dP there to float64 precision, so dS is 0 in float32.
     """
     batch, num_queries, num_heads, head_dim = q.shape
     num_keys, num_kv_heads = k.shape[1], k.shape[2]
@@ -192,10 +198,15 @@ def _backward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int, out, ls
     entries = lambda: _entry_probabilities(q, k, v, key_padding_mask, plan, work_size, lse, grad_out)  # noqa: E731
 
     row_sum = torch.zeros(batch, num_queries * num_heads, dtype=torch.float64, device=q.device)
+    row_mass = torch.zeros_like(row_sum)
     for query_slots, _, _, _, _, probs, dprobs, _ in entries():
-        row_sum.index_add_(1, query_slots, (probs * dprobs).sum(-1).permute(0, 1, 3, 2).reshape(batch, -1).double())
+        probs64 = probs.double()
+        row_sum.index_add_(1, query_slots, (probs64 * dprobs.double()).sum(-1).permute(0, 1, 3, 2).reshape(batch, -1))
+        row_mass.index_add_(1, query_slots, probs64.sum(-1).permute(0, 1, 3, 2).reshape(batch, -1))
+    row_mass = torch.where(row_mass > 0, row_mass, torch.ones_like(row_mass))  # empty rows: no entry uses it
     # (B, Nq, H) -> gathered per step below through the same query slots; dlse joins it.
-    row_terms = (grad_lse.transpose(1, 2).reshape(batch, -1).double() - row_sum).float()
+    row_terms = (grad_lse.transpose(1, 2).reshape(batch, -1).double() - row_sum / row_mass).float()
+    inverse_mass = (1.0 / row_mass).float()
 
     dq = torch.zeros(batch, num_queries * num_heads, head_dim, dtype=torch.float64, device=q.device)
     dk = torch.zeros(batch, num_keys * num_kv_heads, head_dim, dtype=torch.float64, device=q.device)
@@ -203,6 +214,8 @@ def _backward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int, out, ls
     for query_slots, key_slots, q_blocks, k_blocks, do_blocks, probs, dprobs, _ in entries():
         n, b_q, nh = q_blocks.shape[1], q_blocks.shape[2], q_blocks.shape[3]
         shift = row_terms[:, query_slots].reshape(batch, n, b_q, nh).permute(0, 1, 3, 2)  # (B, n, nh, b_q)
+        scale_rows = inverse_mass[:, query_slots].reshape(batch, n, b_q, nh).permute(0, 1, 3, 2)
+        probs = probs * scale_rows.unsqueeze(-1)
         dscores = probs * (dprobs + shift.unsqueeze(-1))
         dq.index_add_(1, query_slots, (torch.einsum("bnhij,bnjhd->bnihd", dscores, k_blocks) * plan.scale)
                       .reshape(batch, -1, head_dim).double())
