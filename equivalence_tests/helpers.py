@@ -264,10 +264,11 @@ def check_backend(
         assert coo.is_sparse and tuple(coo.shape) == tuple(dense.shape), f"to_sparse_coo {coo.shape}; {context}"
         # SPEC section 6: both forms equal the reference. Not bitwise equal to each other: where a key
         # counts in several branches, coalesce and to_dense add the terms in different orders.
-        verdicts["weights (coo)"] = compare("weights (coo)", coo.to_dense(), probs64, probs_lowp, dtype,
+        coo_dense = coo.to_dense()
+        verdicts["weights (coo)"] = compare("weights (coo)", coo_dense, probs64, probs_lowp, dtype,
                                             empty=row_empty, inherited=inherited)
         _record({"weights (coo)": verdicts["weights (coo)"]}, backend, dtype, device, case)
-        _require(verdicts["weights (coo)"], coo.to_dense(), probs64, context)
+        _require(verdicts["weights (coo)"], coo_dense, probs64, context)
     return verdicts
 
 

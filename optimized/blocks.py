@@ -59,7 +59,7 @@ def row_groups(table: BlockTable, group_size: int, blocks_per_row: int = 1) -> l
     ``blocks_per_row`` score blocks). A run longer than ``group_size`` rows is split into groups
     of ``group_size``.
     """
-    counts = torch.sort(table.row_counts, descending=True, stable=True).values
+    counts = table.row_counts[rows_by_count(table)]
     if counts.numel() == 0:
         return []
     # Bucket b holds counts in [2^b, 2^(b+1)); -1 the rows without key blocks.
