@@ -195,6 +195,7 @@ def check_backend(
     ring_chunk_lengths=None,
     check_weights: bool = False,
     module_options: dict | None = None,
+    layout: str = "bnhd",
 ) -> dict[str, Verdict]:
     """Run ``case`` on ``backend`` in ``dtype`` and check it against the float64 reference.
 
@@ -204,11 +205,14 @@ def check_backend(
     ``dtype`` (SPEC section 7's baseline), and asserts out and lse within budget; rows the float64
     reference leaves empty must be exactly out = 0 and lse = -inf. With ``check_weights`` the
     weights' ``to_dense()`` is held against the reference probabilities and every row must sum to
-    1 (0 for empty rows). Returns the verdicts by name.
+    1 (0 for empty rows). ``layout="bhnd"`` stores the inputs as (B, H, N, D) tensors and runs both
+    the module and the reference with that layout. Returns the verdicts by name.
     """
     device = torch.device(device) if device is not None else default_device()
     q, k, v, mask = s.make_inputs(case, dtype, device, seed)
-    kwargs = s.module_kwargs(case)
+    if layout == "bhnd":  # the same values, stored in the other axis order
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    kwargs = dict(s.module_kwargs(case), layout=layout)
     module = optimized.BlockSparseRingDilatedAttention(
         **kwargs, backend=backend, ring_chunk_lengths=ring_chunk_lengths, **(module_options or {})
     )
@@ -221,7 +225,7 @@ def check_backend(
     out64, lse64 = ref64[0], ref64[-1]
     out_lowp, lse_lowp = ref_lowp[0], ref_lowp[-1]
 
-    context = _describe_call(case, backend, dtype, device, f"ring_chunk_lengths={ring_chunk_lengths}")
+    context = _describe_call(case, backend, dtype, device, f"ring_chunk_lengths={ring_chunk_lengths}, layout={layout}")
     assert out.dtype == dtype and out.device.type == device.type, (
         f"out must be {dtype} on {device}, got {out.dtype} on {out.device}; {context}"
     )
@@ -229,8 +233,9 @@ def check_backend(
         f"lse must be float32 on {device}, got {lse.dtype} on {lse.device}; {context}"
     )
     empty = _empty_rows(lse64)
+    empty_out = (empty if layout == "bhnd" else empty.transpose(1, 2)).unsqueeze(-1)  # out's axis order
     verdicts = {
-        "out": compare("out", out, out64, out_lowp, dtype, k=K_OUTPUT, empty=empty.transpose(1, 2).unsqueeze(-1)),
+        "out": compare("out", out, out64, out_lowp, dtype, k=K_OUTPUT, empty=empty_out),
         "lse": compare("lse", lse, lse64, lse_lowp, dtype, k=K_OUTPUT, empty=empty, empty_value=float("-inf")),
     }
     _record(verdicts, backend, dtype, device, case)

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from hypothesis import strategies as st
 
-from reference.config import HEAD_MODES, PATTERN_TYPES, DilationConfig, SparsePatternConfig
+from reference.config import HEAD_MODES, LAYOUTS, PATTERN_TYPES, DilationConfig, SparsePatternConfig
 
 __all__ = [
     "DEFAULT_MAX_SEQ_LEN",
@@ -39,6 +39,7 @@ __all__ = [
     "dilations",
     "dtypes",
     "head_modes",
+    "input_layouts",
     "key_padding_masks",
     "layouts",
     "make_inputs",
@@ -247,6 +248,11 @@ def key_padding_masks(batch: int, seq_len: int, allow_none: bool = True) -> st.S
     a padded tail or head, or scattered padding."""
     tensors = _padding_mask_tensors(batch, seq_len)
     return st.one_of(st.none(), tensors) if allow_none else tensors
+
+
+def input_layouts() -> st.SearchStrategy[str]:
+    """The axis order q, k, v are stored in: "bnhd" or "bhnd" (docs/semantics.md section 1)."""
+    return st.sampled_from(LAYOUTS)
 
 
 def dtypes(allowed=(torch.float32, torch.bfloat16, torch.float16)) -> st.SearchStrategy[torch.dtype]:

@@ -166,6 +166,16 @@ def test_ring_split_gives_the_unsplit_result(case, data):
 
 
 @needs_ring
+@settings(max_examples=example_count(8))
+@given(case=s.attention_cases(**case_sizes("torch").case_kwargs()), data=st.data())
+def test_bhnd_input_layout(case, data):
+    """Inputs stored (B, H, N, D) are read through strides: the same contract, split or not, weights too."""
+    chunks = data.draw(st.none() | s.ring_splits(case.shape.seq_len), label="chunks")
+    check_backend(case, "torch", torch.float32, DEVICE, ring_chunk_lengths=chunks,
+                  check_weights=data.draw(st.booleans(), label="weights"), layout="bhnd")
+
+
+@needs_ring
 @settings(max_examples=example_count(4))
 @given(case=s.attention_cases(**case_sizes("torch").case_kwargs()), data=st.data())
 def test_ring_split_low_precision_and_weights(case, data):

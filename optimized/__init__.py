@@ -2,12 +2,8 @@
 
 from reference.config import DilationConfig, SparsePatternConfig
 
-from .module import (
-    BACKENDS,
-    BlockSparseRingDilatedAttention,
-    BlockSparseRingMultiheadDilatedAttention,
-    resolve_backend,
-)
+from .dispatch import BACKENDS, Case, Choice, FlexOptions, TorchOptions, TritonOptions, choose, resolve_backend
+from .module import BlockSparseRingDilatedAttention, BlockSparseRingMultiheadDilatedAttention
 from .plan import CallPlan
 
 # The seed project's names.
@@ -17,5 +13,6 @@ BlockSparseRingMultiheadDilatedAttentionV2 = BlockSparseRingMultiheadDilatedAtte
 __all__ = [
     "BACKENDS", "BlockSparseRingDilatedAttention", "BlockSparseRingDilatedAttentionV2",
     "BlockSparseRingMultiheadDilatedAttention", "BlockSparseRingMultiheadDilatedAttentionV2",
-    "CallPlan", "DilationConfig", "SparsePatternConfig", "resolve_backend",
+    "CallPlan", "Case", "Choice", "DilationConfig", "FlexOptions", "SparsePatternConfig", "TorchOptions",
+    "TritonOptions", "choose", "resolve_backend",
 ]

@@ -45,8 +45,8 @@ def _layout(t):
     return None if t is None else (tuple(t.shape), tuple(t.stride()), t.dtype, str(t.device))
 
 
-def graph_key(backend, q, k, v, key_padding_mask, plan) -> tuple:
-    return (backend, _layout(q), _layout(k), _layout(v), _layout(key_padding_mask), plan)
+def graph_key(backend, q, k, v, key_padding_mask, plan, options) -> tuple:
+    return (backend.name, _layout(q), _layout(k), _layout(v), _layout(key_padding_mask), plan, options)
 
 
 def _pointers(tensors) -> tuple:
@@ -92,20 +92,21 @@ def _remember(key, entry) -> None:
 _last_pointers: dict = {}  # layout key -> input addresses of its last call (bounded with the cache)
 
 
-def graphed_partial(module, backend, q, k, v, key_padding_mask, plan, options):
-    """(out, lse) of ``run_partial(backend, ...)`` through a cached CUDA graph; same values bit for bit."""
-    from .module import run_partial
+def graphed_partial(backend, q, k, v, key_padding_mask, plan, options):
+    """(out, lse) of ``backend.forward_partial(...)`` through a cached CUDA graph; same values bit for bit.
 
+    ``backend`` is an ``optimized.dispatch.Backend`` and ``options`` its (frozen, hashable) options.
+    """
     if not q.is_cuda:
         raise ValueError(f"CUDA graphs need CUDA tensors, got q on {q.device}")
     if q.numel() > GRAPH_MAX_ELEMENTS:
-        return run_partial(backend, q, k, v, key_padding_mask, plan, options)
+        return backend.forward_partial(q, k, v, key_padding_mask, plan, options)
     inputs = (q, k, v, key_padding_mask)
-    key = graph_key(backend, q, k, v, key_padding_mask, plan) + (tuple(sorted(options.items())),)
+    key = graph_key(backend, q, k, v, key_padding_mask, plan, options)
     pointers = _pointers(inputs)
 
     def run(q_, k_, v_, mask_):
-        return run_partial(backend, q_, k_, v_, mask_, plan, options)
+        return backend.forward_partial(q_, k_, v_, mask_, plan, options)
 
     direct_key = key + (pointers,)
     entry = _graphs.get(direct_key)

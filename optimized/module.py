@@ -1,91 +1,72 @@
-"""The public modules of the fast path (SPEC section 8).
+"""The public modules of the fast path (docs/semantics.md section 8).
 
-Entry points validate once, then dispatch explicitly on the backend. An explicit backend never
-falls back to another one; ``"auto"`` picks by device and says what it picked.
+Entry points validate once, then dispatch explicitly on the chosen backend
+(``optimized.dispatch``). An explicit backend never falls back to another one; ``"auto"``
+picks by the call's case and records what it picked and why it skipped the others.
 """
 
 from __future__ import annotations
-
 
 import torch
 from torch import nn
 
 from reference.config import DilationConfig, SparsePatternConfig
-from reference.inputs import default_scale, validate_qkv
+from reference.inputs import bnhd_view, check_layout, default_scale, layout_view, validate_qkv
 from reference.semantics import AttentionGeometry
 
+from . import graphs, ring
+from .dispatch import REGISTRY, Case, Choice, TorchOptions, check_backend_name, choose, options_for
 from .plan import CallPlan
 
-BACKENDS = ("auto", "torch", "flex", "triton")
+
+def _backend_options(work_size: int, given) -> dict:
+    """Backend name -> its options: the defaults, ``work_size`` for torch, then each typed option in ``given``."""
+    options = {name: backend.default_options() for name, backend in REGISTRY.items()}
+    options["torch"] = TorchOptions(work_size)
+    by_type = {backend.options_type: name for name, backend in REGISTRY.items()}
+    for option in given:
+        if type(option) not in by_type:
+            allowed = ", ".join(t.__name__ for t in by_type)
+            raise TypeError(f"backend_options must hold options of the types {allowed}; got {type(option).__name__}")
+        name = by_type[type(option)]
+        options[name] = options_for(REGISTRY[name], option)
+    return options
 
 
-def resolve_backend(
-    backend: str, device: torch.device, *, sparse_config=None, head_dim=None, dtype=None, needs_grad=False
-) -> str:
-    """The backend a call on ``device`` runs.
-
-    ``auto`` is triton on CUDA and torch elsewhere; on CUDA, a call the triton kernel cannot run
-    (given the case: block size, head dim, dtype, or gradients needed) gets torch instead. That is
-    auto's choice, recorded in ``last_backend``; an explicit backend is returned unchanged.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    if device.type != "cuda":
-        return "torch"
-    if needs_grad:
-        return "torch"
-    if sparse_config is not None:
-        from . import triton_backend
-
-        if triton_backend.supports(sparse_config, head_dim, dtype, device) is not None:
-            return "torch"
-    return "triton"
-
-
-def run_partial(backend: str, q, k, v, key_padding_mask, plan: CallPlan, options: dict):
-    """One partial attention (SPEC section 5) on the named backend: (out float32 or q.dtype, lse float32)."""
-    match backend:
-        case "torch":
-            from . import torch_backend
-
-            return torch_backend.partial_forward(q, k, v, key_padding_mask, plan, work_size=options["work_size"])
-        case "flex":
-            from . import flex_backend
-
-            return flex_backend.partial_forward(q, k, v, key_padding_mask, plan)
-        case "triton":
-            from . import triton_backend
-
-            return triton_backend.partial_forward(q, k, v, key_padding_mask, plan)
-        case other:
-            raise ValueError(f"backend must be one of {BACKENDS[1:]} here, got {other!r}")
-
-
-def sparse_weights(backend: str, q, k, key_padding_mask, lse, plan: CallPlan, options: dict | None = None):
-    """The sparse attention weights (SPEC section 6) from the final lse."""
-    match backend:
-        case "triton":
-            from . import triton_backend
-
-            return triton_backend.attention_weights(q, k, key_padding_mask, lse, plan)
-        case "torch" | "flex":
-            from . import weights
-
-            return weights.attention_weights(q, k, key_padding_mask, lse, plan, **(options or {}))
-        case other:
-            raise ValueError(f"backend must be one of {BACKENDS[1:]} here, got {other!r}")
+def _check_ring(ring_size, ring_chunk_lengths, process_group):
+    if ring_size is not None and (isinstance(ring_size, bool) or not isinstance(ring_size, int) or ring_size < 1):
+        raise ValueError(f"ring_size must be an int >= 1 or None, got {ring_size!r}")
+    if ring_size is not None and ring_chunk_lengths is not None:
+        raise ValueError("give ring_size or ring_chunk_lengths, not both")
+    if ring_chunk_lengths is not None:
+        ring_chunk_lengths = tuple(ring_chunk_lengths)
+        if not ring_chunk_lengths or any(
+            isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in ring_chunk_lengths
+        ):
+            raise ValueError(f"ring_chunk_lengths must be ints >= 0, got {ring_chunk_lengths!r}")
+    if process_group is not None and (ring_chunk_lengths is not None or ring_size not in (None, 1)):
+        raise ValueError(
+            "give process_group or an in-process ring (ring_size / ring_chunk_lengths), not both; got "
+            f"ring_size={ring_size!r}, ring_chunk_lengths={ring_chunk_lengths!r}"
+        )
+    return ring_size, ring_chunk_lengths
 
 
 class BlockSparseRingDilatedAttention(nn.Module):
     """Block-sparse ring dilated attention, fast path. Same call as ``reference.BlockSparseRingDilatedAttention``.
 
-    backend: ``"auto"`` (triton on CUDA, torch elsewhere), ``"torch"``, ``"flex"``, ``"triton"``.
+    backend: ``"auto"`` (triton on CUDA where the kernel runs the call, torch elsewhere), ``"torch"``,
+        ``"flex"``, ``"triton"``. After a call, ``last_backend`` names what ran and ``last_skipped``
+        every backend auto preferred but skipped, with all its reasons.
+    layout: ``"bnhd"`` (q (B, N, H, D), default) or ``"bhnd"`` (q (B, H, N, D), the order of
+        scaled_dot_product_attention); out comes back in the same layout, read and written through
+        strides (no copies).
     ring_size / ring_chunk_lengths: split keys and values into contiguous chunks in one process.
     process_group: spread the sequence over the ranks of a torch.distributed group.
     work_size: active blocks the torch backend processes at once (bounds its extra memory).
-    use_cuda_graphs: capture and replay the forward on CUDA.
+    backend_options: typed options (``optimized.dispatch.TorchOptions`` / ``FlexOptions`` /
+        ``TritonOptions``), at most one per backend; they override ``work_size``.
+    use_cuda_graphs: capture and replay the forward on CUDA (backends that support it, forward-only calls).
     """
 
     def __init__(
@@ -100,6 +81,8 @@ class BlockSparseRingDilatedAttention(nn.Module):
         process_group=None,
         work_size: int = 4096,
         use_cuda_graphs: bool = True,
+        layout: str = "bnhd",
+        backend_options=(),
     ) -> None:
         super().__init__()
         self.dilation = DilationConfig(tuple(segment_lengths), tuple(dilation_rates), head_mode)
@@ -108,38 +91,32 @@ class BlockSparseRingDilatedAttention(nn.Module):
         if not isinstance(sparse_config, SparsePatternConfig):
             raise TypeError(f"sparse_config must be a SparsePatternConfig or None, got {type(sparse_config).__name__}")
         self.sparse_config = sparse_config
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.backend = backend
-        self.last_backend: str | None = None  # what the last call ran ("auto" resolved)
-        if ring_size is not None and (isinstance(ring_size, bool) or not isinstance(ring_size, int) or ring_size < 1):
-            raise ValueError(f"ring_size must be an int >= 1 or None, got {ring_size!r}")
-        if ring_size is not None and ring_chunk_lengths is not None:
-            raise ValueError("give ring_size or ring_chunk_lengths, not both")
-        if ring_chunk_lengths is not None:
-            ring_chunk_lengths = tuple(ring_chunk_lengths)
-            if not ring_chunk_lengths or any(
-                isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in ring_chunk_lengths
-            ):
-                raise ValueError(f"ring_chunk_lengths must be ints >= 0, got {ring_chunk_lengths!r}")
-        self.ring_size = ring_size
-        self.ring_chunk_lengths = ring_chunk_lengths
+        self.backend = check_backend_name(backend)
+        self.layout = check_layout(layout)
+        self.ring_size, self.ring_chunk_lengths = _check_ring(ring_size, ring_chunk_lengths, process_group)
         self.process_group = process_group
-        if isinstance(work_size, bool) or not isinstance(work_size, int) or work_size < 1:
-            raise ValueError(f"work_size must be an int >= 1, got {work_size!r}")
-        self.work_size = work_size
+        self.backend_options = _backend_options(work_size, backend_options)
         self.use_cuda_graphs = bool(use_cuda_graphs)
+        self.last_choice: Choice | None = None  # what the last call ran ("auto" resolved) and why
+        self.ring_stats: ring.RingStats | None = None  # the last distributed call's transfers on this rank
+        self._chunk_lengths_cache: dict = {}  # the distributed ring's all-gathered chunk lengths
+
+    @property
+    def work_size(self) -> int:
+        return self.backend_options["torch"].work_size
+
+    @property
+    def last_backend(self) -> str | None:
+        return None if self.last_choice is None else self.last_choice.name
+
+    @property
+    def last_skipped(self) -> dict[str, tuple[str, ...]]:
+        """Backends ``auto`` preferred but skipped on the last call, each with every reason."""
+        return {} if self.last_choice is None else dict(self.last_choice.skipped)
 
     # ------------------------------------------------------------------------------------
     def geometry(self, seq_len: int, num_heads: int) -> AttentionGeometry:
         return AttentionGeometry(self.dilation, seq_len, num_heads)
-
-    def pick_backend(self, q, k, v) -> str:
-        """The backend this call runs (``auto`` resolved for these inputs)."""
-        return resolve_backend(
-            self.backend, q.device, sparse_config=self.sparse_config, head_dim=q.shape[3], dtype=q.dtype,
-            needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-        )
 
     def chunk_lengths(self, seq_len: int) -> tuple[int, ...] | None:
         """Key chunk lengths of the in-process ring, or None for no split."""
@@ -167,51 +144,53 @@ class BlockSparseRingDilatedAttention(nn.Module):
         scale: float | None = None,
     ):
         if self.process_group is not None:
-            from . import ring
-
-            return ring.distributed_forward(
-                self, q, k, v, bool(is_causal), key_padding_mask, return_attention_weights, return_lse, scale
+            request = ring.RingRequest(
+                self.process_group, self.dilation, self.sparse_config, self.backend, self.backend_options,
+                self.layout, self._chunk_lengths_cache,
             )
-        validate_qkv(q, k, v, key_padding_mask, scale)
-        backend = self.pick_backend(q, k, v)
-        self.last_backend = backend
+            result = ring.distributed_forward(
+                request, q, k, v, bool(is_causal), key_padding_mask, return_attention_weights, return_lse, scale
+            )
+            self.last_choice, self.ring_stats = result.choice, result.stats
+            return result.results[0] if len(result.results) == 1 else result.results
+        validate_qkv(q, k, v, key_padding_mask, scale, layout=self.layout)
+        q, k, v = (bnhd_view(t, self.layout) for t in (q, k, v))
+        case = Case.of_call(q, k, v, self.sparse_config.block_size)
+        choice = choose(self.backend, case)
+        self.last_choice = choice
+        backend, options = choice.backend, self.backend_options[choice.name]
         geometry = self.geometry(q.shape[1], q.shape[2])
         scale = default_scale(q.shape[3], scale)
-        options = {"work_size": self.work_size}
         chunks = self.chunk_lengths(q.shape[1])
         if chunks is None:
             plan = CallPlan.whole(geometry, self.sparse_config, is_causal, scale)
-            out, lse = self._whole_forward(backend, q, k, v, key_padding_mask, plan, options)
+            # A call with gradients never replays a graph (a replay records nothing for autograd).
+            if backend.graph_capturable and q.is_cuda and self.use_cuda_graphs and not case.needs_grad:
+                out, lse = graphs.graphed_partial(backend, q, k, v, key_padding_mask, plan, options)
+            else:
+                out, lse = backend.forward_partial(q, k, v, key_padding_mask, plan, options)
         else:
-            from . import ring
-
             out, lse = ring.in_process_forward(
-                backend, q, k, v, key_padding_mask, geometry, self.sparse_config, bool(is_causal), scale,
-                chunks, options,
+                backend, options, q, k, v, key_padding_mask, geometry, self.sparse_config, bool(is_causal), scale,
+                chunks,
             )
         if torch.is_grad_enabled() and not out.requires_grad and any(t.requires_grad for t in (q, k, v)):
             # No block of the call is active, so out is the constant 0; tie it to the inputs so that
             # backward gives zero gradients, as the reference does, instead of failing.
             out = out + sum(t.sum() for t in (q, k, v)).to(out.dtype) * 0.0
-        results = (out.to(q.dtype),)
+        results = (layout_view(out.to(q.dtype), self.layout),)
         if return_attention_weights:
             plan = CallPlan.whole(geometry, self.sparse_config, is_causal, scale)
-            results += (sparse_weights(backend, q, k, key_padding_mask, lse, plan, options),)
+            results += (backend.sparse_weights(q, k, key_padding_mask, lse, plan, options),)
         if return_lse:
             results += (lse,)
         return results[0] if len(results) == 1 else results
 
-    def _whole_forward(self, backend, q, k, v, key_padding_mask, plan, options):
-        if backend == "triton" and q.is_cuda and self.use_cuda_graphs:
-            from . import graphs
-
-            return graphs.graphed_partial(self, backend, q, k, v, key_padding_mask, plan, options)
-        return run_partial(backend, q, k, v, key_padding_mask, plan, options)
-
     def extra_repr(self) -> str:
         picked = f", last_backend={self.last_backend!r}" if self.last_backend else ""
-        ring = f", ring_size={self.ring_size}" if self.ring_size else ""
-        return f"{self.dilation}, {self.sparse_config}, backend={self.backend!r}{picked}{ring}"
+        ring_text = f", ring_size={self.ring_size}" if self.ring_size else ""
+        layout = "" if self.layout == "bnhd" else f", layout={self.layout!r}"
+        return f"{self.dilation}, {self.sparse_config}, backend={self.backend!r}{picked}{ring_text}{layout}"
 
 
 class BlockSparseRingMultiheadDilatedAttention(nn.Module):

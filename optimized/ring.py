@@ -21,14 +21,15 @@ import hashlib
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
-from reference.config import SparsePatternConfig
-from reference.inputs import default_scale, validate_qkv
+from reference.config import DilationConfig, SparsePatternConfig
+from reference.inputs import bnhd_view, default_scale, layout_view, validate_qkv
 from reference.merge import merge_partials
 from reference.ring_schedule import RingSchedule, ring_schedule
 from reference.semantics import AttentionGeometry
 
-from . import module as _module  # run_partial / sparse_weights looked up at call time (tests patch them)
+from .dispatch import Backend, Case, Choice, choose
 from .plan import CallPlan
 
 NEG_INF = float("-inf")
@@ -60,7 +61,8 @@ def _merge_into(acc, out, lse):
 
 
 def in_process_forward(
-    backend: str,
+    backend: Backend,
+    options,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -70,10 +72,10 @@ def in_process_forward(
     is_causal: bool,
     scale: float,
     chunks,
-    options: dict,
 ):
     """The ring simulated in one process: (out float32 (B, N, H, D), lse float32 (B, H, N)).
 
+    ``backend`` (an ``optimized.dispatch.Backend``) computes every active pair with ``options``.
     ``chunks`` are the chunk lengths (zero-length chunks allowed: they hold no pair). Query chunk
     ``i`` meets key chunks in ring order ``i, i-1, ...`` (the order rank ``i`` of a distributed
     ring merges them), skipping the pairs the schedule marks inactive.
@@ -93,7 +95,7 @@ def in_process_forward(
             k0, k1 = schedule.chunk_range(j)
             plan = CallPlan(geometry, sparse_config, bool(is_causal), float(scale), (q0, q1), (k0, k1))
             mask_chunk = None if key_padding_mask is None else key_padding_mask[:, k0:k1]
-            out, lse = _module.run_partial(backend, q_chunk, k[:, k0:k1], v[:, k0:k1], mask_chunk, plan, options)
+            out, lse = backend.forward_partial(q_chunk, k[:, k0:k1], v[:, k0:k1], mask_chunk, plan, options)
             merged = _merge_into(merged, out, lse)
         out, lse = merged if merged is not None else _empty_partial(q_chunk)
         outs.append(out)
@@ -125,10 +127,6 @@ class RingStats:
     weights_bytes: list[int] = field(default_factory=list)
     backward_bytes: list[int] = field(default_factory=list)
 
-    @property
-    def bytes_sent(self) -> int:
-        return sum(self.forward_bytes) + sum(self.weights_bytes) + sum(self.backward_bytes)
-
 
 @dataclass
 class _RingCall:
@@ -139,8 +137,8 @@ class _RingCall:
     rank: int
     peers: tuple[int, ...]  # global rank of every group rank (P2POp wants global ranks)
     schedule: RingSchedule
-    backend: str
-    options: dict
+    backend: Backend
+    options: object  # the backend's options type
     geometry: AttentionGeometry
     sparse_config: SparsePatternConfig
     is_causal: bool
@@ -194,29 +192,29 @@ def _chunk_buffers(like, length: int):
     return [None if t is None else t.new_empty((t.shape[0], length, *t.shape[2:])) for t in like]
 
 
-def _ring_pass(call: _RingCall, payload, visit, step_bytes: list):
+def _travel(call: _RingCall, payload, step_bytes: list, every_step: bool = False):
     """Carry ``payload`` (this rank's chunk: tensors with tokens on dim 1, or None) around the ring.
 
-    At step s the rank holds key chunk (rank - s) mod P and, where the schedule says it computes,
-    calls ``visit(step, chunk, tensors)``. The transfer for step s + 1 is started before the
-    compute of step s and waited after it (double buffering). Bytes sent per step go to step_bytes.
+    Yields ``(step, chunk, tensors)``: at step s the rank holds key chunk (rank - s) mod P; steps
+    where the schedule says it computes are yielded (every step with ``every_step``; the tensors
+    are None at a step the rank received nothing for). The transfer for step s + 1 is started
+    before step s is yielded and waited after the caller's work on it (double buffering). Bytes
+    sent to deliver step s are added to ``step_bytes[s]``.
     """
-    schedule, rank = call.schedule, call.rank
-    step_bytes[:] = [0] * schedule.num_chunks
+    schedule, rank, num_chunks = call.schedule, call.rank, call.schedule.num_chunks
     held = list(payload)
-    for step in range(schedule.num_chunks):
+    for step in range(num_chunks):
         works, incoming = [], None
-        if step + 1 < schedule.num_chunks:
+        if step + 1 < num_chunks:
             sends = [t for t in held if t is not None] if schedule.sends(rank, step + 1) else []
             if schedule.receives(rank, step + 1):
                 incoming = _chunk_buffers(payload, schedule.chunk_lengths[schedule.chunk_at(rank, step + 1)])
             works = call.post(sends, [t for t in incoming or [] if t is not None])
-            step_bytes[step + 1] = _nbytes(sends)
-        if schedule.computes(rank, step):
-            visit(step, schedule.chunk_at(rank, step), held)
+            step_bytes[step + 1] += _nbytes(sends)
+        if every_step or schedule.computes(rank, step):
+            yield step, schedule.chunk_at(rank, step), held
         _wait(works, call, f"the key/value chunk of step {step + 1}")
         held = incoming
-    return step_bytes
 
 
 def _as_bool(mask):
@@ -227,17 +225,13 @@ def _ring_forward(call: _RingCall, q, k, v, mask_bytes):
     """Forward ring of this rank: merged (out float32, lse float32) of its query rows."""
     merged = None
     call.stats.computed_steps = []
-
-    def visit(step, chunk, tensors):
-        nonlocal merged
-        k_chunk, v_chunk, mask_chunk = tensors
-        out, lse = _module.run_partial(
-            call.backend, q, k_chunk, v_chunk, _as_bool(mask_chunk), call.plan(call.rank, chunk), call.options
+    call.stats.forward_bytes = [0] * call.world_size
+    for step, chunk, (k_chunk, v_chunk, mask_chunk) in _travel(call, (k, v, mask_bytes), call.stats.forward_bytes):
+        out, lse = call.backend.forward_partial(
+            q, k_chunk, v_chunk, _as_bool(mask_chunk), call.plan(call.rank, chunk), call.options
         )
         merged = _merge_into(merged, out, lse)
         call.stats.computed_steps.append(step)
-
-    _ring_pass(call, (k, v, mask_bytes), visit, call.stats.forward_bytes)
     return merged if merged is not None else _empty_partial(q)
 
 
@@ -250,8 +244,8 @@ def _pair_gradients(call: _RingCall, chunk, q, k_chunk, v_chunk, mask_chunk, out
     """
     leaves = [t.detach().requires_grad_(need) for t, need in zip((q, k_chunk, v_chunk), needs)]
     with torch.enable_grad():
-        out_j, lse_j = _module.run_partial(
-            call.backend, *leaves, _as_bool(mask_chunk), call.plan(call.rank, chunk), call.options
+        out_j, lse_j = call.backend.forward_partial(
+            *leaves, _as_bool(mask_chunk), call.plan(call.rank, chunk), call.options
         )
     lse_j_value = lse_j.detach()
     weight = torch.where(torch.isneginf(lse_j_value), torch.zeros_like(lse_j_value), torch.exp(lse_j_value - lse))
@@ -265,7 +259,7 @@ def _pair_gradients(call: _RingCall, chunk, q, k_chunk, v_chunk, mask_chunk, out
             grads.append(grad.to(tensor.dtype))
     if not outputs:
         raise RuntimeError(
-            f"backend {call.backend!r} returned partials without autograd history, so the ring cannot "
+            f"backend {call.backend.name!r} returned partials without autograd history, so the ring cannot "
             f"compute gradients through it; use backend='torch' (or another differentiable backend) for training"
         )
     wanted = [leaf for leaf in leaves if leaf.requires_grad]
@@ -297,26 +291,16 @@ def _ring_backward(call: _RingCall, q, k, v, mask_bytes, out, lse, grad_out, gra
     needs_kv = needs[1] or needs[2]
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(torch.float32)
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(torch.float32)
-    stats_bytes = call.stats.backward_bytes
-    stats_bytes[:] = [0] * (P + 1)
+    stats_bytes = call.stats.backward_bytes = [0] * (P + 1)
     last_steps = schedule.chunk_last_step
 
     def zeros_kv(length):
         return [t.new_zeros((t.shape[0], length, *t.shape[2:]), dtype=torch.float32) for t in (k, v)]
 
     dq = None
-    held = [k, v, mask_bytes]
     acc_works, acc_incoming = [], None  # accumulator in flight for the chunk held at the next step
     finished = {}  # chunk -> [dk, dv] accumulators whose chunk ended its journey here
-    for step in range(P):
-        chunk = schedule.chunk_at(rank, step)
-        works, incoming = [], None
-        if step + 1 < P:
-            sends = [t for t in held if t is not None] if schedule.sends(rank, step + 1) else []
-            if schedule.receives(rank, step + 1):
-                incoming = _chunk_buffers((k, v, mask_bytes), schedule.chunk_lengths[schedule.chunk_at(rank, step + 1)])
-            works = call.post(sends, [t for t in incoming or [] if t is not None])
-            stats_bytes[step + 1] += _nbytes(sends)
+    for step, chunk, held in _travel(call, (k, v, mask_bytes), stats_bytes, every_step=True):
         part = [None, None]
         if schedule.computes(rank, step):
             k_chunk, v_chunk, mask_chunk = held
@@ -338,8 +322,6 @@ def _ring_backward(call: _RingCall, q, k, v, mask_bytes, out, lse, grad_out, gra
             stats_bytes[step + 1 if step + 1 < P else P] += _nbytes(sends)
             if step == last_steps[chunk]:
                 finished[chunk] = acc
-        _wait(works, call, f"the key/value chunk of backward step {step + 1}")
-        held = incoming
     _wait(acc_works, call, "the last dk/dv accumulator transfer")
 
     dk = dv = None
@@ -387,15 +369,14 @@ class _RingAttention(torch.autograd.Function):
 def _ring_weights(call: _RingCall, q, k, mask_bytes, lse):
     """Sparse weights of this rank's query rows: a second ring pass of k (and the mask) with the final lse."""
     pieces = []
-
-    def visit(step, chunk, tensors):
-        k_chunk, mask_chunk = tensors
-        plan = call.plan(call.rank, chunk)
-        pieces.append(_module.sparse_weights(call.backend, q, k_chunk, _as_bool(mask_chunk), lse, plan))
-
-    _ring_pass(call, (k, mask_bytes), visit, call.stats.weights_bytes)
+    weights = lambda k_chunk, mask_chunk, chunk: call.backend.sparse_weights(  # noqa: E731
+        q, k_chunk, _as_bool(mask_chunk), lse, call.plan(call.rank, chunk), call.options
+    )
+    call.stats.weights_bytes = [0] * call.world_size
+    for _, chunk, (k_chunk, mask_chunk) in _travel(call, (k, mask_bytes), call.stats.weights_bytes):
+        pieces.append(weights(k_chunk, mask_chunk, chunk))
     if not pieces:  # no active pair: an empty result of the right structure
-        pieces.append(_module.sparse_weights(call.backend, q, k, _as_bool(mask_bytes), lse, call.plan(call.rank, call.rank)))
+        pieces.append(weights(k, mask_bytes, call.rank))
     return _concatenate_weights(pieces)
 
 
@@ -456,24 +437,48 @@ def _communication_device(call_dist, group, tensor_device):
     return tensor_device if str(call_dist.get_backend(group)) == "nccl" else torch.device("cpu")
 
 
-def distributed_forward(module, q, k, v, is_causal, key_padding_mask, return_attention_weights, return_lse, scale):
-    """Forward of ``module`` over ``module.process_group``: this rank's rows, as ``forward`` returns them.
+@dataclass(frozen=True)
+class RingRequest:
+    """What the distributed ring needs of the caller besides the tensors (the module builds it per call).
 
-    Each rank passes its own contiguous chunk of q, k, v (B, N_r, ., D) and of the key padding mask
-    (B, N_r); chunk r holds global positions [sum(N_<r), sum(N_<=r)) in rank order, and the N_r may
-    differ (each rank must hold at least one token). Returns out (B, N_r, H, D) for this rank's
-    rows; lse (B, H, N_r); weights: a ``SparseAttentionWeights`` in GLOBAL coordinates (shape
-    (B, H, N, N), global query/key positions) holding only this rank's query rows, so the ranks'
-    ``to_dense()`` results add up to the whole matrix. ``module.ring_stats`` records the bytes sent.
+    ``backend``: the requested name (``"auto"`` is resolved on every rank after validation);
+    ``options``: backend name -> that backend's options; ``layout``: the inputs' axis order.
+    ``chunk_lengths_cache``: a dict the caller keeps between calls, so that the all-gather of the
+    ranks' chunk lengths runs once per configuration and shape.
     """
-    import torch.distributed as dist
 
-    group = module.process_group
-    if module.ring_chunk_lengths is not None or module.ring_size not in (None, 1):
-        raise ValueError(
-            "give process_group or an in-process ring (ring_size / ring_chunk_lengths), not both; got "
-            f"ring_size={module.ring_size!r}, ring_chunk_lengths={module.ring_chunk_lengths!r}"
-        )
+    group: object
+    dilation: DilationConfig
+    sparse_config: SparsePatternConfig
+    backend: str
+    options: dict
+    layout: str = "bnhd"
+    chunk_lengths_cache: dict = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class RingResult:
+    """What one distributed call returns: the results as ``forward`` returns them, the choice and the stats."""
+
+    results: tuple
+    choice: Choice
+    stats: RingStats
+
+
+def distributed_forward(
+    request: RingRequest, q, k, v, is_causal, key_padding_mask, return_attention_weights, return_lse, scale
+) -> RingResult:
+    """Forward over ``request.group``: this rank's rows.
+
+    Each rank passes its own contiguous chunk of q, k, v (in ``request.layout``, N_r tokens) and of
+    the key padding mask (B, N_r); chunk r holds global positions [sum(N_<r), sum(N_<=r)) in rank
+    order, and the N_r may differ (each rank must hold at least one token). ``results`` holds out
+    for this rank's rows (in the caller's layout); lse (B, H, N_r); weights: a
+    ``SparseAttentionWeights`` in GLOBAL coordinates (shape (B, H, N, N), global query/key
+    positions) holding only this rank's query rows, so the ranks' ``to_dense()`` results add up to
+    the whole matrix. ``stats`` records the bytes sent (the backward ring fills its part later).
+    """
+    group = request.group
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("process_group is set but torch.distributed is not initialized (call init_process_group)")
     world_size = dist.get_world_size(group)
@@ -482,10 +487,11 @@ def distributed_forward(module, q, k, v, is_causal, key_padding_mask, return_att
 
     # Validate locally, but still take part in the exchange so that every rank raises, none hangs.
     try:
-        if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[1] == 0:
+        if isinstance(q, torch.Tensor) and q.dim() == 4 and bnhd_view(q, request.layout).shape[1] == 0:
             raise ValueError(f"q: every rank of the ring must hold at least one token, got q of shape {tuple(q.shape)}")
-        validate_qkv(q, k, v, key_padding_mask, scale)
-        backend = module.pick_backend(q, k, v)
+        validate_qkv(q, k, v, key_padding_mask, scale, layout=request.layout)
+        q, k, v = (bnhd_view(t, request.layout) for t in (q, k, v))
+        choice = choose(request.backend, Case.of_call(q, k, v, request.sparse_config.block_size))
     except (TypeError, ValueError) as error:
         try:
             _exchange_layout(dist, group, device, INVALID_FINGERPRINT, 0, "invalid inputs", world_size)
@@ -493,41 +499,39 @@ def distributed_forward(module, q, k, v, is_causal, key_padding_mask, return_att
             pass  # the others now raise too; this rank raises its own, more precise error
         raise error
     scale = default_scale(q.shape[3], scale)
-    module.last_backend = backend
     batch, local_len, num_heads, head_dim = q.shape
     grad_wanted = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     description = (
-        ("dilation", module.dilation), ("sparse_config", module.sparse_config), ("backend", backend),
+        ("dilation", request.dilation), ("sparse_config", request.sparse_config), ("backend", choice.name),
         ("B", batch), ("H", num_heads), ("H_kv", k.shape[2]), ("D", head_dim), ("dtype", str(q.dtype)),
         ("is_causal", bool(is_causal)), ("scale", float(scale)), ("key_padding_mask", key_padding_mask is not None),
         ("return_attention_weights", bool(return_attention_weights)), ("return_lse", bool(return_lse)),
         ("requires_grad", grad_wanted), ("world_size", world_size),
     )
-    cache = module.__dict__.setdefault("_ring_chunk_lengths_by_key", {})
+    cache = request.chunk_lengths_cache
     key = (description, local_len)
     if key not in cache:
         cache[key] = _exchange_layout(dist, group, device, _fingerprint(description), local_len, description, world_size)
     chunk_lengths = cache[key]
 
-    geometry = module.geometry(sum(chunk_lengths), num_heads)
-    schedule = ring_schedule(geometry, module.sparse_config, bool(is_causal), chunk_lengths)
+    geometry = AttentionGeometry(request.dilation, sum(chunk_lengths), num_heads)
+    schedule = ring_schedule(geometry, request.sparse_config, bool(is_causal), chunk_lengths)
     if group is None or group is dist.group.WORLD:
         peers = tuple(range(world_size))
     else:
         peers = tuple(dist.get_global_rank(group, r) for r in range(world_size))
     stats = RingStats(rank=rank, world_size=world_size, chunk_lengths=chunk_lengths, schedule=schedule)
-    module.ring_stats = stats
     call = _RingCall(
-        dist=dist, group=group, rank=rank, peers=peers, schedule=schedule, backend=backend,
-        options={"work_size": module.work_size}, geometry=geometry, sparse_config=module.sparse_config,
+        dist=dist, group=group, rank=rank, peers=peers, schedule=schedule, backend=choice.backend,
+        options=request.options[choice.name], geometry=geometry, sparse_config=request.sparse_config,
         is_causal=bool(is_causal), scale=float(scale), stats=stats,
     )
     # The mask travels as bytes: not every backend of torch.distributed moves bool tensors.
     mask_bytes = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()
     out, lse = _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), mask_bytes, call)
-    results = (out.to(q.dtype),)
+    results = (layout_view(out.to(q.dtype), request.layout),)
     if return_attention_weights:
         results += (_ring_weights(call, q.detach().contiguous(), k.detach().contiguous(), mask_bytes, lse.detach()),)
     if return_lse:
         results += (lse,)
-    return results[0] if len(results) == 1 else results
+    return RingResult(results, choice, stats)

@@ -176,7 +176,7 @@ def _entry_probabilities(q, k, v, key_padding_mask, plan: CallPlan, work_size: i
             yield query_slots, key_slots, q_blocks, k_blocks, do_blocks, probs, dprobs, live
 
 
-def _backward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int, out, lse, grad_out, grad_lse):
+def partial_backward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int, out, lse, grad_out, grad_lse):
     """Gradients of SPEC section 4's formula, flash-attention style, from the final lse.
 
     Every active block entry recomputes P with the final (all branches, all chunks) lse, so
@@ -243,7 +243,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, ctx.key_padding_mask, ctx.plan, ctx.work_size, out, lse, grad_out, grad_lse)
+        dq, dk, dv = partial_backward(q, k, v, ctx.key_padding_mask, ctx.plan, ctx.work_size, out, lse, grad_out, grad_lse)
         return dq, dk, dv, None, None, None
 
 

@@ -14,6 +14,9 @@ import torch
 
 PATTERN_TYPES = ("dense", "local_window", "dilated_sparse", "global_local", "random", "custom")
 HEAD_MODES = ("split", "all")
+# Axis order of q, k, v and out: (B, N, H, D) as the seed and dilated-attention-pytorch, or
+# (B, H, N, D) as scaled_dot_product_attention and FlexAttention (docs/semantics.md section 1).
+LAYOUTS = ("bnhd", "bhnd")
 
 
 def _require_int(name: str, value, minimum: int) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import DilationConfig, SparsePatternConfig
-from .inputs import default_scale, validate_qkv
+from .inputs import bnhd_view, check_layout, default_scale, layout_view, validate_qkv
 from .semantics import AttentionGeometry, dense_multiplicity
 
 
@@ -33,6 +33,7 @@ def partial_attention(
     scale: float | None = None,
     compute_dtype: torch.dtype | None = torch.float64,
     return_weights: bool = False,
+    layout: str = "bnhd",
 ):
     """Partial attention of a query chunk against a key chunk (SPEC section 5).
 
@@ -40,9 +41,11 @@ def partial_attention(
     ``key_padding_mask`` (B, Nk)) hold [key_start, key_start + Nk). Returns ``(out, lse)`` or
     ``(out, lse, weights)``: out (B, Nq, H, D), lse (B, H, Nq), weights (B, H, Nq, Nk), all in
     ``compute_dtype`` (the input dtype when None), on the CPU. Empty rows: out 0, lse -inf.
+    ``layout="bhnd"`` takes q, k, v as (B, H, N, D) and returns out that way (section 1).
     Differentiable in q, k, v (the gradients of SPEC section 4's formula; empty rows give 0).
     """
     dtype = q.dtype if compute_dtype is None else compute_dtype
+    q, k, v = (bnhd_view(t, check_layout(layout)) for t in (q, k, v))
     num_heads = q.shape[2]
     q_range = (query_start, query_start + q.shape[1])
     k_range = (key_start, key_start + k.shape[1])
@@ -63,6 +66,7 @@ def partial_attention(
     probs = torch.exp(logits - lse.unsqueeze(-1)).masked_fill(row_empty, 0.0)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, vf)
     lse = lse.masked_fill(row_empty.squeeze(-1), float("-inf"))
+    out = layout_view(out, layout)
     return (out, lse, probs) if return_weights else (out, lse)
 
 
@@ -80,8 +84,10 @@ class BlockSparseRingDilatedAttention(nn.Module):
         sparse_config: SparsePatternConfig | None = None,
         head_mode: str = "split",
         compute_dtype: torch.dtype | None = torch.float64,
+        layout: str = "bnhd",
     ) -> None:
         super().__init__()
+        self.layout = check_layout(layout)
         self.dilation = DilationConfig(tuple(segment_lengths), tuple(dilation_rates), head_mode)
         if sparse_config is None:
             sparse_config = SparsePatternConfig(pattern_type="dense")
@@ -106,11 +112,12 @@ class BlockSparseRingDilatedAttention(nn.Module):
         return_lse: bool = False,
         scale: float | None = None,
     ):
-        validate_qkv(q, k, v, key_padding_mask, scale)
-        geometry = self.geometry(q.shape[1], q.shape[2])
+        validate_qkv(q, k, v, key_padding_mask, scale, layout=self.layout)
+        seq_len, num_heads = bnhd_view(q, self.layout).shape[1:3]
         out, lse, weights = partial_attention(
-            q, k, v, geometry, self.sparse_config, is_causal=bool(is_causal),
+            q, k, v, self.geometry(seq_len, num_heads), self.sparse_config, is_causal=bool(is_causal),
             key_padding_mask=key_padding_mask, scale=scale, compute_dtype=self.compute_dtype, return_weights=True,
+            layout=self.layout,
         )
         results = (out,)
         if return_attention_weights:
@@ -120,4 +127,5 @@ class BlockSparseRingDilatedAttention(nn.Module):
         return results[0] if len(results) == 1 else results
 
     def extra_repr(self) -> str:
-        return f"{self.dilation}, {self.sparse_config}, compute_dtype={self.compute_dtype}"
+        layout = "" if self.layout == "bnhd" else f", layout={self.layout!r}"
+        return f"{self.dilation}, {self.sparse_config}, compute_dtype={self.compute_dtype}{layout}"

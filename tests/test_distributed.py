@@ -204,12 +204,12 @@ def _fault_worker(rank: int, init_file: str, result_dir: str) -> None:
             process_group=group,
         )
         if rank == 1:
-            from optimized import module as module_file
+            from optimized import dispatch
 
             def failing_partial(*args, **kwargs):
                 raise RuntimeError("injected failure of rank 1")
 
-            module_file.run_partial = failing_partial  # the ring looks it up at call time
+            dispatch.REGISTRY["torch"].forward_partial = failing_partial  # the ring calls the chosen backend
         try:
             module(q[:, rows], k[:, rows], v[:, rows], key_padding_mask=mask[:, rows])
             results["error"] = None
@@ -384,8 +384,7 @@ def test_rank_failing_mid_ring_makes_the_others_raise(tmp_path):
 
 
 def test_process_group_rejects_an_in_process_ring_too():
-    module = optimized.BlockSparseRingDilatedAttention([4], [1], backend="torch", ring_size=2,
-                                                       process_group=object())
-    q = torch.randn(1, 4, 1, 2)
     with pytest.raises(ValueError, match="not both"):
-        module(q, q, q)
+        optimized.BlockSparseRingDilatedAttention([4], [1], backend="torch", ring_size=2, process_group=object())
+    with pytest.raises(ValueError, match="not both"):
+        optimized.BlockSparseRingDilatedAttention([4], [1], ring_chunk_lengths=[2, 2], process_group=object())
