@@ -229,8 +229,9 @@ def check_backend(
     assert out.dtype == dtype and out.device.type == device.type, (
         f"out must be {dtype} on {device}, got {out.dtype} on {out.device}; {context}"
     )
-    assert lse.dtype == torch.float32 and lse.device.type == device.type, (
-        f"lse must be float32 on {device}, got {lse.dtype} on {lse.device}; {context}"
+    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # docs/semantics.md section 1
+    assert lse.dtype == lse_dtype and lse.device.type == device.type, (
+        f"lse must be {lse_dtype} on {device}, got {lse.dtype} on {lse.device}; {context}"
     )
     empty = _empty_rows(lse64)
     empty_out = (empty if layout == "bhnd" else empty.transpose(1, 2)).unsqueeze(-1)  # out's axis order
@@ -306,11 +307,13 @@ def check_gradients(
     *,
     seed: int | None = None,
     module_options: dict | None = None,
+    ring_chunk_lengths=None,
 ) -> dict[str, Verdict]:
     """dq, dk, dv of ``backend`` against the float64 reference's gradients (SPEC section 7, k = 3).
 
     The same upstream gradient (fresh random values) flows into the optimized module's out and into
-    the reference's; the baseline is the reference's gradients computed in ``dtype``.
+    the reference's; the baseline is the reference's gradients computed in ``dtype``. With
+    ``ring_chunk_lengths`` the module runs the in-process ring (its backward through every chunk pair).
     """
     device = torch.device(device) if device is not None else default_device()
     q, k, v, mask = s.make_inputs(case, dtype, device, seed)
@@ -318,14 +321,15 @@ def check_gradients(
     grad_out = torch.randn(case.shape.q_shape, generator=generator, dtype=torch.float32)
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     module = optimized.BlockSparseRingDilatedAttention(
-        **s.module_kwargs(case), backend=backend, **(module_options or {})
+        **s.module_kwargs(case), backend=backend, ring_chunk_lengths=ring_chunk_lengths, **(module_options or {})
     )
     out = module(*leaves, is_causal=case.is_causal, key_padding_mask=mask)
+    assert module.last_backend == backend, f"ran {module.last_backend!r}, asked for {backend!r}"
     out.backward(grad_out.to(device, dtype))
     grads64 = _reference_grads(q, k, v, grad_out, case, mask, torch.float64)
     grads_lowp = _reference_grads(q, k, v, grad_out, case, mask, dtype)
 
-    context = _describe_call(case, backend, dtype, device)
+    context = _describe_call(case, backend, dtype, device, f"ring_chunk_lengths={ring_chunk_lengths}")
     verdicts = {}
     for name, leaf, g64, glowp in zip(("dq", "dk", "dv"), leaves, grads64, grads_lowp):
         assert leaf.grad is not None, f"{name}: no gradient reached the input; {context}"

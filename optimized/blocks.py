@@ -15,6 +15,12 @@ from reference.merge import merge_all
 from reference.semantics import BlockTable
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the portable paths compute and accumulate in: float64 for float64 inputs (docs/numerics.md:
+    every path computes float64 in float64), float32 for every lower precision."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @dataclass(frozen=True)
 class DeviceTable:
     """The integer tensors of one BlockTable moved to the compute device once."""
@@ -174,7 +180,7 @@ class PartialCollector:
     """Collects per-query-point results of tables and assembles (out, lse) of one call.
 
     Each piece holds P query points of a contiguous head run: chunk indices (P,), out
-    (B, P, nh, D) float32, lse (B, P, nh) float32; points no table wrote stay empty (out 0,
+    (B, P, nh, D), lse (B, P, nh) in the collector's dtype; points no table wrote stay empty (out 0,
     lse -inf). Pieces that autograd tracks are assembled with out-of-place index_copy, so
     gradients flow to them. Untracked pieces (the torch backend's forward, any no_grad call) are
     copied into the result in place one at a time, each dropped once copied: the pieces, their
@@ -185,9 +191,11 @@ class PartialCollector:
     # float64 temporaries of the merge to a slice of out.
     MERGE_QUERIES = 4096
 
-    def __init__(self, batch: int, num_queries: int, num_heads: int, head_dim: int, device) -> None:
+    def __init__(self, batch: int, num_queries: int, num_heads: int, head_dim: int, device,
+                 dtype: torch.dtype = torch.float32) -> None:
         self.shape = (batch, num_queries, num_heads, head_dim)
         self.device = device
+        self.dtype = dtype  # of the pieces and the result: float32, or float64 for float64 inputs
         self.layers: dict[int, list] = {}
 
     def add(self, layer: int, heads: range, index: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
@@ -195,8 +203,8 @@ class PartialCollector:
 
     def _empty(self):
         B, Nq, H, D = self.shape
-        return (torch.zeros(B, Nq * H, D, dtype=torch.float32, device=self.device),
-                torch.full((B, H * Nq), float("-inf"), dtype=torch.float32, device=self.device))
+        return (torch.zeros(B, Nq * H, D, dtype=self.dtype, device=self.device),
+                torch.full((B, H * Nq), float("-inf"), dtype=self.dtype, device=self.device))
 
     def _slots(self, heads: range, index: torch.Tensor):
         """Flat (query, head) slots of out (B, Nq * H, D) and (head, query) slots of lse (B, H * Nq)."""
@@ -223,7 +231,7 @@ class PartialCollector:
         return out.reshape(B, Nq, H, D), lse.reshape(B, H, Nq)
 
     def result(self):
-        """(out (B, Nq, H, D) float32, lse (B, H, Nq) float32), layers merged by SPEC section 5's rule."""
+        """(out (B, Nq, H, D), lse (B, H, Nq)) in the collector's dtype, layers merged by SPEC section 5's rule."""
         B, Nq, H, D = self.shape
         tracked = torch.is_grad_enabled() and any(
             piece[2].requires_grad or piece[3].requires_grad for pieces in self.layers.values() for piece in pieces
@@ -237,10 +245,10 @@ class PartialCollector:
         # single-softmax reference (seen at k = 3 on dk with a key counted in three branches).
         if tracked:
             out, lse = merge_all([out.double() for out, _ in parts], [lse.double() for _, lse in parts])
-            return out.float(), lse.float()
-        # Untracked: the same merge, a slice of queries at a time, into float32 results.
-        out = torch.empty(B, Nq, H, D, dtype=torch.float32, device=self.device)
-        lse = torch.empty(B, H, Nq, dtype=torch.float32, device=self.device)
+            return out.to(self.dtype), lse.to(self.dtype)
+        # Untracked: the same merge, a slice of queries at a time, into results of the collector's dtype.
+        out = torch.empty(B, Nq, H, D, dtype=self.dtype, device=self.device)
+        lse = torch.empty(B, H, Nq, dtype=self.dtype, device=self.device)
         for q0 in range(0, Nq, self.MERGE_QUERIES):
             q1 = min(q0 + self.MERGE_QUERIES, Nq)
             merged_out, merged_lse = merge_all([part[:, q0:q1].double() for part, _ in parts],

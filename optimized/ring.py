@@ -29,6 +29,7 @@ from reference.merge import merge_partials
 from reference.ring_schedule import RingSchedule, ring_schedule
 from reference.semantics import AttentionGeometry
 
+from .blocks import accumulation_dtype
 from .dispatch import Backend, Case, Choice, choose
 from .plan import CallPlan
 
@@ -42,14 +43,16 @@ NEG_INF = float("-inf")
 
 def _empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     batch, num_queries, num_heads, head_dim = q.shape
-    out = torch.zeros(batch, num_queries, num_heads, head_dim, dtype=torch.float32, device=q.device)
-    lse = torch.full((batch, num_heads, num_queries), NEG_INF, dtype=torch.float32, device=q.device)
+    dtype = accumulation_dtype(q.dtype)
+    out = torch.zeros(batch, num_queries, num_heads, head_dim, dtype=dtype, device=q.device)
+    lse = torch.full((batch, num_heads, num_queries), NEG_INF, dtype=dtype, device=q.device)
     return out, lse
 
 
 def _merge_into(acc, out, lse):
-    """Add a partial to a running (out, lse) pair (None: nothing yet); results in float32."""
-    out = out.to(torch.float32)
+    """Add a partial to a running (out, lse) pair (None: nothing yet); results in lse's dtype
+    (float32, or float64 for float64 inputs)."""
+    out = out.to(lse.dtype)
     if acc is None:
         return out, lse
     return merge_partials(acc[0], acc[1], out, lse)
@@ -73,7 +76,7 @@ def in_process_forward(
     scale: float,
     chunks,
 ):
-    """The ring simulated in one process: (out float32 (B, N, H, D), lse float32 (B, H, N)).
+    """The ring simulated in one process: (out (B, N, H, D), lse (B, H, N)), float32 (float64 for float64 inputs).
 
     ``backend`` (an ``optimized.dispatch.Backend``) computes every active pair with ``options``.
     ``chunks`` are the chunk lengths (zero-length chunks allowed: they hold no pair). Query chunk
@@ -250,7 +253,7 @@ def _pair_gradients(call: _RingCall, chunk, q, k_chunk, v_chunk, mask_chunk, out
     lse_j_value = lse_j.detach()
     weight = torch.where(torch.isneginf(lse_j_value), torch.zeros_like(lse_j_value), torch.exp(lse_j_value - lse))
     grad_out_j = weight.transpose(1, 2).unsqueeze(-1) * grad_out
-    spread = ((out_j.detach().to(torch.float32) - out) * grad_out).sum(-1).transpose(1, 2)  # (B, H, Nq)
+    spread = ((out_j.detach().to(out.dtype) - out) * grad_out).sum(-1).transpose(1, 2)  # (B, H, Nq)
     grad_lse_j = weight * (grad_lse + spread)
     outputs, grads = [], []
     for tensor, grad in ((out_j, grad_out_j), (lse_j, grad_lse_j)):
@@ -269,7 +272,7 @@ def _pair_gradients(call: _RingCall, chunk, q, k_chunk, v_chunk, mask_chunk, out
         grad = next(computed) if leaf.requires_grad else None
         if leaf.requires_grad and grad is None:
             grad = torch.zeros_like(leaf)
-        results.append(None if grad is None else grad.to(torch.float32))
+        results.append(None if grad is None else grad.to(out.dtype))
     return results
 
 
@@ -285,17 +288,18 @@ def _ring_backward(call: _RingCall, q, k, v, mask_bytes, out, lse, grad_out, gra
     k/v travel exactly as in the forward (prefetched one step ahead). The dk/dv accumulator of
     chunk c travels behind it: the rank holding c at step s adds its contribution to what it
     received from rank - 1 and passes the sum on; after the chunk's last step the accumulator
-    goes straight back to rank c in one final exchange. Accumulators are float32.
+    goes straight back to rank c in one final exchange. Accumulators are in out's dtype (float32, or
+    float64 for float64 inputs).
     """
     schedule, rank, P = call.schedule, call.rank, call.schedule.num_chunks
     needs_kv = needs[1] or needs[2]
-    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(torch.float32)
-    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(torch.float32)
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(out.dtype)
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(lse.dtype)
     stats_bytes = call.stats.backward_bytes = [0] * (P + 1)
     last_steps = schedule.chunk_last_step
 
     def zeros_kv(length):
-        return [t.new_zeros((t.shape[0], length, *t.shape[2:]), dtype=torch.float32) for t in (k, v)]
+        return [t.new_zeros((t.shape[0], length, *t.shape[2:]), dtype=out.dtype) for t in (k, v)]
 
     dq = None
     acc_works, acc_incoming = [], None  # accumulator in flight for the chunk held at the next step
@@ -340,7 +344,7 @@ def _ring_backward(call: _RingCall, q, k, v, mask_bytes, out, lse, grad_out, gra
         _wait(dist.batch_isend_irecv(ops) if ops else [], call, "the return of the dk/dv accumulators")
         dk, dv = own
     if dq is None and needs[0]:
-        dq = torch.zeros_like(q, dtype=torch.float32)
+        dq = torch.zeros_like(q, dtype=out.dtype)
     return (
         None if not needs[0] else dq.to(q.dtype),
         None if not needs[1] else dk.to(k.dtype),

@@ -4,7 +4,7 @@ The algorithm the GPU kernel follows. For every BlockTable of the plan (one per 
 offset)), rows are processed in groups of similar key-block counts (``blocks.row_groups``): the
 group's query blocks are gathered from the caller's tensors, then its CSR key blocks are walked
 column by column ("the c-th active key block of every row", rows with fewer blocks masked) with
-an online softmax in float32. At most ``work_size``
+an online softmax in float32 (float64 for float64 inputs). At most ``work_size``
 (rows x heads x batch) score blocks of b x b exist at once; no N x N tensor, no full-lattice copy.
 Tables covering the same heads (head_mode "all") are merged with SPEC section 5's lse rule.
 """
@@ -17,6 +17,7 @@ import torch
 
 from .blocks import (
     DeviceTable,
+    accumulation_dtype,
     PartialCollector,
     allowed_slots,
     block_points,
@@ -79,14 +80,15 @@ def _row_group_partial(q, k, v, key_padding_mask, dt: DeviceTable, rows: torch.T
     Returns (query chunk index (n, b), query valid (n, b), out (B, n, nh, b, D), lse (B, n, nh, b)).
     """
     q_index, q_t, q_valid = _row_queries(dt, rows, plan)
-    q_blocks = gather_queries(q, q_index, dt.table.heads).to(torch.float32)  # (B, n, b, nh, D)
+    dtype = accumulation_dtype(q.dtype)
+    q_blocks = gather_queries(q, q_index, dt.table.heads).to(dtype)  # (B, n, b, nh, D)
     batch, n, b, nh, head_dim = q_blocks.shape
-    running_max = torch.full((batch, n, nh, b), NEG_INF, dtype=torch.float32, device=q.device)
-    running_sum = torch.zeros((batch, n, nh, b), dtype=torch.float32, device=q.device)
-    running_out = torch.zeros((batch, n, nh, b, head_dim), dtype=torch.float32, device=q.device)
+    running_max = torch.full((batch, n, nh, b), NEG_INF, dtype=dtype, device=q.device)
+    running_sum = torch.zeros((batch, n, nh, b), dtype=dtype, device=q.device)
+    running_out = torch.zeros((batch, n, nh, b, head_dim), dtype=dtype, device=q.device)
     for k_index, allowed in _key_steps(key_padding_mask, dt, rows, q_t, plan):
-        k_blocks = gather_keys(k, k_index, kv_heads).to(torch.float32)
-        v_blocks = gather_keys(v, k_index, kv_heads).to(torch.float32)
+        k_blocks = gather_keys(k, k_index, kv_heads).to(dtype)
+        v_blocks = gather_keys(v, k_index, kv_heads).to(dtype)
         scores = torch.einsum("bnihd,bnjhd->bnhij", q_blocks, k_blocks) * plan.scale
         scores = scores.masked_fill(~allowed, NEG_INF)
         new_max = torch.maximum(running_max, scores.amax(dim=-1))
@@ -133,7 +135,7 @@ def _row_groups(q, k, plan: CallPlan, work_size: int):
 
 def _forward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int):
     batch, num_queries, num_heads, head_dim = q.shape
-    collector = PartialCollector(batch, num_queries, num_heads, head_dim, q.device)
+    collector = PartialCollector(batch, num_queries, num_heads, head_dim, q.device, accumulation_dtype(q.dtype))
     for layer, table, dt, kv_heads, rows in _row_groups(q, k, plan, work_size):
         q_index, q_valid, out, lse = _row_group_partial(q, k, v, key_padding_mask, dt, rows, kv_heads, plan)
         keep = q_valid.reshape(-1).nonzero().squeeze(1)
@@ -160,15 +162,15 @@ def _entry_probabilities(q, k, v, key_padding_mask, plan: CallPlan, work_size: i
         heads = table.heads
         head_ids = torch.arange(heads.start, heads.stop, device=q.device)
         query_slots = (q_index.unsqueeze(-1) * num_heads + head_ids).reshape(-1)
-        q_blocks = gather_queries(q, q_index, heads).to(torch.float32)  # (B, n, b, nh, D)
+        q_blocks = gather_queries(q, q_index, heads).to(lse.dtype)  # (B, n, b, nh, D)
         do_blocks = gather_queries(grad_out, q_index, heads)
         row_lse = gather_queries(lse_points, q_index, heads).squeeze(-1).permute(0, 1, 3, 2)  # (B, n, nh, b)
         # Slots outside the lattice or chunk, and empty rows, take no part.
         live = q_valid[None, :, None, :] & ~torch.isneginf(row_lse)
         row_lse = torch.where(live, row_lse, torch.zeros_like(row_lse))
         for k_index, allowed in _key_steps(key_padding_mask, dt, rows, q_t, plan):
-            k_blocks = gather_keys(k, k_index, kv_heads).to(torch.float32)
-            v_blocks = gather_keys(v, k_index, kv_heads).to(torch.float32)
+            k_blocks = gather_keys(k, k_index, kv_heads).to(lse.dtype)
+            v_blocks = gather_keys(v, k_index, kv_heads).to(lse.dtype)
             scores = torch.einsum("bnihd,bnjhd->bnhij", q_blocks, k_blocks) * plan.scale
             probs = torch.exp(scores - row_lse.unsqueeze(-1)).masked_fill(~(allowed & live.unsqueeze(-1)), 0.0)
             dprobs = torch.einsum("bnihd,bnjhd->bnhij", do_blocks, v_blocks)
@@ -193,8 +195,8 @@ def partial_backward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int, 
     """
     batch, num_queries, num_heads, head_dim = q.shape
     num_keys, num_kv_heads = k.shape[1], k.shape[2]
-    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(torch.float32)
-    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(torch.float32)
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(out.dtype)
+    grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(lse.dtype)
     entries = lambda: _entry_probabilities(q, k, v, key_padding_mask, plan, work_size, lse, grad_out)  # noqa: E731
 
     row_sum = torch.zeros(batch, num_queries * num_heads, dtype=torch.float64, device=q.device)
@@ -205,8 +207,8 @@ def partial_backward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int, 
         row_mass.index_add_(1, query_slots, probs64.sum(-1).permute(0, 1, 3, 2).reshape(batch, -1))
     row_mass = torch.where(row_mass > 0, row_mass, torch.ones_like(row_mass))  # empty rows: no entry uses it
     # (B, Nq, H) -> gathered per step below through the same query slots; dlse joins it.
-    row_terms = (grad_lse.transpose(1, 2).reshape(batch, -1).double() - row_sum / row_mass).float()
-    inverse_mass = (1.0 / row_mass).float()
+    row_terms = (grad_lse.transpose(1, 2).reshape(batch, -1).double() - row_sum / row_mass).to(lse.dtype)
+    inverse_mass = (1.0 / row_mass).to(lse.dtype)
 
     dq = torch.zeros(batch, num_queries * num_heads, head_dim, dtype=torch.float64, device=q.device)
     dk = torch.zeros(batch, num_keys * num_kv_heads, head_dim, dtype=torch.float64, device=q.device)
@@ -250,7 +252,8 @@ class _BlockSparseAttention(torch.autograd.Function):
 def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int = 4096):
     """Partial attention of the query chunk against the key chunk of ``plan`` (COMMON interface).
 
-    Returns out (B, Nq, H, D) float32 and lse (B, H, Nq) float32 (natural log); empty rows 0 / -inf.
+    Returns out (B, Nq, H, D) and lse (B, H, Nq) (natural log) in float32, float64 for float64 inputs;
+    empty rows 0 / -inf.
     Differentiable in q, k, v (backward recomputes blocks; extra memory O(work_size x b x b)).
     """
     work_size = _check_work_size(work_size)

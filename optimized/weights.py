@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 
 from .blocks import (
-    DeviceTable, allowed_slots, block_points, gather_keys, gather_queries, kv_heads_of, local_index,
+    DeviceTable, accumulation_dtype, allowed_slots, block_points, gather_keys, gather_queries, kv_heads_of, local_index,
 )
 from .plan import CallPlan
 
@@ -26,7 +26,7 @@ class SparseAttentionWeights(Mapping):
 
     Keys (the seed's first four, then the ones that locate a block):
     - ``block_indices`` (NBLK, 2) int64: (query block, key block) in its lattice's compacted coordinates;
-    - ``block_values`` (B, NBLK, b, b) float32: probabilities, 0 in masked and padding slots;
+    - ``block_values`` (B, NBLK, b, b) float32 (float64 for float64 inputs): probabilities, 0 in masked and padding slots;
     - ``shape`` (B, H, N, N); ``block_size`` b;
     - ``block_heads`` (NBLK,) int64: query head; ``block_branches`` (NBLK,) int64: dilation branch;
     - ``query_positions``, ``key_positions`` (NBLK, b) int64: global positions, -1 for padding slots.
@@ -68,7 +68,7 @@ class SparseAttentionWeights(Mapping):
         return self["block_heads"][block], qp[block, i], kp[block, j], values
 
     def to_dense(self, allow_large: bool = False) -> torch.Tensor:
-        """Dense (B, H, N, N) float32 probabilities; small N only. A key in two branches holds the sum."""
+        """Dense (B, H, N, N) probabilities (block_values' dtype); small N only. A key in two branches holds the sum."""
         B, H, Nq, Nk = self["shape"]
         elements = B * H * Nq * Nk
         if elements > DENSE_ELEMENT_LIMIT and not allow_large:
@@ -95,12 +95,13 @@ def attention_weights(q, k, key_padding_mask, lse, plan: CallPlan, work_size: in
     """The probabilities of every active block from the final lse (B, H, Nq); detached from autograd.
 
     q (B, Nq, H, D) at plan.query_range, k (B, Nk, H_kv, D) at plan.key_range. Values are
-    computed in float32 on q's device, ``work_size`` (blocks x heads x batch) at a time.
+    computed in float32 (float64 for float64 inputs) on q's device, ``work_size`` (blocks x heads x batch) at a time.
     """
     batch, num_queries, num_heads, _ = q.shape
     device = q.device
     b = plan.block_size
-    lse = lse.detach().to(device=device, dtype=torch.float32)
+    dtype = accumulation_dtype(q.dtype)
+    lse = lse.detach().to(device=device, dtype=dtype)
     safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     parts = {name: [] for name in ("values", "indices", "heads", "branches", "qpos", "kpos")}
     with torch.no_grad():
@@ -122,8 +123,8 @@ def attention_weights(q, k, key_padding_mask, lse, plan: CallPlan, work_size: in
                 k_index = local_index(k_pos, k_valid, plan.key_start)
                 allowed = allowed_slots(key_padding_mask, k_index, k_valid, q_t, k_t, plan.is_causal)
                 allowed = allowed & q_valid.unsqueeze(-1).unsqueeze(1)  # (B|1, n, 1, b, b)
-                q_blocks = gather_queries(q, q_index, table.heads).to(torch.float32)
-                k_blocks = gather_keys(k, k_index, kv_heads).to(torch.float32)
+                q_blocks = gather_queries(q, q_index, table.heads).to(dtype)
+                k_blocks = gather_keys(k, k_index, kv_heads).to(dtype)
                 scores = torch.einsum("bnihd,bnjhd->bnhij", q_blocks, k_blocks) * plan.scale
                 row_lse = safe_lse[:, table.heads.start : table.heads.stop][:, :, q_index]  # (B, nh, n, b)
                 probs = torch.exp(scores - row_lse.permute(0, 2, 1, 3).unsqueeze(-1))
@@ -144,7 +145,7 @@ def attention_weights(q, k, key_padding_mask, lse, plan: CallPlan, work_size: in
     seq_len = plan.geometry.seq_len
     return SparseAttentionWeights({
         "block_indices": cat("indices", (0, 2), torch.long),
-        "block_values": cat("values", (batch, 0, b, b), torch.float32, dim=1),
+        "block_values": cat("values", (batch, 0, b, b), dtype, dim=1),
         "shape": (batch, num_heads, seq_len, seq_len),
         "block_size": b,
         "block_heads": cat("heads", (0,), torch.long),

@@ -258,13 +258,61 @@ class BlockTable:
         return self.row_ptr[1:] - self.row_ptr[:-1]
 
     @property
-    def max_row_count(self) -> int:
-        return int(self.row_counts.max()) if self.num_rows else 0
-
-    @property
     def entry_row(self) -> torch.Tensor:
         """Row index of every key-block entry, (nnz,)."""
         return torch.repeat_interleave(torch.arange(self.num_rows), self.row_counts)
+
+    @functools.cached_property
+    def columns(self) -> "ColumnList":
+        """The same entries grouped by key block: which rows attend each (lattice, key block)."""
+        return ColumnList.of(self)
+
+
+@dataclass(frozen=True)
+class ColumnList:
+    """A BlockTable's entries transposed: one column per (lattice, key block) that some row attends.
+
+    Column ``c`` is key block ``key_block[c]`` of the lattice starting at ``lattice_start[c]``
+    (``lattice_length[c]`` points); the rows attending it are the table's entries
+    ``entry[col_ptr[c]:col_ptr[c+1]]`` (indices into the row-wise ``key_block`` list), in
+    ascending query block. Columns run in (lattice, key block) order. A consumer that owns a key
+    block (a backward pass summing dk, dv over the queries that saw it) walks a column.
+    """
+
+    lattice_start: torch.Tensor  # (C,)
+    lattice_length: torch.Tensor  # (C,)
+    key_block: torch.Tensor  # (C,)
+    col_ptr: torch.Tensor  # (C + 1,)
+    entry: torch.Tensor  # (nnz,) row-wise entry indices, grouped by column
+
+    @classmethod
+    def of(cls, table: BlockTable) -> "ColumnList":
+        rows = table.entry_row
+        lattice = table.lattice_start[rows]
+        # Stable sorts, least significant key first: (lattice, key block, query block).
+        order = torch.sort(table.query_block[rows], stable=True).indices
+        order = order[torch.sort(table.key_block[order], stable=True).indices]
+        order = order[torch.sort(lattice[order], stable=True).indices]
+        sorted_lattice, sorted_key = lattice[order], table.key_block[order]
+        starts_column = torch.ones(order.numel(), dtype=torch.bool)
+        starts_column[1:] = (sorted_lattice[1:] != sorted_lattice[:-1]) | (sorted_key[1:] != sorted_key[:-1])
+        first = starts_column.nonzero().squeeze(1)
+        col_ptr = torch.cat([first, torch.tensor([order.numel()])])
+        return cls(
+            lattice_start=sorted_lattice[first],
+            lattice_length=table.lattice_length[rows[order[first]]],
+            key_block=sorted_key[first],
+            col_ptr=col_ptr,
+            entry=order,
+        )
+
+    @property
+    def num_columns(self) -> int:
+        return int(self.key_block.numel())
+
+    @property
+    def col_counts(self) -> torch.Tensor:
+        return self.col_ptr[1:] - self.col_ptr[:-1]
 
 
 def _chunk_block_range(lattice_start, lattice_length, stride, block_size, lo, hi):

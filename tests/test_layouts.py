@@ -219,3 +219,31 @@ def test_block_table_rows_know_their_segment(geometry_config, is_causal, data):
 def test_active_pair_count_equals_the_dense_count(geometry_config, is_causal):
     geometry, config = geometry_config
     assert active_pair_count(geometry, config, is_causal) == int(dense_multiplicity(geometry, config, is_causal).sum())
+
+
+@given(geometry_config=geometries(), is_causal=s.causal_flags(), data=st.data())
+def test_column_lists_hold_every_entry_once_grouped_by_key_block(geometry_config, is_causal, data):
+    """The transposed lists a backward pass walks: the same (lattice, query block, key block) triples."""
+    geometry, config = geometry_config
+    n = geometry.seq_len
+    query_range = data.draw(chunk_ranges(n), label="query_range")
+    key_range = data.draw(chunk_ranges(n), label="key_range")
+    for table in block_tables(geometry, config, is_causal, query_range, key_range):
+        columns = table.columns
+        rows = table.entry_row
+        row_wise = sorted(zip(table.lattice_start[rows].tolist(), table.query_block[rows].tolist(),
+                              table.key_block.tolist()))
+        column_wise = []
+        for c in range(columns.num_columns):
+            entries = columns.entry[columns.col_ptr[c]:columns.col_ptr[c + 1]]
+            assert entries.numel() > 0, "a column exists only where some row attends it"
+            assert torch.equal(table.key_block[entries], columns.key_block[c].expand(entries.numel()))
+            assert torch.equal(table.lattice_start[rows[entries]], columns.lattice_start[c].expand(entries.numel()))
+            assert torch.equal(table.lattice_length[rows[entries]],
+                               columns.lattice_length[c].expand(entries.numel()))
+            query_blocks = table.query_block[rows[entries]]
+            assert bool((query_blocks[1:] > query_blocks[:-1]).all()), "ascending query blocks, each once"
+            column_wise += [(int(columns.lattice_start[c]), qb, int(columns.key_block[c])) for qb in query_blocks.tolist()]
+        assert sorted(column_wise) == row_wise
+        keys = list(zip(columns.lattice_start.tolist(), columns.key_block.tolist()))
+        assert keys == sorted(set(keys)), "one column per (lattice, key block), in that order"

@@ -1,0 +1,442 @@
+"""The Triton backward of the block-sparse dilated attention (gradients of docs/semantics.md section 4).
+
+FlashAttention-2's backward, over the dilated lattice: with the partial's final lse and
+``row_term = rowsum(dO * out) - dlse`` per query point, every allowed pair gets
+``P = exp(scale q.k - lse)``, ``dP = dO . v`` and ``dS = P (dP - row_term)``; then
+``dq = scale sum_j dS k``, ``dk = scale sum_i dS q`` and ``dv = sum_i P dO``. A key counted in
+several branches (head_mode "all", overlapping lattices) is one term per branch, so it gets the
+gradient of the multiset softmax exactly.
+
+Two kernels read q, k, v, out, dO and lse straight from the caller's tensors along the lattice
+(strided addressing, as the forward does; no gather copies):
+- ``_dq_kernel``: one program per (query block slice, query head) of the forward's work items,
+  walking the row's key blocks (the forward's launch tables, one launch per layer of disjoint heads);
+- ``_dkdv_kernel``: one program per (key block slice, kv head) of a table's column list
+  (``reference.semantics.ColumnList``, the same entries transposed), walking the query blocks that
+  attend it and the query heads that share the kv head (grouped-query heads are summed inside the
+  program, so no atomics are needed).
+A gradient element is written by one program of one launch, or (when several launches reach it:
+head_mode "all", or query heads of one kv head in several tables) read, added to and written back by
+launches that run one after another, in a float32 buffer. Either way the result is the same bits
+for the same inputs (no atomics, fixed order).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .plan import CallPlan
+from .triton_backend import (
+    ITEM_ENTRY_START,
+    ITEM_ENTRY_STOP,
+    ITEM_HEAD,
+    ITEM_LATTICE_LENGTH,
+    ITEM_LATTICE_START,
+    ITEM_QUERY_BLOCK,
+    ITEM_STRIDE,
+    ITEM_WIDTH,
+    _interpreting,
+    _pack,
+    _padding_view,
+    _prepare,
+    device_tables,
+    partial_forward,
+)
+
+_LOG2E = 1.4426950408889634
+# Column launch tables kept per (plan, device), least recently used first out, bounded by bytes.
+COLUMN_CACHE_BYTES = 256 << 20
+
+
+class ColumnItem(enum.IntEnum):
+    """Columns of a backward (dk, dv) work item: one record per (table column, kv head).
+
+    Key block ``KEY_BLOCK`` of the lattice at ``LATTICE_START`` (``LATTICE_LENGTH`` points,
+    ``STRIDE`` apart); the query blocks that attend it are ``QueryBlock[ENTRY_START:ENTRY_STOP]``;
+    the query heads ``HEAD_START..HEAD_STOP - 1`` of the table read kv head ``KV_HEAD``.
+    """
+
+    LATTICE_START = 0
+    LATTICE_LENGTH = 1
+    KEY_BLOCK = 2
+    ENTRY_START = 3
+    ENTRY_STOP = 4
+    STRIDE = 5
+    KV_HEAD = 6
+    HEAD_START = 7
+    HEAD_STOP = 8
+
+
+COLUMN_WIDTH = tl.constexpr(len(ColumnItem))
+COLUMN_LATTICE_START = tl.constexpr(ColumnItem.LATTICE_START.value)
+COLUMN_LATTICE_LENGTH = tl.constexpr(ColumnItem.LATTICE_LENGTH.value)
+COLUMN_KEY_BLOCK = tl.constexpr(ColumnItem.KEY_BLOCK.value)
+COLUMN_ENTRY_START = tl.constexpr(ColumnItem.ENTRY_START.value)
+COLUMN_ENTRY_STOP = tl.constexpr(ColumnItem.ENTRY_STOP.value)
+COLUMN_STRIDE = tl.constexpr(ColumnItem.STRIDE.value)
+COLUMN_KV_HEAD = tl.constexpr(ColumnItem.KV_HEAD.value)
+COLUMN_HEAD_START = tl.constexpr(ColumnItem.HEAD_START.value)
+COLUMN_HEAD_STOP = tl.constexpr(ColumnItem.HEAD_STOP.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Column launch tables
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ColumnLaunch:
+    """The (dk, dv) work of one BlockTable: column items and their query-block lists, int32 on the device."""
+
+    items: torch.Tensor  # (n_items, len(ColumnItem)) int32
+    query_block: torch.Tensor  # (nnz,) int32
+    num_items: int
+    kv_heads: frozenset  # the kv heads this launch writes
+
+
+def _column_launch(table, num_heads: int, num_kv_heads: int, device) -> ColumnLaunch:
+    columns = table.columns
+    group = num_heads // num_kv_heads
+    heads = table.heads
+    kv_first, kv_last = heads.start // group, (heads.stop - 1) // group
+    records = []
+    for kv_head in range(kv_first, kv_last + 1):
+        # The table's query heads that read this kv head: a contiguous run.
+        head_start, head_stop = max(heads.start, kv_head * group), min(heads.stop, (kv_head + 1) * group)
+        records.append(_pack(
+            ColumnItem, columns.num_columns,
+            lattice_start=columns.lattice_start, lattice_length=columns.lattice_length,
+            key_block=columns.key_block, entry_start=columns.col_ptr[:-1], entry_stop=columns.col_ptr[1:],
+            stride=table.stride, kv_head=kv_head, head_start=head_start, head_stop=head_stop,
+        ))
+    items = torch.cat(records)
+    query_block = table.query_block[table.entry_row[columns.entry]]
+    return ColumnLaunch(
+        items=items.to(torch.int32).contiguous().to(device),
+        query_block=query_block.to(torch.int32).to(device),
+        num_items=int(items.shape[0]),
+        kv_heads=frozenset(range(kv_first, kv_last + 1)),
+    )
+
+
+_column_cache: OrderedDict = OrderedDict()
+
+
+def column_launches(plan: CallPlan, device, num_kv_heads: int) -> tuple[ColumnLaunch, ...]:
+    """One launch per table with entries, built once per (plan, device, H_kv) (LRU, bounded by bytes)."""
+    key = (plan, str(device), num_kv_heads)
+    cached = _column_cache.get(key)
+    if cached is not None:
+        _column_cache.move_to_end(key)
+        return cached
+    launches = tuple(_column_launch(table, plan.geometry.num_heads, num_kv_heads, device)
+                     for table in plan.tables if table.nnz)
+    _column_cache[key] = launches
+    nbytes = lambda entry: sum(4 * (x.items.numel() + x.query_block.numel()) for x in entry)  # noqa: E731
+    while len(_column_cache) > 1 and sum(map(nbytes, _column_cache.values())) > COLUMN_CACHE_BYTES:
+        _column_cache.popitem(last=False)
+    return launches
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, FP32_DOT: tl.constexpr):
+    if FP32_DOT:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _row_statistics(Lse, RowTerm, row_base, idx_q, q_ok):
+    """Base-2 lse (+inf on empty rows and masked slots, so P = 0 there) and row_term of query points."""
+    lse = tl.load(Lse + row_base + idx_q, mask=q_ok, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    row_term = tl.load(RowTerm + row_base + idx_q, mask=q_ok, other=0.0)
+    return lse, row_term
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, KPM, Lse, RowTerm, DQ, Items, KeyBlock,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don, stride_doh,
+    stride_dqb, stride_dqn, stride_dqh,
+    stride_mb, stride_mn,
+    num_heads, num_queries, q_lo, q_hi, k_lo, k_hi, kv_group, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    M_SUB: tl.constexpr = BLOCK // BLOCK_M
+    N_SUB: tl.constexpr = BLOCK // BLOCK_N
+    pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    meta = Items + (pid // M_SUB) * ITEM_WIDTH
+    lattice_start = tl.load(meta + ITEM_LATTICE_START)
+    lattice_len = tl.load(meta + ITEM_LATTICE_LENGTH)
+    query_block = tl.load(meta + ITEM_QUERY_BLOCK)
+    entry_start = tl.load(meta + ITEM_ENTRY_START)
+    entry_stop = tl.load(meta + ITEM_ENTRY_STOP)
+    stride = tl.load(meta + ITEM_STRIDE)
+    head = tl.load(meta + ITEM_HEAD)
+    kv_head = head // kv_group
+
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    t_q = query_block * BLOCK + (pid % M_SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos_q = lattice_start + stride * t_q
+    q_ok = (t_q < lattice_len) & (pos_q >= q_lo) & (pos_q < q_hi)
+    idx_q = tl.where(q_ok, pos_q - q_lo, 0).to(tl.int64)
+    q_mask = q_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + batch * stride_qb + head.to(tl.int64) * stride_qh + idx_q[:, None] * stride_qn + d[None, :],
+                mask=q_mask, other=0.0)
+    do = tl.load(DO + batch * stride_dob + head.to(tl.int64) * stride_doh + idx_q[:, None] * stride_don + d[None, :],
+                 mask=q_mask, other=0.0)
+    lse, row_term = _row_statistics(Lse, RowTerm, (batch * num_heads + head) * num_queries, idx_q, q_ok)
+
+    k_base = K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh
+    v_base = V + batch * stride_vb + kv_head.to(tl.int64) * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for step in range(0, (entry_stop - entry_start) * N_SUB):
+        key_block = tl.load(KeyBlock + entry_start + step // N_SUB)
+        t_k = key_block * BLOCK + (step % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+        pos_k = lattice_start + stride * t_k
+        k_ok = (t_k < lattice_len) & (pos_k >= k_lo) & (pos_k < k_hi)
+        idx_k = tl.where(k_ok, pos_k - k_lo, 0).to(tl.int64)
+        k_mask = k_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + idx_k[:, None] * stride_kn + d[None, :], mask=k_mask, other=0.0)
+        v = tl.load(v_base + idx_k[:, None] * stride_vn + d[None, :], mask=k_mask, other=0.0)
+        if HAS_PADDING:
+            padded = tl.load(KPM + batch * stride_mb + idx_k * stride_mn, mask=k_ok, other=1)
+            k_ok = k_ok & (padded == 0)
+        allowed = q_ok[:, None] & k_ok[None, :]
+        if IS_CAUSAL:
+            allowed = allowed & (t_k[None, :] <= t_q[:, None])
+        s = _dot(q, tl.trans(k), FP32_DOT)
+        p = tl.where(allowed, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), FP32_DOT)
+        ds = p * (dp - row_term[:, None])
+        dq += _dot(ds.to(k.dtype), k, FP32_DOT)
+    dq = dq * scale
+    dq_ptrs = DQ + batch * stride_dqb + head.to(tl.int64) * stride_dqh + idx_q[:, None] * stride_dqn + d[None, :]
+    if ACCUMULATE:
+        dq += tl.load(dq_ptrs, mask=q_mask, other=0.0)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, KPM, Lse, RowTerm, DK, DV, Items, QueryBlock,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don, stride_doh,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dvb, stride_dvn, stride_dvh,
+    stride_mb, stride_mn,
+    num_heads, num_queries, q_lo, q_hi, k_lo, k_hi, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    M_SUB: tl.constexpr = BLOCK // BLOCK_M
+    N_SUB: tl.constexpr = BLOCK // BLOCK_N
+    pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    meta = Items + (pid // N_SUB) * COLUMN_WIDTH
+    lattice_start = tl.load(meta + COLUMN_LATTICE_START)
+    lattice_len = tl.load(meta + COLUMN_LATTICE_LENGTH)
+    key_block = tl.load(meta + COLUMN_KEY_BLOCK)
+    entry_start = tl.load(meta + COLUMN_ENTRY_START)
+    entry_stop = tl.load(meta + COLUMN_ENTRY_STOP)
+    stride = tl.load(meta + COLUMN_STRIDE)
+    kv_head = tl.load(meta + COLUMN_KV_HEAD)
+    head_start = tl.load(meta + COLUMN_HEAD_START)
+    head_count = tl.load(meta + COLUMN_HEAD_STOP) - head_start
+
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    t_k = key_block * BLOCK + (pid % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pos_k = lattice_start + stride * t_k
+    k_ok = (t_k < lattice_len) & (pos_k >= k_lo) & (pos_k < k_hi)
+    idx_k = tl.where(k_ok, pos_k - k_lo, 0).to(tl.int64)
+    k_mask = k_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh + idx_k[:, None] * stride_kn + d[None, :],
+                mask=k_mask, other=0.0)
+    v = tl.load(V + batch * stride_vb + kv_head.to(tl.int64) * stride_vh + idx_k[:, None] * stride_vn + d[None, :],
+                mask=k_mask, other=0.0)
+    key_ok = k_ok
+    if HAS_PADDING:
+        padded = tl.load(KPM + batch * stride_mb + idx_k * stride_mn, mask=k_ok, other=1)
+        key_ok = key_ok & (padded == 0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # One step per (attending query block, slice of it, query head of this kv head): heads innermost,
+    # so the query block's positions are computed once per slice.
+    for step in range(0, (entry_stop - entry_start) * M_SUB * head_count):
+        head = head_start + step % head_count
+        slice_index = step // head_count
+        query_block = tl.load(QueryBlock + entry_start + slice_index // M_SUB)
+        t_q = query_block * BLOCK + (slice_index % M_SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
+        pos_q = lattice_start + stride * t_q
+        q_ok = (t_q < lattice_len) & (pos_q >= q_lo) & (pos_q < q_hi)
+        idx_q = tl.where(q_ok, pos_q - q_lo, 0).to(tl.int64)
+        q_mask = q_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + batch * stride_qb + head.to(tl.int64) * stride_qh + idx_q[:, None] * stride_qn + d[None, :],
+                    mask=q_mask, other=0.0)
+        do = tl.load(
+            DO + batch * stride_dob + head.to(tl.int64) * stride_doh + idx_q[:, None] * stride_don + d[None, :],
+            mask=q_mask, other=0.0,
+        )
+        lse, row_term = _row_statistics(Lse, RowTerm, (batch * num_heads + head) * num_queries, idx_q, q_ok)
+        allowed = q_ok[:, None] & key_ok[None, :]
+        if IS_CAUSAL:
+            allowed = allowed & (t_k[None, :] <= t_q[:, None])
+        s = _dot(q, tl.trans(k), FP32_DOT)  # (BLOCK_M, BLOCK_N)
+        p = tl.where(allowed, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, FP32_DOT)
+        dp = _dot(do, tl.trans(v), FP32_DOT)
+        ds = p * (dp - row_term[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, FP32_DOT)
+    dk = dk * scale
+    dk_ptrs = DK + batch * stride_dkb + kv_head.to(tl.int64) * stride_dkh + idx_k[:, None] * stride_dkn + d[None, :]
+    dv_ptrs = DV + batch * stride_dvb + kv_head.to(tl.int64) * stride_dvh + idx_k[:, None] * stride_dvn + d[None, :]
+    if ACCUMULATE:
+        dk += tl.load(dk_ptrs, mask=k_mask, other=0.0)
+        dv += tl.load(dv_ptrs, mask=k_mask, other=0.0)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=k_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=k_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackwardTile:
+    """Tiles of the two kernels: dq (queries x keys per step) and dk/dv (keys x queries per step)."""
+
+    dq_block_m: int
+    dq_block_n: int
+    kv_block_n: int
+    kv_block_m: int
+    num_warps: int
+    num_stages: int
+
+
+def default_backward_tile(block_size: int, block_d: int, dtype: torch.dtype) -> BackwardTile:
+    if _interpreting():
+        return BackwardTile(min(block_size, 32), min(block_size, 32), min(block_size, 32), min(block_size, 32), 4, 1)
+    if dtype == torch.float32 or block_d >= 256:
+        return BackwardTile(min(block_size, 32), min(block_size, 32), min(block_size, 32), min(block_size, 32), 4, 2)
+    warps = 8 if block_d >= 128 else 4
+    return BackwardTile(min(block_size, 64), min(block_size, 32), min(block_size, 64), min(block_size, 32), warps, 2)
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def partial_backward(q, k, v, key_padding_mask, plan: CallPlan, out, lse, grad_out, grad_lse,
+                     tile: BackwardTile | None = None, order: str | None = None):
+    """(dq, dk, dv) of one partial (docs/semantics.md section 5) from its saved out and lse.
+
+    ``grad_out`` (B, Nq, H, D) and ``grad_lse`` (B, H, Nq) are the gradients reaching the partial's
+    out and lse (either may be None: zero). Results have the dtypes of q, k, v. Inputs were checked
+    by the forward (triton_backend.partial_forward) of the same call.
+    """
+    q, k, v = _prepare(q, k, v)
+    batch, num_queries, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    device = q.device
+    grad_out = torch.zeros_like(out) if grad_out is None else _unit_stride(grad_out)
+    if grad_out.dtype != q.dtype:
+        grad_out = grad_out.to(q.dtype)  # the dot products take q's dtype (float32 partials of a ring chunk)
+    # row_term_i = sum_d dO * out - dlse_i: what every dS of row i subtracts (FlashAttention-2's delta).
+    row_term = (grad_out.to(torch.float32) * out.to(torch.float32)).sum(-1).transpose(1, 2)
+    if grad_lse is not None:
+        row_term = row_term - grad_lse.to(torch.float32)
+    row_term = row_term.contiguous()
+    lse = lse.detach().to(torch.float32).contiguous()
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    b = plan.block_size
+    tile = tile or default_backward_tile(b, block_d, q.dtype)
+    mask, mask_sb, mask_sn, has_padding = _padding_view(key_padding_mask, lse)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=b, IS_CAUSAL=plan.is_causal, HAS_PADDING=has_padding,
+                  FP32_DOT=q.dtype == torch.float32, num_warps=tile.num_warps, num_stages=tile.num_stages)
+    limits = (plan.query_range[0], plan.query_range[1], plan.key_range[0], plan.key_range[1])
+    qk_scale = plan.scale * _LOG2E
+
+    # dq: the forward's work items, one launch per layer of disjoint heads. A query point of a head is
+    # in one item of a layer; several layers (head_mode "all") add up in a float32 buffer.
+    layers = device_tables(plan, device, order)
+    dq = torch.zeros(q.shape, dtype=torch.float32 if len(layers) > 1 else q.dtype, device=device)
+    for layer, launch in enumerate(layers):
+        grid = (launch.num_items * (b // tile.dq_block_m), batch)
+        _dq_kernel[grid](
+            q, k, v, grad_out, mask, lse, row_term, dq, launch.items, launch.key_block,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), mask_sb, mask_sn,
+            num_heads, num_queries, *limits, num_heads // num_kv_heads, qk_scale, plan.scale,
+            BLOCK_M=tile.dq_block_m, BLOCK_N=tile.dq_block_n, ACCUMULATE=layer > 0, **common,
+        )
+
+    # dk, dv: one launch per table. A kv head that several tables reach (its query heads in several
+    # branches or offsets) gets their sums one launch after another in float32 buffers.
+    launches = column_launches(plan, device, num_kv_heads)
+    reached = [head for launch in launches for head in launch.kv_heads]
+    accumulate = len(reached) != len(set(reached))
+    kv_dtype = torch.float32 if accumulate else k.dtype
+    dk = torch.zeros(k.shape, dtype=kv_dtype, device=device)
+    dv = torch.zeros(v.shape, dtype=kv_dtype, device=device)
+    for index, launch in enumerate(launches):
+        grid = (launch.num_items * (b // tile.kv_block_n), batch)
+        _dkdv_kernel[grid](
+            q, k, v, grad_out, mask, lse, row_term, dk, dv, launch.items, launch.query_block,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), mask_sb, mask_sn,
+            num_heads, num_queries, *limits, qk_scale, plan.scale,
+            BLOCK_M=tile.kv_block_m, BLOCK_N=tile.kv_block_n, ACCUMULATE=accumulate and index > 0, **common,
+        )
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _TritonAttention(torch.autograd.Function):
+    """The triton forward with this module's backward: saves q, k, v, out and lse, recomputes P per block."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, plan, kernel_choices):
+        out, lse = partial_forward(q, k, v, key_padding_mask, plan, **dict(kernel_choices))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.key_padding_mask, ctx.plan, ctx.order = key_padding_mask, plan, dict(kernel_choices).get("order")
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = partial_backward(q, k, v, ctx.key_padding_mask, ctx.plan, out, lse, grad_out, grad_lse,
+                                      order=ctx.order)
+        return dq, dk, dv, None, None, None
+
+
+def differentiable_forward(q, k, v, key_padding_mask, plan: CallPlan, **kernel_choices):
+    """``triton_backend.partial_forward``, differentiable in q, k, v when autograd needs it (else the plain call)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _TritonAttention.apply(q, k, v, key_padding_mask, plan, tuple(sorted(kernel_choices.items())))
+    return partial_forward(q, k, v, key_padding_mask, plan, **kernel_choices)
