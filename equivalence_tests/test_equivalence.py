@@ -134,9 +134,9 @@ def _triton_cases():
 @settings(max_examples=example_count(6))
 @given(case=_triton_cases())
 def test_triton_backend(case, dtype):
-    from optimized.triton_backend import supports
+    from optimized.triton_backend import unsupported_reasons
 
-    assume(supports(case.sparse_config, case.shape.head_dim, dtype, DEVICE) is None)
+    assume(not unsupported_reasons(case.sparse_config.block_size, case.shape.head_dim, dtype, DEVICE))
     check_backend(case, "triton", dtype, DEVICE)
 
 
@@ -144,9 +144,9 @@ def test_triton_backend(case, dtype):
 @settings(max_examples=example_count(3))
 @given(case=_triton_cases())
 def test_triton_backend_sparse_weights(case):
-    from optimized.triton_backend import supports
+    from optimized.triton_backend import unsupported_reasons
 
-    assume(supports(case.sparse_config, case.shape.head_dim, torch.float32, DEVICE) is None)
+    assume(not unsupported_reasons(case.sparse_config.block_size, case.shape.head_dim, torch.float32, DEVICE))
     check_backend(case, "triton", torch.float32, DEVICE, check_weights=True)
 
 

@@ -26,9 +26,9 @@ from . import flex_backend, torch_backend, weights
 from .plan import CallPlan
 
 try:  # triton is an optional dependency (the ``gpu`` extra); without it the backend says so
-    from . import triton_backend
+    from . import triton_backend, triton_backward
 except ImportError as error:  # pragma: no cover - exercised only where triton is not installed
-    triton_backend = None
+    triton_backend = triton_backward = None
     _TRITON_IMPORT_ERROR = str(error)
 
 
@@ -172,11 +172,11 @@ class FlexBackend(Backend):
 
 
 class TritonBackend(Backend):
-    """The block-sparse Triton kernel reading the dilated lattice with strided addressing (forward only)."""
+    """The block-sparse Triton kernels reading the dilated lattice with strided addressing, forward and backward."""
 
     name = "triton"
     options_type = TritonOptions
-    differentiable = False
+    differentiable = True
     graph_capturable = True
 
     def unsupported_reasons(self, case: Case) -> list[str]:
@@ -188,7 +188,6 @@ class TritonBackend(Backend):
             head_dim=case.head_dim if case.head_dim is not None else triton_backend.MIN_BLOCK_SIZE,
             dtype=case.dtype if case.dtype is not None else torch.float32,
             device=case.device,
-            needs_grad=case.needs_grad,
         )
 
     def auto_reasons(self, case: Case) -> list[str]:
@@ -199,9 +198,15 @@ class TritonBackend(Backend):
         return reasons
 
     def forward_partial(self, q, k, v, key_padding_mask, plan, options: TritonOptions):
-        return triton_backend.partial_forward(
+        return triton_backward.differentiable_forward(
             q, k, v, key_padding_mask, plan, variant=options.variant, order=options.item_order,
             index=options.index_mode,
+        )
+
+    def backward_partial(self, q, k, v, key_padding_mask, plan, options: TritonOptions, out, lse, grad_out,
+                         grad_lse):
+        return triton_backward.partial_backward(
+            q, k, v, key_padding_mask, plan, out, lse, grad_out, grad_lse, order=options.item_order
         )
 
     def sparse_weights(self, q, k, key_padding_mask, lse, plan, options: TritonOptions):

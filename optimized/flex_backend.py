@@ -1,11 +1,16 @@
 """Backend "flex": the block tables as FlexAttention BlockMasks (torch.nn.attention.flex_attention).
 
-Per BlockTable, every lattice (segment) of the table becomes one batch entry of a compacted
+Per BlockTable, every lattice (segment) of the table becomes one flex batch entry of a compacted
 sequence: its query rows (b slots each) and the span of key blocks the table uses, so flex
-blocks of BLOCK_SIZE = b are exactly the layout's blocks. The BlockMask lists the table's CSR key
-blocks; the mask_mod repeats the block layout (eager flex evaluates only the mask_mod) and masks
-points past the lattice end or outside the chunk, causal pairs (t_k <= t_q in one lattice) and
-key padding. Results are scattered back and merged like the torch backend.
+blocks of BLOCK_SIZE = b are exactly the layout's blocks; flex's head axis holds (batch, head).
+The BlockMask lists the table's CSR key blocks; the mask_mod repeats the block layout (eager flex
+evaluates only the mask_mod) and masks points past the lattice end or outside the chunk, causal
+pairs (t_k <= t_q in one lattice) and key padding. Results are scattered back and merged like the
+torch backend.
+
+The layout, its index tensors and the BlockMask depend on the plan, the device and the head
+counts only: ``layout_cache`` builds them once per such key, so a repeated call gathers q, k, v
+(and the key padding), runs flex and gathers the results back.
 
 Eager on the CPU (small sizes: eager flex materializes each lattice's scores; no backward there,
 a torch limitation), torch.compile(flex_attention) on CUDA.
@@ -13,8 +18,11 @@ a torch limitation), torch.compile(flex_attention) on CUDA.
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
@@ -110,58 +118,236 @@ def _check_inputs(q, k, v, plan: CallPlan) -> None:
         )
 
 
-class _TableLayout:
-    """One BlockTable arranged as a batch of lattices (S of them) for flex, on ``device``."""
+@dataclass(frozen=True, eq=False)
+class _FlexTable:
+    """One BlockTable arranged for flex on one device: what a call needs beyond q, k, v and the padding.
 
-    def __init__(self, table, plan: CallPlan, device) -> None:
-        b = table.block_size
-        starts, lengths = table.lattice_start, table.lattice_length
-        _, rows_per_lattice = torch.unique_consecutive(starts, return_counts=True)
-        num_lattices = rows_per_lattice.numel()
-        first_row = torch.cumsum(rows_per_lattice, 0) - rows_per_lattice
-        row_lattice = torch.repeat_interleave(torch.arange(num_lattices), rows_per_lattice)
-        row_in_lattice = torch.arange(table.num_rows) - first_row[row_lattice]
-        entry_row = table.entry_row
-        entry_lattice = row_lattice[entry_row]
-        # Key blocks of a lattice used by the table: a span [key_first, key_first + key_span).
-        big = torch.iinfo(torch.long).max
-        key_first = torch.full((num_lattices,), big).scatter_reduce(0, entry_lattice, table.key_block, "amin")
-        key_last = torch.full((num_lattices,), -1).scatter_reduce(0, entry_lattice, table.key_block, "amax")
-        has_keys = key_last >= 0
-        key_first = torch.where(has_keys, key_first, torch.zeros_like(key_first))
-        key_span = torch.where(has_keys, key_last - key_first + 1, torch.zeros_like(key_first))
-        rows_max = int(rows_per_lattice.max())
-        span_max = max(1, int(key_span.max()))
+    Flex's batch axis is the table's S lattices and its head axis is (batch, head): the BlockMask
+    (S, 1, rows, span) then broadcasts over the heads, so nothing here depends on the batch size
+    or the dtype, and one entry serves every batch and dtype of a plan. Every tensor is an
+    integer or bool constant that never requires grad and is never written after the build:
+    autograd may save it for a backward long after the call (flex saves the BlockMask and the
+    mask_mod's tensors), and a later call reads the same values.
+    """
 
-        lattice_start = starts[first_row]
-        lattice_length = lengths[first_row]
-        query_first = table.query_block[first_row]
-        # Query slots (S, rows_max * b) and key slots (S, span_max * b) of every lattice.
-        q_row = torch.arange(rows_max * b) // b
-        q_t = (query_first.unsqueeze(1) + q_row) * b + torch.arange(rows_max * b) % b
-        q_pos = lattice_start.unsqueeze(1) + table.stride * q_t
-        q_valid = (q_row < rows_per_lattice.unsqueeze(1)) & (q_t < lattice_length.unsqueeze(1))
-        q_valid &= (q_pos >= plan.query_range[0]) & (q_pos < plan.query_range[1])
-        k_col = torch.arange(span_max * b) // b
-        k_t = (key_first.unsqueeze(1) + k_col) * b + torch.arange(span_max * b) % b
-        k_pos = lattice_start.unsqueeze(1) + table.stride * k_t
-        k_valid = (k_col < key_span.unsqueeze(1)) & (k_t < lattice_length.unsqueeze(1))
-        k_valid &= (k_pos >= plan.key_range[0]) & (k_pos < plan.key_range[1])
-        # Block structure: CSR entries as (lattice, row in lattice, key block - key_first).
-        entry_col = table.key_block - key_first[entry_lattice]
-        block_allowed = torch.zeros(num_lattices, rows_max, span_max, dtype=torch.bool)
-        block_allowed[entry_lattice, row_in_lattice[entry_row], entry_col] = True
-        kv_indices = torch.zeros(num_lattices, rows_max, span_max, dtype=torch.int32)
-        position_in_row = torch.arange(table.nnz) - table.row_ptr[entry_row]
-        kv_indices[entry_lattice, row_in_lattice[entry_row], position_in_row] = entry_col.to(torch.int32)
-        kv_num_blocks = torch.zeros(num_lattices, rows_max, dtype=torch.int32)
-        kv_num_blocks[row_lattice, row_in_lattice] = table.row_counts.to(torch.int32)
+    heads: range
+    block_size: int
+    num_lattices: int
+    query_len: int  # lq = rows_max * b query slots per lattice
+    key_len: int  # lk = span_max * b key slots per lattice
+    q_index: torch.Tensor  # (S, lq) long: index into the query chunk (0 where invalid)
+    k_index: torch.Tensor  # (S, lk) long: index into the key chunk (0 where invalid)
+    query_heads: torch.Tensor  # (nh,) long: the table's heads
+    kv_heads: torch.Tensor  # (nh,) long: their key/value heads (grouped-query)
+    local_heads: torch.Tensor  # (nh,) long: 0 .. nh - 1
+    keep_lattice: torch.Tensor  # (P,) long: lattice of each valid query slot
+    keep_slot: torch.Tensor  # (P,) long: its slot in the lattice
+    keep_index: torch.Tensor  # (P,) long: its index into the query chunk
+    # (kv_lo, kv_hi, diagonal, block_allowed or None): what the mask_mod closes over (``_mask_mod``).
+    mask_parts: tuple
+    block_mask: object  # flex.BlockMask; its mask_mod knows no key padding
 
-        to = lambda t: t.to(device)  # noqa: E731
-        self.num_lattices, self.rows_max, self.span_max = num_lattices, rows_max, span_max
-        self.q_pos, self.q_t, self.q_valid = to(q_pos), to(q_t), to(q_valid)
-        self.k_pos, self.k_t, self.k_valid = to(k_pos), to(k_t), to(k_valid)
-        self.block_allowed, self.kv_indices, self.kv_num_blocks = to(block_allowed), to(kv_indices), to(kv_num_blocks)
+    def tensors(self):
+        yield from (self.q_index, self.k_index, self.query_heads, self.kv_heads, self.local_heads,
+                    self.keep_lattice, self.keep_slot, self.keep_index)
+        yield from (t for t in self.mask_parts if t is not None)
+        mask = self.block_mask
+        yield from (t for t in (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
+                                mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices)
+                    if t is not None)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def mask_mod(self, key_ok=None, heads_per_batch: int = 1):
+        """The table's mask_mod with a call's key padding ``key_ok`` (B, S, lk), flex heads = B * ``heads_per_batch``."""
+        return _mask_mod(*self.mask_parts, self.block_size, key_ok, heads_per_batch)
+
+
+def _mask_mod(kv_lo, kv_hi, diagonal, block_allowed, b: int, key_ok, heads_per_batch: int):
+    """The mask of one table in compacted slots (flex batch = lattice, flex head = batch * nh + head).
+
+    A key slot is allowed where it exists and lies in the key chunk, ``kv_lo[lattice] <= kv_idx <
+    kv_hi[lattice]`` (a lattice's valid key slots are contiguous), and, with causal, where
+    t_k <= t_q, which in compacted slots is ``kv_idx - q_idx <= diagonal[lattice]`` (``diagonal`` =
+    lk when not causal): three loads per lattice, none per point. Query slots are not masked: the
+    invalid ones are never read back. ``block_allowed`` (S, rows, span) adds the block layout
+    where flex evaluates the mask alone (eager flex); compiled flex visits only the BlockMask's
+    listed blocks and gets None. ``key_ok`` (B, S, lk) is a call's key padding (None: none).
+
+    One code object for every call: compiled flex guards a closure on its code and on its cells'
+    tensor metadata (None or not), so a new ``key_ok`` of the same shape compiles nothing new.
+    """
+
+    def mask_mod(lattice, head, q_idx, kv_idx):
+        allowed = (kv_idx >= kv_lo[lattice]) & (kv_idx < kv_hi[lattice]) & (kv_idx - q_idx <= diagonal[lattice])
+        if block_allowed is not None:
+            allowed = allowed & block_allowed[lattice, q_idx // b, kv_idx // b]
+        if key_ok is not None:
+            allowed = allowed & key_ok[head // heads_per_batch, lattice, kv_idx]
+        return allowed
+
+    return mask_mod
+
+
+def _block_lists(lattice, row, col, num_lattices: int, rows_max: int, span_max: int):
+    """(num_blocks (S, 1, rows), indices (S, 1, rows, span)) int32 of CSR entries (lattice, row, col).
+
+    The entries come in CSR order, so those of one (lattice, row) are consecutive.
+    """
+    flat_row = lattice * rows_max + row
+    num_blocks = torch.zeros(num_lattices * rows_max, dtype=torch.long)
+    num_blocks.index_add_(0, flat_row, torch.ones_like(flat_row))
+    first = torch.cumsum(num_blocks, 0) - num_blocks
+    position = torch.arange(flat_row.numel()) - first[flat_row]
+    indices = torch.zeros(num_lattices, 1, rows_max, span_max, dtype=torch.int32)
+    indices[lattice, 0, row, position] = col.to(torch.int32)
+    return num_blocks.view(num_lattices, 1, rows_max).to(torch.int32), indices
+
+
+def _build_table(table, plan: CallPlan, device, num_heads: int, num_kv_heads: int, padded: bool) -> _FlexTable:
+    """The flex arrangement of ``table``: host work on the table's CPU tensors, then one copy each to ``device``.
+
+    ``padded``: the calls bring a key padding mask, which the mask_mod must apply on every listed
+    block. Without it, blocks that the mask allows entirely are listed as flex's full blocks, on
+    which compiled flex runs no mask_mod.
+    """
+    flex = _flex_module()
+    b = table.block_size
+    starts, lengths = table.lattice_start, table.lattice_length
+    _, rows_per_lattice = torch.unique_consecutive(starts, return_counts=True)
+    num_lattices = rows_per_lattice.numel()
+    first_row = torch.cumsum(rows_per_lattice, 0) - rows_per_lattice
+    row_lattice = torch.repeat_interleave(torch.arange(num_lattices), rows_per_lattice)
+    row_in_lattice = torch.arange(table.num_rows) - first_row[row_lattice]
+    entry_row = table.entry_row
+    entry_lattice = row_lattice[entry_row]
+    # Key blocks of a lattice used by the table: a span [key_first, key_first + key_span).
+    big = torch.iinfo(torch.long).max
+    key_first = torch.full((num_lattices,), big).scatter_reduce(0, entry_lattice, table.key_block, "amin")
+    key_last = torch.full((num_lattices,), -1).scatter_reduce(0, entry_lattice, table.key_block, "amax")
+    has_keys = key_last >= 0
+    key_first = torch.where(has_keys, key_first, torch.zeros_like(key_first))
+    key_span = torch.where(has_keys, key_last - key_first + 1, torch.zeros_like(key_first))
+    rows_max = int(rows_per_lattice.max())
+    span_max = max(1, int(key_span.max()))
+    lq, lk = rows_max * b, span_max * b
+
+    lattice_start = starts[first_row]
+    lattice_length = lengths[first_row]
+    query_first = table.query_block[first_row]
+    # Query slots (S, lq) and key slots (S, lk) of every lattice: slot i is lattice point
+    # t = first block * b + i.
+    q_row = torch.arange(lq) // b
+    q_t = query_first.unsqueeze(1) * b + torch.arange(lq)
+    q_pos = lattice_start.unsqueeze(1) + table.stride * q_t
+    q_valid = (q_row < rows_per_lattice.unsqueeze(1)) & (q_t < lattice_length.unsqueeze(1))
+    q_valid &= (q_pos >= plan.query_range[0]) & (q_pos < plan.query_range[1])
+    k_t = key_first.unsqueeze(1) * b + torch.arange(lk)
+    k_pos = lattice_start.unsqueeze(1) + table.stride * k_t
+    k_valid = (torch.arange(lk) < (key_span * b).unsqueeze(1)) & (k_t < lattice_length.unsqueeze(1))
+    k_valid &= (k_pos >= plan.key_range[0]) & (k_pos < plan.key_range[1])
+    # Every bound on k_valid is a bound on the slot (t and the position grow with it): an interval.
+    valid_keys = k_valid.sum(1)
+    kv_lo = torch.where(valid_keys > 0, k_valid.to(torch.int8).argmax(1), torch.zeros_like(valid_keys))
+    kv_hi = kv_lo + valid_keys
+    slots = torch.arange(lk)
+    if not torch.equal(k_valid, (slots >= kv_lo.unsqueeze(1)) & (slots < kv_hi.unsqueeze(1))):
+        raise RuntimeError("flex backend: the valid key slots of a lattice are not contiguous (internal error)")
+    # t_k <= t_q  <=>  kv_idx - q_idx <= (query_first - key_first) * b.
+    diagonal = (query_first - key_first) * b if plan.is_causal else torch.full((num_lattices,), lk)
+
+    # Block structure: CSR entries as (lattice, row in lattice, key block - key_first).
+    entry_in_lattice = row_in_lattice[entry_row]
+    entry_col = table.key_block - key_first[entry_lattice]
+    if padded:
+        full = torch.zeros_like(entry_col, dtype=torch.bool)
+    else:  # the whole block allowed: its keys valid and, with causal, its last key slot on or below its first query
+        full = (entry_col * b >= kv_lo[entry_lattice]) & ((entry_col + 1) * b <= kv_hi[entry_lattice])
+        full &= (entry_col + 1) * b - 1 - entry_in_lattice * b <= diagonal[entry_lattice]
+    partial = ~full
+    shape = (num_lattices, rows_max, span_max)
+    kv_num_blocks, kv_indices = _block_lists(entry_lattice[partial], entry_in_lattice[partial], entry_col[partial], *shape)
+    full_lists = (None, None)
+    if bool(full.any()):
+        full_lists = _block_lists(entry_lattice[full], entry_in_lattice[full], entry_col[full], *shape)
+    block_allowed = None
+    if torch.device(device).type != "cuda":  # eager flex evaluates the mask alone: it carries the layout
+        block_allowed = torch.zeros(shape, dtype=torch.bool)
+        block_allowed[entry_lattice, entry_in_lattice, entry_col] = True
+    keep = q_valid.reshape(-1).nonzero().squeeze(1)
+    q_index = torch.where(q_valid, q_pos - plan.query_start, torch.zeros_like(q_pos))
+    k_index = torch.where(k_valid, k_pos - plan.key_start, torch.zeros_like(k_pos))
+
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    int32 = lambda t: to(t.to(torch.int32))  # noqa: E731 - slots < lk: int32 halves the mask_mod's loads
+    mask_parts = (int32(kv_lo), int32(kv_hi), int32(diagonal), to(block_allowed))
+    block_mask = flex.BlockMask.from_kv_blocks(
+        to(kv_num_blocks), to(kv_indices), to(full_lists[0]), to(full_lists[1]), BLOCK_SIZE=b,
+        mask_mod=_mask_mod(*mask_parts, b, None, 1), seq_lengths=(lq, lk),
+    )
+    return _FlexTable(
+        heads=table.heads, block_size=b, num_lattices=num_lattices, query_len=lq, key_len=lk,
+        q_index=to(q_index), k_index=to(k_index),
+        query_heads=torch.arange(table.heads.start, table.heads.stop, device=device),
+        kv_heads=kv_heads_of(table.heads, num_heads, num_kv_heads, device),
+        local_heads=torch.arange(len(table.heads), device=device),
+        keep_lattice=to(keep // lq), keep_slot=to(keep % lq), keep_index=to(q_index.reshape(-1)[keep]),
+        mask_parts=mask_parts, block_mask=block_mask,
+    )
+
+
+class LayoutCache:
+    """Flex tables of recent plans, per (plan, device, heads, key/value heads, padded), least recently used first out.
+
+    Bounded by bytes, not by count: a ring of P chunks has up to P^2 small chunk-pair plans, while
+    one plan at long sequences holds tens to hundreds of MB (the BlockMask's (S, rows, span) int32
+    indices and their transpose); a count bound would either evict a ring's pairs on every call or
+    let a few long plans hold GPU memory without limit. The newest entry is kept even past the
+    bound: evicting it would rebuild it on every call. Entries hold no tensor that requires grad
+    and no reference to a call's inputs, so repeated calls keep no autograd graph alive.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict = OrderedDict()
+        self._nbytes: dict = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._nbytes.values())
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._nbytes.clear()
+
+    def get(self, plan: CallPlan, device, num_heads: int, num_kv_heads: int, padded: bool):
+        """((layer, _FlexTable), ...) of ``plan``'s tables with rows, built on the first call for this key."""
+        key = (plan, torch.device(device), num_heads, num_kv_heads, bool(padded))
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            return entry
+        # Built outside inference mode: inference tensors cannot be saved for backward, and a later
+        # call with gradients reuses what an inference_mode call built.
+        with torch.inference_mode(False), torch.no_grad():
+            entry = tuple((layer, _build_table(table, plan, key[1], num_heads, num_kv_heads, padded))
+                          for layer, table in tables_by_layer(plan.tables))
+        self._entries[key] = entry
+        self._nbytes[key] = sum(table.nbytes() for _, table in entry)
+        while len(self._entries) > 1 and self.nbytes > self.max_bytes:
+            evicted, _ = self._entries.popitem(last=False)
+            del self._nbytes[evicted]
+        return entry
+
+
+# One plan at N = 1M (b = 64, 64K segments, dense within them) takes about 150 MB; 512 MB holds a
+# few such plans or the chunk pairs of a long ring, and is small next to the activations it serves.
+LAYOUT_CACHE_BYTES = 512 << 20
+layout_cache = LayoutCache(LAYOUT_CACHE_BYTES)
 
 
 def _compute_dtype(q, k, v, block_size: int) -> torch.dtype:
@@ -179,69 +365,50 @@ def _compute_dtype(q, k, v, block_size: int) -> torch.dtype:
     return q.dtype
 
 
-def _table_partial(q, k, v, key_padding_mask, table, plan: CallPlan):
-    """(query chunk index (P,), out (B, P, nh, D), lse (B, P, nh)) of one table via flex."""
-    flex = _flex_module()
+def _table_partial(q, k, v, key_padding_mask, table: _FlexTable, plan: CallPlan):
+    """(query chunk index (P,), out (B, P, nh, D), lse (B, P, nh)) of one table via flex.
+
+    Per call: three gathers into the compacted layout (S, B * nh, L, D), the padding's gather,
+    flex, one gather back. Everything else comes from the cached ``table``.
+    """
     device = q.device
-    batch, _, num_heads, head_dim = q.shape
-    b = table.block_size
-    layout = _TableLayout(table, plan, device)
-    S = layout.num_lattices
-    lq, lk = layout.rows_max * b, layout.span_max * b
-    nh = len(table.heads)
+    batch, head_dim = q.shape[0], q.shape[-1]
+    b = plan.block_size
+    S, lq, lk, nh = table.num_lattices, table.query_len, table.key_len, len(table.heads)
     if not q.is_cuda and batch * S * nh * lq * lk > EAGER_SCORE_LIMIT:
         raise ValueError(
             f"backend='flex' off CUDA runs eager FlexAttention, which would build {batch * S * nh * lq * lk} "
             f"scores for this table (q of shape {tuple(q.shape)}, block_size={b}); use backend='torch' "
             "or a CUDA device for this size"
         )
-
-    q_index = torch.where(layout.q_valid, layout.q_pos - plan.query_start, torch.zeros_like(layout.q_pos))
-    k_index = torch.where(layout.k_valid, layout.k_pos - plan.key_start, torch.zeros_like(layout.k_pos))
-    kv_heads = kv_heads_of(table.heads, num_heads, k.shape[2], device)
     compute_dtype = _compute_dtype(q, k, v, b)
+    batch_index = torch.arange(batch, device=device)
 
-    def compacted(x, index, heads):  # (B, n, H', D) -> (B * S, nh, L, D)
-        gathered = x[:, index.unsqueeze(-1), heads]  # (B, S, L, nh, D)
-        return gathered.permute(0, 1, 3, 2, 4).reshape(batch * S, nh, index.shape[1], head_dim).to(compute_dtype)
+    def compacted(x, index, heads):  # (B, n, H', D) -> (S, B * nh, L, D), one gather
+        gathered = x[batch_index.view(1, batch, 1, 1), index.unsqueeze(1).unsqueeze(1), heads.view(1, 1, nh, 1)]
+        return gathered.reshape(S, batch * nh, index.shape[1], head_dim).to(compute_dtype)
 
-    query = compacted(q, q_index, torch.arange(table.heads.start, table.heads.stop, device=device))
-    key = compacted(k, k_index, kv_heads)
-    value = compacted(v, k_index, kv_heads)
+    query = compacted(q, table.q_index, table.query_heads)
+    key = compacted(k, table.k_index, table.kv_heads)
+    value = compacted(v, table.k_index, table.kv_heads)
 
-    key_ok = layout.k_valid.unsqueeze(0)  # (1, S, lk)
+    block_mask = table.block_mask
     if key_padding_mask is not None:
-        key_ok = key_ok & ~key_padding_mask[:, k_index]
-    key_ok = key_ok.expand(batch, S, lk).reshape(batch * S, lk)
-    q_valid, q_t, k_t, block_allowed = layout.q_valid, layout.q_t, layout.k_t, layout.block_allowed
-    # Per-call values live in tensors, not Python constants, so compiled flex is not recompiled for them.
-    lattice_of = torch.arange(S, device=device).repeat(batch)  # batch entry -> lattice
-    not_causal = torch.tensor(not plan.is_causal, device=device)
-
-    def mask_mod(batch_lattice, head, q_idx, kv_idx):
-        lattice = lattice_of[batch_lattice]
-        allowed = block_allowed[lattice, q_idx // b, kv_idx // b] & q_valid[lattice, q_idx]
-        allowed = allowed & key_ok[batch_lattice, kv_idx]
-        return allowed & (not_causal | (k_t[lattice, kv_idx] <= q_t[lattice, q_idx]))
-
-    block_mask = flex.BlockMask.from_kv_blocks(
-        layout.kv_num_blocks.unsqueeze(1).repeat(batch, 1, 1),
-        layout.kv_indices.unsqueeze(1).repeat(batch, 1, 1, 1),
-        BLOCK_SIZE=b,
-        mask_mod=mask_mod,
-        seq_lengths=(lq, lk),
-    )
+        # The padding is the call's, never the cache's: a fresh (B, S, lk) tensor that this call's
+        # mask_mod closes over, so a backward run after a later call still sees this call's mask.
+        block_mask = copy.copy(block_mask)
+        block_mask.mask_mod = table.mask_mod(~key_padding_mask[:, table.k_index], nh)
     out, lse = _run_flex(query, key, value, block_mask, plan.scale)
-    out = out.to(torch.float32).reshape(batch, S, nh, lq, head_dim)
-    lse = lse.to(torch.float32).reshape(batch, S, nh, lq)
+    # Back to (B, P, nh, ...) at the valid query slots, one gather each.
+    where = (table.keep_lattice.view(1, -1, 1), batch_index.view(batch, 1, 1), table.local_heads.view(1, 1, nh),
+             table.keep_slot.view(1, -1, 1))
+    out = out.reshape(S, batch, nh, lq, head_dim)[where].to(torch.float32)
+    lse = lse.reshape(S, batch, nh, lq)[where].to(torch.float32)
     # Rows with no allowed key: out exactly 0 and lse exactly -inf whatever flex wrote there.
     empty = torch.isneginf(lse) | torch.isnan(lse)
     out = torch.where(empty.unsqueeze(-1), torch.zeros_like(out), out)
     lse = torch.where(empty, torch.full_like(lse, float("-inf")), lse)
-    keep = layout.q_valid.reshape(-1).nonzero().squeeze(1)
-    out = out.permute(0, 1, 3, 2, 4).reshape(batch, S * lq, nh, head_dim)[:, keep]
-    lse = lse.permute(0, 1, 3, 2).reshape(batch, S * lq, nh)[:, keep]
-    return q_index.reshape(-1)[keep], out, lse
+    return table.keep_index, out, lse
 
 
 def partial_forward(q, k, v, key_padding_mask, plan: CallPlan):
@@ -252,7 +419,7 @@ def partial_forward(q, k, v, key_padding_mask, plan: CallPlan):
     _check_inputs(q, k, v, plan)
     batch, num_queries, num_heads, head_dim = q.shape
     collector = PartialCollector(batch, num_queries, num_heads, head_dim, q.device)
-    for layer, table in tables_by_layer(plan.tables):
+    for layer, table in layout_cache.get(plan, q.device, num_heads, k.shape[2], key_padding_mask is not None):
         q_index, out, lse = _table_partial(q, k, v, key_padding_mask, table, plan)
         collector.add(layer, table.heads, q_index, out, lse)
     return collector.result()

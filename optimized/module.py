@@ -159,6 +159,12 @@ class BlockSparseRingDilatedAttention(nn.Module):
         choice = choose(self.backend, case)
         self.last_choice = choice
         backend, options = choice.backend, self.backend_options[choice.name]
+        if return_attention_weights and case.needs_grad and backend.name == "triton":
+            raise ValueError(
+                "return_attention_weights=True with q, k or v requiring grad: the triton backend's sparse weights "
+                "come from a forward-only kernel and carry no gradient; leave return_attention_weights=False in the "
+                "training step, or ask for the weights under torch.no_grad()"
+            )
         geometry = self.geometry(q.shape[1], q.shape[2])
         scale = default_scale(q.shape[3], scale)
         chunks = self.chunk_lengths(q.shape[1])

@@ -1,4 +1,4 @@
-"""Backend "triton": a forward-only Triton kernel over the block tables (SPEC sections 4 and 5).
+"""Backend "triton": the forward Triton kernel over the block tables (docs/semantics.md sections 4, 5).
 
 One program handles one query block (or a ``BLOCK_M`` slice of it) of one lattice row of a
 BlockTable, for one query head and one batch element. It reads the row's query points straight
@@ -9,22 +9,26 @@ keeps an online softmax in float32 (base-2 exponentials on log2(e)-scaled scores
 
 Launches: tables whose heads are disjoint form one launch ("layer"): head_mode "split" is one
 launch for the whole call. A head that sits in several branches (head_mode "all") gets one
-launch per branch, each later launch merging into what is already written by SPEC section 5's
-lse rule (merge on write). The first launch also writes 0 / -inf at the positions of each row's
-segment that lie on no lattice point of the head (the gaps between points, and those before the
-first), so no separate pass fills ``out``; only heads that it does not reach everywhere
-(``LaunchTable.covers_head``: a short last segment, a chunk starting in a gap) are filled first.
-How full key blocks are read, in which order work items launch and how a listed block is found
-are kernel choices (VARIANTS, ITEM_ORDERS, INDEX_MODES; experiments/NOTES_gpu.md).
+launch per branch, each later launch merging into what is already written by the lse rule of
+docs/semantics.md section 5 (merge on write). The first launch also writes 0 / -inf at the
+positions of each row's segment that lie on no lattice point of the head (the gaps between points,
+and those before the first), so no separate pass fills ``out``; only heads that it does not reach
+everywhere (``LaunchTable.covers_head``: a short last segment, a chunk starting in a gap) are
+filled first. How full key blocks are read, in which order work items launch and how a listed
+block is found are kernel choices (VARIANTS, ITEM_ORDERS, INDEX_MODES; experiments/NOTES_gpu.md). A work item, and
+a block of the sparse weights, is an int32 record whose columns ``WorkItem`` / ``WeightBlock`` name:
+the host packs it by those names and the kernels read it through the ITEM_* / WEIGHT_* constants.
 
 Masks: t >= lattice length, points outside the call's query/key chunks, causal (t_k <= t_q),
 key padding, and head-dim padding to the next power of two. Grouped-query heads read kv head
 ``h // (H // H_kv)``. Float32 inputs use ``tl.dot(..., input_precision="ieee")`` (true fp32
-products, no tf32). Forward only: inputs that require grad are refused, never sent elsewhere.
+products, no tf32). ``partial_forward`` records no autograd graph, so it refuses inputs that require
+grad; ``optimized.triton_backward.differentiable_forward`` wraps it with the backward kernels.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -37,8 +41,9 @@ try:
 except ImportError as error:  # pragma: no cover - triton is a dependency of the gpu extra
     raise ImportError(f"backend='triton' needs the triton package: {error}") from error
 
-from .blocks import head_layers
+from .blocks import block_points, head_layers
 from .plan import CallPlan
+from .weights import SparseAttentionWeights
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_BLOCK_SIZE = 16
@@ -48,13 +53,92 @@ MAX_HEAD_DIM = 256
 # while one plan at 16M tokens takes tens of MB. Run 3 on the H200 showed a count bound of 64
 # rebuilding every pair's tables on each call of an 8-chunk ring (31 ms against 0.6 ms unsplit).
 TABLE_CACHE_BYTES = 512 << 20
-# lattice_start, lattice_length, query_block, entry_start, entry_stop, stride, head, full_stop, run_block, run_count,
-# segment_start, segment_stop
-_ITEM_FIELDS = 12
 # Rows with at most this many full key blocks keep their block list in registers (no index load in the loop).
 MAX_REGISTER_ENTRIES = 256
-_WEIGHT_FIELDS = 8  # lattice_start, lattice_length, query_block, key_block, stride, head, pad, pad
 _LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel metadata: the int32 records the host packs and the kernels read
+# --------------------------------------------------------------------------------------------
+
+
+class WorkItem(enum.IntEnum):
+    """Columns of a forward work item: one record per (BlockTable row, query head), ``len(WorkItem)`` wide.
+
+    Lattice point t of the row sits at global position ``LATTICE_START + STRIDE * t`` for
+    t < ``LATTICE_LENGTH``. The row's key blocks are ``KeyBlock[ENTRY_START:ENTRY_STOP]`` of the
+    launch: the full ones (no mask needed) first, up to ``FULL_STOP``, led by the row's longest run
+    of consecutive full blocks, ``RUN_COUNT`` blocks from ``RUN_BLOCK`` (LaunchTable).
+    ``SEGMENT_START``/``SEGMENT_STOP`` bound the row's segment, whose off-lattice positions the
+    first launch writes empty.
+    """
+
+    LATTICE_START = 0
+    LATTICE_LENGTH = 1
+    QUERY_BLOCK = 2
+    ENTRY_START = 3
+    ENTRY_STOP = 4
+    STRIDE = 5
+    HEAD = 6
+    FULL_STOP = 7
+    RUN_BLOCK = 8
+    RUN_COUNT = 9
+    SEGMENT_START = 10
+    SEGMENT_STOP = 11
+
+
+class WeightBlock(enum.IntEnum):
+    """Columns of a sparse-weights block: one record per (key-block entry, query head), in optimized.weights' order.
+
+    ``BRANCH`` is read by the host only (``block_branches``); ``PAD`` keeps a record at 8 int32 (32 bytes).
+    """
+
+    LATTICE_START = 0
+    LATTICE_LENGTH = 1
+    QUERY_BLOCK = 2
+    KEY_BLOCK = 3
+    STRIDE = 4
+    HEAD = 5
+    BRANCH = 6
+    PAD = 7
+
+
+# The same columns as compile-time constants of the kernels (a jit function may only read tl.constexpr globals).
+ITEM_WIDTH = tl.constexpr(len(WorkItem))
+ITEM_LATTICE_START = tl.constexpr(WorkItem.LATTICE_START.value)
+ITEM_LATTICE_LENGTH = tl.constexpr(WorkItem.LATTICE_LENGTH.value)
+ITEM_QUERY_BLOCK = tl.constexpr(WorkItem.QUERY_BLOCK.value)
+ITEM_ENTRY_START = tl.constexpr(WorkItem.ENTRY_START.value)
+ITEM_ENTRY_STOP = tl.constexpr(WorkItem.ENTRY_STOP.value)
+ITEM_STRIDE = tl.constexpr(WorkItem.STRIDE.value)
+ITEM_HEAD = tl.constexpr(WorkItem.HEAD.value)
+ITEM_FULL_STOP = tl.constexpr(WorkItem.FULL_STOP.value)
+ITEM_RUN_BLOCK = tl.constexpr(WorkItem.RUN_BLOCK.value)
+ITEM_RUN_COUNT = tl.constexpr(WorkItem.RUN_COUNT.value)
+ITEM_SEGMENT_START = tl.constexpr(WorkItem.SEGMENT_START.value)
+ITEM_SEGMENT_STOP = tl.constexpr(WorkItem.SEGMENT_STOP.value)
+WEIGHT_WIDTH = tl.constexpr(len(WeightBlock))
+WEIGHT_LATTICE_START = tl.constexpr(WeightBlock.LATTICE_START.value)
+WEIGHT_LATTICE_LENGTH = tl.constexpr(WeightBlock.LATTICE_LENGTH.value)
+WEIGHT_QUERY_BLOCK = tl.constexpr(WeightBlock.QUERY_BLOCK.value)
+WEIGHT_KEY_BLOCK = tl.constexpr(WeightBlock.KEY_BLOCK.value)
+WEIGHT_STRIDE = tl.constexpr(WeightBlock.STRIDE.value)
+WEIGHT_HEAD = tl.constexpr(WeightBlock.HEAD.value)
+
+
+def _pack(layout: type[enum.IntEnum], count: int, **fields) -> torch.Tensor:
+    """(count, len(layout)) int64 records: column ``layout[NAME]`` holds ``fields[name]`` ((count,) or a scalar).
+
+    Every field of the layout must be given, so a new column cannot be left unset.
+    """
+    names = {column.name.lower() for column in layout}
+    if set(fields) != names:
+        raise TypeError(f"{layout.__name__} records need exactly the fields {sorted(names)}, got {sorted(fields)}")
+    records = torch.empty(count, len(layout), dtype=torch.long)
+    for name, value in fields.items():
+        records[:, layout[name.upper()]] = value
+    return records
 
 
 def _interpreting() -> bool:
@@ -114,57 +198,63 @@ def index_mode(mode: str | None = None) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _block_size_problem(block_size: int) -> str | None:
+def _refusals(block_size: int, head_dim: int, dtype: torch.dtype, device,
+              dtype_label: str = "dtype", device_label: str = "device") -> list[tuple[type[Exception], str]]:
+    """(exception type, message) for every reason the kernel cannot run a case, in a fixed order.
+
+    The labels name where the values come from (the arguments of ``unsupported_reasons``, or q in
+    ``_check_inputs``). ``device`` None leaves out the checks that depend on it.
+    """
+    refusals = []
     if block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1):
-        return (
+        refusals.append((ValueError, (
             f"block_size={block_size} is not supported by backend='triton': it needs a power of two "
             f">= {MIN_BLOCK_SIZE} (16, 32, 64, 128, ...); use backend='torch' or 'flex' for other block sizes"
-        )
-    return None
-
-
-def supports(sparse_config, head_dim: int, dtype: torch.dtype, device=None) -> str | None:
-    """None if the kernel runs this case, else the reason (for test suites that pick cases).
-
-    ``device``: optional; on a non-CUDA device the kernel runs in Triton's interpreter, where
-    tl.dot on bfloat16 is broken, so bfloat16 is reported unsupported there.
-    """
-    problem = _block_size_problem(sparse_config.block_size)
-    if problem:
-        return problem
+        )))
     if head_dim < 1 or head_dim > MAX_HEAD_DIM:
-        return f"head_dim={head_dim} is not supported by backend='triton': it needs 1 <= head_dim <= {MAX_HEAD_DIM}"
+        refusals.append((ValueError, (
+            f"head_dim={head_dim} is not supported by backend='triton': it needs 1 <= head_dim <= {MAX_HEAD_DIM} "
+            f"(head dims that are not a power of two are padded by masks)"
+        )))
     if dtype not in SUPPORTED_DTYPES:
-        return f"dtype {dtype} is not supported by backend='triton': use one of {SUPPORTED_DTYPES}"
-    if device is not None and torch.device(device).type != "cuda" and dtype == torch.bfloat16:
-        return "bfloat16 runs only on CUDA: tl.dot on bfloat16 is broken in Triton's CPU interpreter"
-    return None
+        message = f"{dtype_label}={dtype} is not supported by backend='triton': it needs one of {SUPPORTED_DTYPES}"
+        if dtype == torch.float64:
+            message += "; the kernel computes in float32 at most; float64 inputs need backend='torch'"
+        refusals.append((TypeError, message))
+    off_cuda = device is not None and torch.device(device).type != "cuda"
+    if off_cuda and not _interpreting():
+        refusals.append((ValueError, (
+            f"{device_label}={device} is not supported by backend='triton': it needs a CUDA device "
+            f"(or TRITON_INTERPRET=1 set before importing triton, to run the kernel in the CPU interpreter)"
+        )))
+    if off_cuda and dtype == torch.bfloat16:
+        refusals.append((TypeError, (
+            f"{dtype_label}={dtype} on {device_label}={device} is not supported by backend='triton': tl.dot on "
+            f"bfloat16 is broken in Triton's CPU interpreter; use float16 or float32 there, or a CUDA device"
+        )))
+    return refusals
 
 
-def _check_inputs(q, k, v, key_padding_mask, plan: CallPlan) -> None:
-    problem = _block_size_problem(plan.block_size)
-    if problem:
-        raise ValueError(problem)
-    head_dim = q.shape[-1]
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(
-            f"head_dim={head_dim} is not supported by backend='triton': it needs head_dim <= {MAX_HEAD_DIM} "
-            f"(other head dims are padded by masks to the next power of two)"
-        )
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"q has dtype {q.dtype}; backend='triton' supports {SUPPORTED_DTYPES}")
+def unsupported_reasons(block_size: int, head_dim: int, dtype: torch.dtype, device=None) -> list[str]:
+    """Every reason the kernels (forward and backward) cannot run this case; an empty list: they run it.
+
+    ``device``: optional; off CUDA the kernel runs only in Triton's interpreter (TRITON_INTERPRET=1),
+    where tl.dot on bfloat16 is broken, so bfloat16 is refused there.
+    """
+    return [message for _, message in _refusals(block_size, head_dim, dtype, device)]
+
+
+def _check_inputs(q, k, v, plan: CallPlan) -> None:
+    """Raise for every case ``unsupported_reasons`` refuses: the first reason's exception, all the messages."""
+    refusals = _refusals(plan.block_size, q.shape[-1], q.dtype, q.device, dtype_label="q.dtype",
+                         device_label="q.device")
+    if refusals:
+        raise refusals[0][0]("; ".join(message for _, message in refusals))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise RuntimeError(
-            "backend='triton' is forward only (no backward kernel): q, k or v requires grad. "
-            "Use backend='torch' or backend='flex' for gradients, or run under torch.no_grad()"
+            "q, k or v requires grad: triton_backend.partial_forward records no autograd graph; call "
+            "optimized.triton_backward.differentiable_forward (what backend='triton' runs) for gradients"
         )
-    if not q.is_cuda and not _interpreting():
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors, got q on {q.device} "
-            f"(set TRITON_INTERPRET=1 before importing triton to run the kernel in the CPU interpreter)"
-        )
-    if not q.is_cuda and q.dtype == torch.bfloat16:
-        raise TypeError("bfloat16 runs only on CUDA: tl.dot on bfloat16 is broken in Triton's CPU interpreter")
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +299,7 @@ class LaunchTable:
     blocks from ``run_block``), which the v3 kernels walk without reading the list.
     """
 
-    items: torch.Tensor  # (n_items, _ITEM_FIELDS) int32
+    items: torch.Tensor  # (n_items, len(WorkItem)) int32
     key_block: torch.Tensor  # (nnz,) int32
     num_items: int
     max_full: int  # most full entries of one row (sizes the in-register index list)
@@ -224,21 +314,18 @@ def _layers(tables) -> list[list]:
     return [[tables[index] for index in members] for members in head_layers(tables)]
 
 
-def _lattice_range(start, length, stride, lo, hi):
-    """[first_t, stop_t): the lattice points at positions inside [lo, hi)."""
-    first_t = torch.clamp(torch.div(lo - start + stride - 1, stride, rounding_mode="floor"), min=0)
-    stop_t = torch.minimum(torch.clamp(torch.div(hi - start + stride - 1, stride, rounding_mode="floor"), min=0), length)
-    return first_t, stop_t
-
-
 def _full_entries(table, is_causal: bool) -> torch.Tensor:
-    """(nnz,) bool: the key block needs no mask (all its points exist and lie in the key chunk)."""
+    """(nnz,) bool: the key block needs no mask (all its points exist and lie in the key chunk).
+
+    Positions grow with t, so that holds when the block's first and last points are valid: each is
+    asked of ``block_points`` as a block of one point (O(nnz), where whole blocks would be O(nnz * b)).
+    """
     rows = table.entry_row
-    first_t, stop_t = _lattice_range(
-        table.lattice_start[rows], table.lattice_length[rows], table.stride, *table.key_limits
-    )
+    start, length = table.lattice_start[rows], table.lattice_length[rows]
     t0 = table.key_block * table.block_size
-    full = (t0 >= first_t) & (t0 + table.block_size <= stop_t)
+    full = torch.ones(table.nnz, dtype=torch.bool)
+    for t in (t0, t0 + table.block_size - 1):
+        full &= block_points(start, length, t, table.stride, 1, table.key_limits)[2].squeeze(1)
     if is_causal:
         full &= table.key_block != table.query_block[rows]
     return full
@@ -293,20 +380,20 @@ def _launch_table(tables, device, is_causal: bool, num_heads: int, order_name: s
         # The row's segment: the first launch also writes the positions of the segment that lie on no
         # lattice point of this head (0 / -inf), so those need no separate fill of out and lse.
         segment_start, segment_stop = table.segment_start, table.segment_stop
-        fields = torch.stack(
-            [
-                table.lattice_start, table.lattice_length, table.query_block,
-                table.row_ptr[:-1] + entry_base, table.row_ptr[1:] + entry_base,
-                torch.full((rows,), table.stride, dtype=torch.long), torch.zeros(rows, dtype=torch.long),
-                table.row_ptr[:-1] + entry_base + full_count, run_block, run_count, segment_start, segment_stop,
-            ],
-            dim=1,
+        entry_start = table.row_ptr[:-1] + entry_base
+        fields = _pack(
+            WorkItem, rows,
+            lattice_start=table.lattice_start, lattice_length=table.lattice_length, query_block=table.query_block,
+            entry_start=entry_start, entry_stop=table.row_ptr[1:] + entry_base, stride=table.stride,
+            head=0,  # set per head below
+            full_stop=entry_start + full_count, run_block=run_block, run_count=run_count,
+            segment_start=segment_start, segment_stop=segment_stop,
         )
         per_head = fields.unsqueeze(1).repeat(1, nh, 1)  # (rows, nh, F): heads of one row side by side
-        per_head[:, :, 6] = torch.arange(table.heads.start, table.heads.stop)
+        per_head[:, :, WorkItem.HEAD] = torch.arange(table.heads.start, table.heads.stop)
         if order_name == "by_lattice":
             per_head = per_head.transpose(0, 1)  # (nh, rows, F): one head's rows (lattice-major) side by side
-        items.append(per_head.reshape(rows * nh, _ITEM_FIELDS))
+        items.append(per_head.reshape(rows * nh, len(WorkItem)))
         keys.append(table.key_block[order])
         entry_base += table.nnz
         # Positions a row writes with gaps zeroed: one contiguous zone from its first point (the segment's
@@ -323,14 +410,16 @@ def _launch_table(tables, device, is_causal: bool, num_heads: int, order_name: s
     items = torch.cat(items)
     if order_name == "longest_first":
         # The heavy programs start early and the short ones fill the tail.
-        counts = items[:, 4] - items[:, 3]
+        counts = items[:, WorkItem.ENTRY_STOP] - items[:, WorkItem.ENTRY_START]
         items = items[torch.sort(counts, descending=True, stable=True).indices]
     if items.numel() and int(items.max()) >= 2**31:
         raise ValueError("sequence too long for the kernel's int32 block tables (positions >= 2**31)")
-    max_full = int((items[:, 7] - items[:, 3]).max()) if items.numel() else 0
-    max_listed = int((items[:, 7] - items[:, 3] - items[:, 9]).max()) if items.numel() else 0
-    has_full = items[:, 9] > 0
-    mean_run = float(items[has_full, 9].double().mean()) if bool(has_full.any()) else 0.0
+    full_entries = items[:, WorkItem.FULL_STOP] - items[:, WorkItem.ENTRY_START]
+    run_count = items[:, WorkItem.RUN_COUNT]
+    max_full = int(full_entries.max()) if items.numel() else 0
+    max_listed = int((full_entries - run_count).max()) if items.numel() else 0
+    has_full = run_count > 0
+    mean_run = float(run_count[has_full].double().mean()) if bool(has_full.any()) else 0.0
     return LaunchTable(
         items=items.to(torch.int32).contiguous().to(device),
         key_block=torch.cat(keys).to(torch.int32).to(device),
@@ -427,7 +516,7 @@ def _forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, MERGE: tl.constexpr, FP32_DOT: tl.constexpr,
     EVEN_D: tl.constexpr, REGISTER_INDEX: tl.constexpr, MAX_ENTRIES: tl.constexpr,
-    RUNS: tl.constexpr, TMA: tl.constexpr, ZERO_GAPS: tl.constexpr, ITEM_FIELDS: tl.constexpr,
+    RUNS: tl.constexpr, TMA: tl.constexpr, ZERO_GAPS: tl.constexpr,
 ):
     M_SUB: tl.constexpr = BLOCK // BLOCK_M
     N_SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -435,14 +524,14 @@ def _forward_kernel(
     batch = tl.program_id(1).to(tl.int64)
     item = pid // M_SUB
     m_sub = pid % M_SUB
-    meta = Items + item * ITEM_FIELDS
-    lattice_start = tl.load(meta + 0)
-    lattice_len = tl.load(meta + 1)
-    query_block = tl.load(meta + 2)
-    entry_start = tl.load(meta + 3)
-    entry_stop = tl.load(meta + 4)
-    stride = tl.load(meta + 5)
-    head = tl.load(meta + 6)
+    meta = Items + item * ITEM_WIDTH
+    lattice_start = tl.load(meta + ITEM_LATTICE_START)
+    lattice_len = tl.load(meta + ITEM_LATTICE_LENGTH)
+    query_block = tl.load(meta + ITEM_QUERY_BLOCK)
+    entry_start = tl.load(meta + ITEM_ENTRY_START)
+    entry_stop = tl.load(meta + ITEM_ENTRY_STOP)
+    stride = tl.load(meta + ITEM_STRIDE)
+    head = tl.load(meta + ITEM_HEAD)
     kv_head = head // kv_group
 
     d = tl.arange(0, BLOCK_D)
@@ -460,13 +549,13 @@ def _forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    full_stop = tl.load(meta + 7)
+    full_stop = tl.load(meta + ITEM_FULL_STOP)
     n_off = tl.arange(0, BLOCK_N)
     # Lattice point t of this row sits at chunk row (lattice_start - k_lo) + stride * t: a strided 2D view.
     row_step = stride.to(tl.int64) * stride_kn
     if RUNS:
-        run_block = tl.load(meta + 8)
-        run_count = tl.load(meta + 9)
+        run_block = tl.load(meta + ITEM_RUN_BLOCK)
+        run_count = tl.load(meta + ITEM_RUN_COUNT)
         list_start = entry_start + run_count
     else:
         list_start = entry_start
@@ -564,7 +653,7 @@ def _forward_kernel(
     o_ptrs = Out + batch * stride_ob + head.to(tl.int64) * stride_oh + idx_q[:, None] * stride_on + d[None, :]
     o_mask = q_ok[:, None] & d_ok[None, :]
     if MERGE:
-        # Merge on write with an earlier branch's partial (SPEC section 5); empty partials change nothing.
+        # Merge on write with an earlier branch's partial (docs/semantics.md section 5); empty ones change nothing.
         old_lse = tl.load(lse_ptrs, mask=q_ok, other=float("-inf"))
         old_out = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)
         top = tl.maximum(old_lse, lse)
@@ -583,8 +672,8 @@ def _forward_kernel(
         # The positions of this head's segment that lie on no lattice point are empty (out 0, lse -inf).
         # The program writes those after each of its points (up to stride - 1, within the segment) and,
         # for the lattice's first point, those before it; the host then skips its fill of this head.
-        segment_start = tl.load(meta + 10)
-        segment_stop = tl.load(meta + 11)
+        segment_start = tl.load(meta + ITEM_SEGMENT_START)
+        segment_stop = tl.load(meta + ITEM_SEGMENT_STOP)
         zero_tile = tl.zeros([BLOCK_M, BLOCK_D], dtype=Out.dtype.element_ty)
         empty_lse = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         on_lattice = t_q < lattice_len
@@ -618,19 +707,18 @@ def _weights_kernel(
     IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     N_SUB: tl.constexpr = BLOCK // BLOCK_N
-    M_SUB: tl.constexpr = BLOCK // BLOCK_M
     block = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     tile = tl.program_id(2)
     m_sub = tile // N_SUB
     n_sub = tile % N_SUB
-    meta = Blocks + block * 8
-    lattice_start = tl.load(meta + 0)
-    lattice_len = tl.load(meta + 1)
-    query_block = tl.load(meta + 2)
-    key_block = tl.load(meta + 3)
-    stride = tl.load(meta + 4)
-    head = tl.load(meta + 5)
+    meta = Blocks + block * WEIGHT_WIDTH
+    lattice_start = tl.load(meta + WEIGHT_LATTICE_START)
+    lattice_len = tl.load(meta + WEIGHT_LATTICE_LENGTH)
+    query_block = tl.load(meta + WEIGHT_QUERY_BLOCK)
+    key_block = tl.load(meta + WEIGHT_KEY_BLOCK)
+    stride = tl.load(meta + WEIGHT_STRIDE)
+    head = tl.load(meta + WEIGHT_HEAD)
     kv_head = head // kv_group
 
     d = tl.arange(0, BLOCK_D)
@@ -756,7 +844,7 @@ def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, tile: TileConfig 
     (INDEX_MODES). Each defaults to its environment variable, then to its DEFAULT_*; the output
     does not depend on them (each query block's keys are walked in the same order either way).
     """
-    _check_inputs(q, k, v, key_padding_mask, plan)
+    _check_inputs(q, k, v, plan)
     variant = kernel_variant(variant)
     register_index = index_mode(index) == "registers"
     q, k, v = _prepare(q, k, v)
@@ -800,54 +888,52 @@ def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, tile: TileConfig 
             FP32_DOT=q.dtype == torch.float32, EVEN_D=block_d == head_dim,
             REGISTER_INDEX=register_index and listed <= MAX_REGISTER_ENTRIES,
             MAX_ENTRIES=max(16, triton.next_power_of_2(max(1, listed))),
-            RUNS=runs, TMA=tma, ZERO_GAPS=layer == 0, ITEM_FIELDS=_ITEM_FIELDS,
+            RUNS=runs, TMA=tma, ZERO_GAPS=layer == 0,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )
     return out, lse
 
 
 def _weight_blocks(plan: CallPlan):
-    """Per stored block (order of optimized.weights: tables, entries, heads): metadata on the CPU."""
-    rows = []
+    """Per stored block (order of optimized.weights: tables, entries, heads), on the CPU: the kernel's
+    records (n, len(WeightBlock)) and the global positions of the block's query and key points, (n, b)
+    each with -1 for a slot on no point of the call's chunk."""
+    records, query_positions, key_positions = [], [], []
     for table in plan.tables:
         if table.nnz == 0:
             continue
         nh = len(table.heads)
         entry_row = table.entry_row
-        fields = torch.stack(
-            [
-                table.lattice_start[entry_row], table.lattice_length[entry_row], table.query_block[entry_row],
-                table.key_block, torch.full((table.nnz,), table.stride, dtype=torch.long),
-                torch.zeros(table.nnz, dtype=torch.long), torch.full((table.nnz,), table.branch, dtype=torch.long),
-                torch.zeros(table.nnz, dtype=torch.long),
-            ],
-            dim=1,
+        start, length, query_block = (table.lattice_start[entry_row], table.lattice_length[entry_row],
+                                      table.query_block[entry_row])
+        fields = _pack(
+            WeightBlock, table.nnz,
+            lattice_start=start, lattice_length=length, query_block=query_block, key_block=table.key_block,
+            stride=table.stride, head=0, branch=table.branch, pad=0,  # head: set per head below
         )
         per_head = fields.unsqueeze(1).repeat(1, nh, 1)
-        per_head[:, :, 5] = torch.arange(table.heads.start, table.heads.stop)
-        rows.append(per_head.reshape(table.nnz * nh, _WEIGHT_FIELDS))
-    return torch.cat(rows) if rows else torch.zeros(0, _WEIGHT_FIELDS, dtype=torch.long)
-
-
-def _positions(blocks, block_size, limits, which):
-    start, length, block, stride = blocks[:, 0], blocks[:, 1], blocks[:, which], blocks[:, 4]
-    t = block.unsqueeze(1) * block_size + torch.arange(block_size)
-    positions = start.unsqueeze(1) + stride.unsqueeze(1) * t
-    valid = (t < length.unsqueeze(1)) & (positions >= limits[0]) & (positions < limits[1])
-    return torch.where(valid, positions, torch.full_like(positions, -1))
+        per_head[:, :, WeightBlock.HEAD] = torch.arange(table.heads.start, table.heads.stop)
+        records.append(per_head.reshape(table.nnz * nh, len(WeightBlock)))
+        for positions, block, limits in ((query_positions, query_block, plan.query_range),
+                                         (key_positions, table.key_block, plan.key_range)):
+            points, _, valid = block_points(start, length, block, table.stride, table.block_size, limits)
+            positions.append(torch.where(valid, points, -1).repeat_interleave(nh, dim=0))
+    if not records:
+        no_positions = torch.zeros(0, plan.block_size, dtype=torch.long)
+        return torch.zeros(0, len(WeightBlock), dtype=torch.long), no_positions, no_positions
+    return torch.cat(records), torch.cat(query_positions), torch.cat(key_positions)
 
 
 def attention_weights(q, k, key_padding_mask, lse, plan: CallPlan):
-    """Sparse attention probabilities (SPEC section 6) from the final lse: optimized.weights' structure."""
-    from .weights import SparseAttentionWeights  # the shared result type of every backend
+    """Sparse attention probabilities (docs/semantics.md section 6) from the final lse, in optimized.weights' form."""
 
-    _check_inputs(q, k, k, key_padding_mask, plan)
+    _check_inputs(q, k, k, plan)
     q, k, _ = _prepare(q, k, None)
     batch, num_queries, num_heads, head_dim = q.shape
     device = q.device
     b = plan.block_size
     block_d = max(16, triton.next_power_of_2(head_dim))
-    blocks_cpu = _weight_blocks(plan)
+    blocks_cpu, query_positions, key_positions = _weight_blocks(plan)
     num_blocks = int(blocks_cpu.shape[0])
     values = torch.empty(batch, num_blocks, b, b, dtype=torch.float32, device=device)
     lse = lse.detach().to(device=device, dtype=torch.float32).contiguous()
@@ -870,12 +956,12 @@ def attention_weights(q, k, key_padding_mask, lse, plan: CallPlan):
         )
     seq_len = plan.geometry.seq_len
     return SparseAttentionWeights({
-        "block_indices": blocks_cpu[:, [2, 3]].to(device),
+        "block_indices": blocks_cpu[:, [WeightBlock.QUERY_BLOCK, WeightBlock.KEY_BLOCK]].to(device),
         "block_values": values,
         "shape": (batch, num_heads, seq_len, seq_len),
         "block_size": b,
-        "block_heads": blocks_cpu[:, 5].to(device),
-        "block_branches": blocks_cpu[:, 6].to(device),
-        "query_positions": _positions(blocks_cpu, b, plan.query_range, 2).to(device),
-        "key_positions": _positions(blocks_cpu, b, plan.key_range, 3).to(device),
+        "block_heads": blocks_cpu[:, WeightBlock.HEAD].to(device),
+        "block_branches": blocks_cpu[:, WeightBlock.BRANCH].to(device),
+        "query_positions": query_positions.to(device),
+        "key_positions": key_positions.to(device),
     })

@@ -41,14 +41,21 @@ def test_auto_on_cuda_takes_triton_when_the_kernel_runs_the_case():
 
 
 def test_auto_records_every_reason_not_only_the_first():
-    """float64, a block size of 3, head dim 300 and gradients: four reasons against triton, all kept."""
+    """float64, a block size of 3 and head dim 300: three reasons against triton, all kept."""
     choice = choose("auto", Case(CUDA, torch.float64, 300, 3, needs_grad=True))
     assert choice.name == "torch"
     reasons = dict(choice.skipped)["triton"]
-    assert len(reasons) >= 4, reasons
+    assert len(reasons) == 3, reasons
     text = " | ".join(reasons)
-    for fact in ("block_size=3", "head_dim=300", "float64", "grad"):
+    for fact in ("block_size=3", "head_dim=300", "float64"):
         assert fact in text, (fact, reasons)
+
+
+def test_auto_on_cuda_takes_triton_for_training_too():
+    """The triton backend has backward kernels: gradients no longer send auto to the portable path."""
+    choice = choose("auto", Case(CUDA, torch.bfloat16, 64, 128, needs_grad=True))
+    assert choice.name == "triton" and choice.skipped == ()
+    assert REGISTRY["triton"].differentiable and REGISTRY["triton"].backward_partial is not None
 
 
 def test_auto_preference_lists_only_registered_backends():

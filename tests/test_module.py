@@ -160,8 +160,8 @@ def test_explicit_triton_never_falls_back_to_torch():
     from optimized import triton_backend
 
     config = SparsePatternConfig(pattern_type="local_window", block_size=3, local_window_size=6)
-    reason = triton_backend.supports(config, 8, torch.float32)
-    assert isinstance(reason, str) and "block_size" in reason
+    reasons = triton_backend.unsupported_reasons(config.block_size, 8, torch.float32)
+    assert any("block_size" in reason for reason in reasons)
     q, k, v = _qkv()
     attention = BlockSparseRingDilatedAttention(SEGMENTS, RATES, sparse_config=config, backend="triton")
     with pytest.raises((ValueError, TypeError, RuntimeError), match="block_size"):

@@ -1,4 +1,4 @@
-"""Backend "triton" against the float64 dense reference (SPEC sections 4-7).
+"""Backend "triton" against the float64 dense reference (docs/semantics.md sections 4-6, docs/numerics.md).
 
 On a machine with CUDA the kernel runs on the GPU; elsewhere it runs in Triton's CPU
 interpreter (TRITON_INTERPRET=1, set here before triton is imported and by ``make test``), so
@@ -216,7 +216,8 @@ def test_kernel_variants_match_reference(variant, order, index, pattern, head_mo
         order=order, index=index,
     )
     launch = triton_backend.device_tables(plan, DEVICE, order)[0]
-    assert int((launch.items[:, 9] > 0).sum()) > 0, "the case must contain runs of full blocks"
+    run_count = launch.items[:, triton_backend.WorkItem.RUN_COUNT]
+    assert int((run_count > 0).sum()) > 0, "the case must contain runs of full blocks"
     if pattern == "dilated_sparse":
         assert launch.max_listed > 0, "the case must contain full blocks outside a row's run"
     kwargs = dict(query_start=q0, key_start=k0, is_causal=causal, key_padding_mask=mask[:, k0:k1], scale=scale)
@@ -298,19 +299,59 @@ def test_bad_block_size_is_a_value_error(block_size):
     q, k, v, _ = make_inputs(1, 1, 32, 2, 2, 16, torch.float32)
     with pytest.raises(ValueError, match=rf"block_size={block_size}.*power of two >= 16"):
         triton_backend.partial_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, _plan(block_size))
-    assert "block_size" in triton_backend.supports(_plan(block_size).sparse_config, 16, torch.float32)
+    reasons = triton_backend.unsupported_reasons(block_size, 16, torch.float32)
+    assert len(reasons) == 1 and f"block_size={block_size}" in reasons[0]
 
 
 def test_bad_head_dim_is_a_value_error():
     q, k, v, _ = make_inputs(1, 1, 32, 2, 2, 320, torch.float32)
     with pytest.raises(ValueError, match="head_dim=320"):
         triton_backend.partial_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, _plan(16, 320))
-    assert triton_backend.supports(_plan(16).sparse_config, 64, torch.float16) is None
-    assert "head_dim=320" in triton_backend.supports(_plan(16).sparse_config, 320, torch.float16)
+    assert triton_backend.unsupported_reasons(16, 64, torch.float16) == []
+    assert triton_backend.unsupported_reasons(16, 320, torch.float16) == [
+        f"head_dim=320 is not supported by backend='triton': it needs 1 <= head_dim <= {triton_backend.MAX_HEAD_DIM} "
+        f"(head dims that are not a power of two are padded by masks)"
+    ]
 
 
-def test_inputs_that_require_grad_are_refused():
+def test_the_plain_forward_refuses_inputs_that_require_grad():
+    """It records no graph: gradients go through triton_backward.differentiable_forward, never silently nowhere."""
     q, k, v, _ = make_inputs(1, 1, 32, 2, 2, 16, torch.float32)
     q = q.to(DEVICE).requires_grad_()
-    with pytest.raises(RuntimeError, match="forward only.*backend='torch' or backend='flex'"):
+    with pytest.raises(RuntimeError, match="requires grad.*differentiable_forward"):
         triton_backend.partial_forward(q, k.to(DEVICE), v.to(DEVICE), None, _plan(16))
+
+
+def test_float64_is_a_type_error_that_names_the_torch_backend():
+    q, k, v, _ = make_inputs(1, 1, 32, 2, 2, 16, torch.float64)
+    with pytest.raises(TypeError, match=r"q\.dtype=torch\.float64.*float32 at most.*backend='torch'"):
+        triton_backend.partial_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, _plan(16))
+
+
+def test_unsupported_reasons_lists_every_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # read at call time: off CUDA the kernel then cannot run at all
+    reasons = triton_backend.unsupported_reasons(24, 300, torch.float64, "cpu")
+    expected = ["block_size=24", "head_dim=300", "dtype=torch.float64", "device=cpu"]
+    assert len(reasons) == len(expected) and all(r.startswith(e) for r, e in zip(reasons, expected)), reasons
+    assert triton_backend.unsupported_reasons(16, 256, torch.bfloat16, "cuda") == []
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (reason,) = triton_backend.unsupported_reasons(16, 16, torch.bfloat16, "cpu")
+    assert reason.startswith("dtype=torch.bfloat16 on device=cpu") and "interpreter" in reason
+    # A call with several problems raises the first one's exception with every message.
+    q, k, v, _ = make_inputs(1, 1, 32, 2, 2, 16, torch.float64)
+    with pytest.raises(ValueError, match=r"block_size=24.*q\.dtype=torch\.float64"):
+        triton_backend.partial_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, _plan(24))
+
+
+@pytest.mark.parametrize("layout, prefix, host_only", [
+    (triton_backend.WorkItem, "ITEM_", set()),
+    (triton_backend.WeightBlock, "WEIGHT_", {"BRANCH", "PAD"}),
+])
+def test_kernel_constants_follow_the_record_layouts(layout, prefix, host_only):
+    """Each column the kernels read is the layout's column, and a record has no gap and no spare column."""
+    assert [column.value for column in layout] == list(range(len(layout)))
+    assert getattr(triton_backend, prefix + "WIDTH").value == len(layout)
+    for column in layout:
+        constant = getattr(triton_backend, prefix + column.name, None)
+        assert (constant is None) == (column.name in host_only), column
+        assert constant is None or constant.value == column.value, column
