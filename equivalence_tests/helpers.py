@@ -11,7 +11,7 @@ Both are exported so that a user can check a variant of their own::
     def test_my_variant(case):
         check_backend(case, "torch", torch.float32, module_options={"work_size": 7})
 
-Every tolerance comes from ``reference.verification`` (SPEC section 7). Sizes and example counts
+Every tolerance comes from ``reference.verification`` (docs/numerics.md). Sizes and example counts
 depend on the hypothesis profile (``HYPOTHESIS_PROFILE``: ci, dev, gpu) through ``case_sizes``
 and ``example_count``.
 """
@@ -202,7 +202,7 @@ def check_backend(
     Draws fresh inputs (``strategies.make_inputs``, seeded by ``seed`` or the case), runs
     ``optimized.BlockSparseRingDilatedAttention(backend=...)`` with ``return_lse=True`` (and the
     sparse weights when ``check_weights``), the reference in float64 and the reference in
-    ``dtype`` (SPEC section 7's baseline), and asserts out and lse within budget; rows the float64
+    ``dtype`` (docs/numerics.md's baseline), and asserts out and lse within budget; rows the float64
     reference leaves empty must be exactly out = 0 and lse = -inf. With ``check_weights`` the
     weights' ``to_dense()`` is held against the reference probabilities and every row must sum to
     1 (0 for empty rows). ``layout="bhnd"`` stores the inputs as (B, H, N, D) tensors and runs both
@@ -268,7 +268,7 @@ def check_backend(
         _require(verdicts["row sums"], dense.sum(-1), expected_sums, context)
         coo = weights.to_sparse_coo()
         assert coo.is_sparse and tuple(coo.shape) == tuple(dense.shape), f"to_sparse_coo {coo.shape}; {context}"
-        # SPEC section 6: both forms equal the reference. Not bitwise equal to each other: where a key
+        # docs/semantics.md section 6: both forms equal the reference. Not bitwise equal to each other: where a key
         # counts in several branches, coalesce and to_dense add the terms in different orders.
         coo_dense = coo.to_dense()
         verdicts["weights (coo)"] = compare("weights (coo)", coo_dense, probs64, probs_lowp, dtype,
@@ -309,7 +309,7 @@ def check_gradients(
     module_options: dict | None = None,
     ring_chunk_lengths=None,
 ) -> dict[str, Verdict]:
-    """dq, dk, dv of ``backend`` against the float64 reference's gradients (SPEC section 7, k = 3).
+    """dq, dk, dv of ``backend`` against the float64 reference's gradients (docs/numerics.md, k = 3).
 
     The same upstream gradient (fresh random values) flows into the optimized module's out and into
     the reference's; the baseline is the reference's gradients computed in ``dtype``. With

@@ -124,7 +124,7 @@ def shapes(
 
 
 def head_modes() -> st.SearchStrategy[str]:
-    """``"split"`` or ``"all"`` (SPEC section 2)."""
+    """``"split"`` or ``"all"`` (docs/semantics.md section 2)."""
     return st.sampled_from(HEAD_MODES)
 
 

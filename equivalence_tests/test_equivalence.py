@@ -1,4 +1,4 @@
-"""Property tests: every optimized backend against the float64 reference (SPEC sections 4-7).
+"""Property tests: every optimized backend against the float64 reference (docs/semantics.md sections 4-6 and docs/numerics.md).
 
 Each test draws whole attention cases (shapes with primes and GQA, dilations with segments
 longer than N, every layout, causal, key padding) and goes through ``helpers.check_backend``.
@@ -151,7 +151,7 @@ def test_triton_backend_sparse_weights(case):
 
 
 # --------------------------------------------------------------------------------------------
-# Ring splits simulated in one process (SPEC section 5)
+# Ring splits simulated in one process (docs/semantics.md section 5)
 # --------------------------------------------------------------------------------------------
 
 needs_ring = pytest.mark.skipif(not _has_module("optimized.ring"), reason="optimized/ring.py is not there")

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from experiments import cli
 from experiments.env import environment
 from optimized import BlockSparseRingDilatedAttention, SparsePatternConfig, blocks, torch_backend
 
@@ -40,16 +41,33 @@ def best_times(module, q, k, v, rounds: int) -> dict[str, float]:
     return best
 
 
+def sizes(text: str) -> list[tuple[int, int, int]]:
+    """"N,D,rounds;N,D,rounds" -> [(N, D, rounds), ...], each a positive integer."""
+    parsed = []
+    for part in text.split(";"):
+        fields = part.split(",")
+        if len(fields) != 3:
+            raise argparse.ArgumentTypeError(f"each size is N,D,rounds (three integers), got {part!r}")
+        parsed.append(tuple(cli.positive_int(field) for field in fields))
+    return parsed
+
+
+def build_parser():
+    parser = cli.parser_for(__doc__, __spec__)
+    parser.add_argument("--sizes", type=sizes, default="1024,32,15;8192,64,5",
+                        help="N,D,rounds;... (B=1, H=4, float32; default %(default)s)")
+    parser.add_argument("--threads", type=cli.positive_int, default=1)
+    parser.add_argument("--out", help="JSON file for the rows and the environment")
+    return parser
+
+
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1024,32,15;8192,64,5", help="N,D,rounds;... (B=1, H=4, float32)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    cli.check_output_stem(parser, args.out)
     torch.set_num_threads(args.threads)
     rows = []
-    for size in args.sizes.split(";"):
-        seq_len, head_dim, rounds = map(int, size.split(","))
+    for seq_len, head_dim, rounds in args.sizes:
         generator = torch.Generator().manual_seed(seq_len)
         q, k, v = (torch.randn(1, seq_len, 4, head_dim, generator=generator) for _ in range(3))
         for name in PATTERNS:

@@ -15,7 +15,6 @@ was measured) and bench_gpu.png under --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -27,9 +26,10 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from experiments import cli, plots
 from optimized import BlockSparseRingDilatedAttention, graphs, triton_backend
 from optimized.plan import CallPlan
-from reference.config import DilationConfig, SparsePatternConfig
+from reference.config import PATTERN_TYPES, DilationConfig, SparsePatternConfig
 from reference.semantics import AttentionGeometry, active_pair_count, layout_mask
 
 GIB = 1 << 30
@@ -576,31 +576,10 @@ def measure_huge(rec, N=1 << 24, H=12, D=64):
 
 
 def plot(rec, out_dir):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = rec.data["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    ceiling = rec.data["ceilings"].get("matmul_bf16_8192_tflops")
-    for ax, D in zip(axes, (64, 128)):
-        for method, style in (("triton_graphed", "-o"), ("flex_compacted", "--s"), ("gather_sdpa", ":^")):
-            for pattern in sorted({r["pattern"] for r in rows if r["D"] == D}):
-                pts = sorted((r["N"], r["tflops"]) for r in rows
-                             if r["D"] == D and r["method"] == method and r["pattern"] == pattern)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{method} {pattern}")
-        if ceiling:
-            ax.axhline(ceiling, color="k", lw=0.8)
-            ax.axhline(ceiling * (0.6 if D == 128 else 0.5), color="gray", lw=0.8, ls="--")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("N (tokens)")
-        ax.set_ylabel("TFLOP/s on active blocks")
-        ax.set_title(f"D={D}, H={DILATIONS[D]['heads']}, bf16, block {BLOCK}")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "bench_gpu.png"), dpi=110)
+    plots.use_file_backend()
+    figure = plots.plot_bench_gpu(rec.data["rows"], rec.data["ceilings"].get("matmul_bf16_8192_tflops"),
+                                  {D: spec["heads"] for D, spec in DILATIONS.items()}, BLOCK)
+    plots.save_figure(figure, os.path.join(out_dir, "bench_gpu.png"), dpi=110)
 
 
 def summarize(rec):
@@ -633,14 +612,29 @@ def summarize(rec):
         print("error:", e[:200])
 
 
+PARTS = ("tiles", "main", "flexorig", "huge", "ab")
+
+
+def build_parser():
+    parser = cli.parser_for(__doc__, __spec__)
+    parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"),
+                        help="folder for bench_gpu.json and .png (default $OUT or experiments/results)")
+    parser.add_argument("--budget-s", type=cli.positive_float, default=420.0,
+                        help="seconds after which remaining configurations are skipped")
+    parser.add_argument("--only", type=cli.comma_list(choices=PARTS), default="tiles,main,flexorig,huge",
+                        help=f"parts to run, comma-separated: {', '.join(PARTS)}")
+    parser.add_argument("--ns", type=cli.comma_list(item=cli.positive_int), default="8192,65536,1048576",
+                        help="sequence lengths of the main part")
+    parser.add_argument("--patterns", type=cli.comma_list(choices=PATTERN_TYPES), default=",".join(pattern_configs()),
+                        help="layouts of the main part")
+    return parser
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"))
-    parser.add_argument("--budget-s", type=float, default=420.0)
-    parser.add_argument("--only", default="tiles,main,flexorig,huge")
-    parser.add_argument("--ns", default="8192,65536,1048576")
-    parser.add_argument("--patterns", default=",".join(pattern_configs()))
+    parser = build_parser()
     args = parser.parse_args(argv)
+    cli.check_output_stem(parser, os.path.join(args.out, "bench_gpu.json"), "--out")
+    cli.require_cuda(parser, "experiments.bench_gpu")
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
     deadline = start + args.budget_s
@@ -652,9 +646,7 @@ def main(argv=None):
         "python": platform.python_version(), "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     rec.save()
-    parts = args.only.split(",")
-    Ns = [int(n) for n in args.ns.split(",")]
-    patterns = args.patterns.split(",")
+    parts, Ns, patterns = args.only, args.ns, args.patterns
     attempt(rec, "ceiling", lambda: measure_ceiling(rec))
     if "ab" in parts:
         attempt(rec, "ab", lambda: measure_ab(rec, deadline - 20))

@@ -16,16 +16,17 @@ timeout keeps what was measured, with the GPU name and the torch and triton vers
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import time
 import traceback
 
 import torch
 
+from experiments import cli
 from experiments.env import environment
-from optimized import BlockSparseRingDilatedAttention
+from experiments.ring import equal_chunks
+from experiments.timing import time_call
+from optimized import BACKENDS, BlockSparseRingDilatedAttention
 from reference.config import DilationConfig, SparsePatternConfig
 from reference.ring_schedule import ring_schedule
 from reference.semantics import AttentionGeometry
@@ -45,41 +46,48 @@ def layouts(block: int) -> dict[str, SparsePatternConfig]:
 
 
 def time_ms(fn, warmup: int, rep: int) -> float:
-    """Median forward time in ms: triton's do_bench on CUDA, wall clock elsewhere (a smoke run)."""
+    """Median forward time in ms: triton's do_bench on CUDA (``warmup``, ``rep`` in ms), else
+    torch.utils.benchmark over ``rep`` ms of calls (a smoke run on the CPU)."""
     if torch.cuda.is_available():
         import triton
 
         return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[1]
+    return time_call(fn, min_run_time=rep / 1e3)["median_s"] * 1e3
 
 
-def equal_chunks(seq_len: int, parts: int) -> tuple[int, ...]:
-    base, extra = divmod(seq_len, parts)
-    return tuple(base + (1 if p < extra else 0) for p in range(parts))
+LAYOUTS = ("dense", "dilated_sparse", "local_window")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seq-len", type=int, default=65536)
-    parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--kv-heads", type=int, default=12)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--block", type=int, default=128)
-    parser.add_argument("--parts", default="1,2,4,8")
-    parser.add_argument("--dilations", default="local,global")
-    parser.add_argument("--layouts", default="dense,dilated_sparse,local_window")
-    parser.add_argument("--causal", default="0,1")
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--rep", type=int, default=50)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    args = parser.parse_args()
+def build_parser():
+    parser = cli.parser_for(__doc__, __spec__)
+    parser.add_argument("--seq-len", type=cli.positive_int, default=65536)
+    parser.add_argument("--heads", type=cli.positive_int, default=12)
+    parser.add_argument("--kv-heads", type=cli.positive_int, default=12)
+    parser.add_argument("--head-dim", type=cli.positive_int, default=64)
+    parser.add_argument("--block", type=cli.positive_int, default=128)
+    parser.add_argument("--parts", type=cli.comma_list(item=cli.positive_int), default="1,2,4,8",
+                        help="ring sizes P, comma-separated")
+    parser.add_argument("--dilations", type=cli.comma_list(choices=tuple(DILATIONS)), default="local,global")
+    parser.add_argument("--layouts", type=cli.comma_list(choices=LAYOUTS), default=",".join(LAYOUTS))
+    parser.add_argument("--causal", type=cli.comma_list(item=int, choices=(0, 1)), default="0,1",
+                        help="0 (non-causal), 1 (causal) or both")
+    parser.add_argument("--backend", default="auto", choices=list(BACKENDS))
+    parser.add_argument("--warmup", type=cli.positive_int, default=10, help="do_bench warmup, ms")
+    parser.add_argument("--rep", type=cli.positive_int, default=50, help="do_bench repetitions, ms")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                        help="folder for bench_ring.json")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.heads % args.kv_heads:
+        parser.error(f"--kv-heads {args.kv_heads} must divide --heads {args.heads} (grouped-query attention)")
+    too_many = [p for p in args.parts if p > args.seq_len]
+    if too_many:
+        parser.error(f"--parts {','.join(map(str, too_many))}: more chunks than tokens (--seq-len {args.seq_len})")
+    cli.check_output_stem(parser, os.path.join(args.out, "bench_ring.json"), "--out")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -98,14 +106,14 @@ def main() -> None:
                          backend=args.backend, warmup=args.warmup, rep=args.rep),
         "results": [],
     }
-    parts = [int(p) for p in args.parts.split(",")]
+    parts = args.parts
     all_layouts = layouts(args.block)
-    for dilation_name in args.dilations.split(","):
+    for dilation_name in args.dilations:
         dilation = DILATIONS[dilation_name]
         segments = tuple(min(s, N) for s in dilation["segments"])
-        for layout_name in args.layouts.split(","):
+        for layout_name in args.layouts:
             config = all_layouts[layout_name]
-            for is_causal in (bool(int(c)) for c in args.causal.split(",")):
+            for is_causal in map(bool, args.causal):
                 row = dict(dilation=dilation_name, segments=segments, rates=dilation["rates"], layout=layout_name,
                            is_causal=is_causal, ring={})
                 try:

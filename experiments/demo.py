@@ -1,6 +1,18 @@
-"""`make demo`: the seed's configuration under every pattern type, then a verification run."""
+"""`make demo`: the seed's configuration under every pattern type, then a verification run.
+
+    python -m experiments.demo                     # CUDA when there is one, else the CPU
+    python -m experiments.demo --device cpu --seq-len 4096
+
+Prints, for segments [2048, 4096, 8192], rates [1, 2, 4], 12 heads and block 128, each pattern's
+allowed pairs, block density and the bytes of its sparse weights against one dense B x H x N x N
+tensor; checks the reference against masked softmax; then runs the optimized path against the
+float64 reference (sampled query chunks) and prints each pattern's error against its budget
+(docs/numerics.md), pass or fail, time and peak memory. Exit status 1 when any pattern fails.
+"""
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -14,52 +26,44 @@ from reference import (
     active_pair_count,
 )
 
-SEED_SEGMENTS = (2048, 4096, 8192)
-SEED_RATES = (1, 2, 4)
+from . import cli
+from .analytic import dense_weights_bytes, sparse_weights_bytes
+from .settings import SEED_BLOCK, SEED_RATES, SEED_SEGMENTS, MemorySetting, pattern_config
+from .tables import format_table
+
 SEED_HEADS = 12
-SEED_BLOCK = 128
+SEED_SETTING = MemorySetting(heads=SEED_HEADS)  # B = 1, the seed's segments, rates and block 128
+VERIFY_CHUNK = 128  # query rows per sampled chunk of the float64 reference
 
 
-def seed_pattern(pattern_type: str, block_size: int = SEED_BLOCK, **overrides) -> SparsePatternConfig:
+def seed_pattern(pattern_type: str) -> SparsePatternConfig:
     """The seed document's settings for each pattern type (custom: a banded layout)."""
-    if pattern_type == "custom":
-        nb = 64
-        band = (torch.arange(nb)[:, None] - torch.arange(nb)[None, :]).abs() <= 1
-        overrides.setdefault("block_layout", band)
-    return SparsePatternConfig(pattern_type=pattern_type, block_size=block_size, **overrides)
+    return pattern_config(pattern_type, SEED_SETTING)
 
 
 def layout_table(seq_len: int = 16384) -> list[dict]:
+    """Per pattern: allowed pairs, block density against the dense layout, bytes of the sparse weights (all heads)
+    and of one dense B x H x N x N tensor (experiments/analytic.py)."""
     geometry = AttentionGeometry(DilationConfig(SEED_SEGMENTS, SEED_RATES), seq_len, SEED_HEADS)
-    rows = []
-    for pattern in PATTERN_TYPES:
-        config = seed_pattern(pattern)
-        blocks = active_block_count(geometry, config)
-        all_blocks = active_block_count(geometry, SparsePatternConfig(pattern_type="dense", block_size=SEED_BLOCK))
-        rows.append(
-            {
-                "pattern": pattern,
-                "pairs": active_pair_count(geometry, config),
-                "density": blocks / all_blocks,
-                # float32 block values plus two int64 indices per active block, per batch element
-                "weights_bytes": blocks * (SEED_BLOCK * SEED_BLOCK * 4 + 16),
-                "dense_bytes": seq_len * seq_len * 4,
-            }
-        )
-    return rows
+    all_blocks = active_block_count(geometry, seed_pattern("dense"))
+    return [
+        {
+            "pattern": pattern,
+            "allowed pairs": active_pair_count(geometry, seed_pattern(pattern)),
+            "block density": active_block_count(geometry, seed_pattern(pattern)) / all_blocks,
+            "weights MiB": sparse_weights_bytes(seq_len, SEED_SETTING, pattern) / 2**20,
+            "dense NxN MiB": dense_weights_bytes(seq_len, SEED_SETTING) / 2**20,
+        }
+        for pattern in PATTERN_TYPES
+    ]
 
 
 def print_layout_table(seq_len: int = 16384) -> None:
     print(
         f"Seed configuration: segments {list(SEED_SEGMENTS)}, rates {list(SEED_RATES)}, H={SEED_HEADS}, "
-        f"block {SEED_BLOCK}, N={seq_len}, B=1"
+        f"block {SEED_BLOCK}, N={seq_len}, B=1, float32"
     )
-    print(f"{'pattern':<16}{'allowed pairs':>16}{'block density':>15}{'weights, all H':>16}{'one dense NxN':>15}")
-    for row in layout_table(seq_len):
-        print(
-            f"{row['pattern']:<16}{row['pairs']:>16,}{row['density']:>15.4f}"
-            f"{row['weights_bytes'] / 2**20:>13.1f}MiB{row['dense_bytes'] / 2**20:>12.1f}MiB"
-        )
+    print(format_table(layout_table(seq_len), floats=("", ",d", ".4f", ",.1f", ",.1f")))
 
 
 def check_reference_against_masked_softmax() -> bool:
@@ -89,14 +93,12 @@ def verification_run(seq_len: int | None = None, device: str | None = None) -> b
     from optimized import BlockSparseRingDilatedAttention as Optimized
     from reference import compare, partial_attention
 
-    import time
-
     from .memory import peak_bytes
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     seq_len = seq_len or (16384 if device.type == "cuda" else 8192)
-    batch, heads, head_dim, chunk = 1, SEED_HEADS, 64, 128
+    batch, heads, head_dim, chunk = 1, SEED_HEADS, 64, VERIFY_CHUNK
     sample_starts = (0, seq_len // 2 - chunk // 2, seq_len - chunk)
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, seq_len, heads, head_dim, generator=generator).to(device, dtype) for _ in range(3))
@@ -142,14 +144,31 @@ def verification_run(seq_len: int | None = None, device: str | None = None) -> b
         )
     print(f"(peak memory: {memory.how}; time: one call without the profiler)")
     print(f"VERDICT: {'PASS' if all_ok else 'FAIL'}: every pattern type {'within' if all_ok else 'NOT within'} "
-          f"the SPEC section 7 budget against the float64 reference")
+          f"the error budget (docs/numerics.md) against the float64 reference")
     return all_ok
 
 
-def main() -> int:
-    print_layout_table()
+def build_parser():
+    parser = cli.parser_for(__doc__, __spec__)
+    parser.add_argument("--device", choices=cli.DEVICES, default=None,
+                        help="where the optimized path runs (default: cuda when there is one, else cpu)")
+    parser.add_argument("--seq-len", type=cli.positive_int, default=None,
+                        help=f"N of the verification run (default 16384 on CUDA, 8192 on the CPU; >= {VERIFY_CHUNK})")
+    parser.add_argument("--table-seq-len", type=cli.positive_int, default=16384, help="N of the layout table")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device is not None:
+        cli.check_device(parser, args.device)
+    if args.seq_len is not None and args.seq_len < VERIFY_CHUNK:
+        parser.error(f"--seq-len {args.seq_len}: the reference checks chunks of {VERIFY_CHUNK} query rows; "
+                     f"give --seq-len >= {VERIFY_CHUNK}")
+    print_layout_table(args.table_seq_len)
     ok = check_reference_against_masked_softmax()
-    ok &= verification_run()
+    ok &= verification_run(args.seq_len, args.device)
     return 0 if ok else 1
 
 

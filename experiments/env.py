@@ -2,25 +2,50 @@
 
 A number without its machine is not comparable to anything; every file under
 ``experiments/results/`` carries this record so a reader can tell an H200 figure from a laptop one.
+The system facts (OS, Python, torch and its CUDA, driver, GPU models, CPU model) come from
+``torch.utils.collect_env`` (what PyTorch asks for in bug reports); this module adds what it does
+not know: the device measured, the thread count, the git commit and the time.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import os
-import platform
+import re
 import subprocess
-import sys
+from importlib import metadata
 
 import torch
 
 
+@functools.cache
+def _system() -> dict:
+    """The facts of ``torch.utils.collect_env.get_env_info()`` that a result depends on (once per process:
+    it runs lscpu, pip and nvidia-smi)."""
+    from torch.utils import collect_env
+
+    info = collect_env.get_env_info()
+    cpu = re.search(r"^Model name:\s*(.+)$", info.cpu_info or "", re.MULTILINE)
+    return {
+        "python": info.python_version.split()[0],
+        "torch": info.torch_version,
+        "cuda": info.cuda_compiled_version,
+        "cuda_runtime": info.cuda_runtime_version,
+        "nvidia_driver": info.nvidia_driver_version,
+        "gpu_models": info.nvidia_gpu_models,
+        "cudnn": info.cudnn_version,
+        "os": info.os,
+        "platform": info.python_platform,
+        "cpu": cpu.group(1).strip() if cpu else None,
+    }
+
+
 def _triton_version() -> str | None:
     try:
-        import triton
-    except ImportError:  # the CPU-only install may lack it; the record says so
+        return metadata.version("triton")
+    except metadata.PackageNotFoundError:  # the CPU-only install may lack it; the record says so
         return None
-    return getattr(triton, "__version__", "unknown")
 
 
 def _git_commit() -> str | None:
@@ -38,33 +63,19 @@ def _git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: torch.device | str | None = None) -> dict:
     """A JSON-able record: versions, device name, CPU, thread count, commit and time."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    system = _system()
     record = {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
+        **system,
         "triton": _triton_version(),
-        "cuda": torch.version.cuda,
-        "platform": platform.platform(),
-        "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device_type": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else system["cpu"],
         "git_commit": _git_commit(),
         "utc_time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -12,11 +12,11 @@ junit file adds pytest's pass / fail / skip counts. The environment (GPU, torch,
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import xml.etree.ElementTree as ElementTree
 
+from experiments import cli
 from experiments.env import environment
 
 
@@ -55,19 +55,32 @@ def junit_counts(path: str) -> dict:
     return counts
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("record", nargs="+", help="JSON-lines files written under EQUIVALENCE_RECORD")
-    parser.add_argument("--junit", nargs="*", default=[], help="pytest --junitxml files of the same run")
-    parser.add_argument("--out", required=True)
+def build_parser():
+    parser = cli.parser_for(__doc__, __spec__)
+    parser.add_argument("record", nargs="+",
+                        help="JSON-lines files written under EQUIVALENCE_RECORD (a missing one counts as no verdicts: "
+                             "a suite cut short by its timeout may have written none)")
+    parser.add_argument("--junit", nargs="*", default=[],
+                        help="pytest --junitxml files of the same run (a missing one is left out: pytest writes none "
+                             "when its timeout kills it)")
+    parser.add_argument("--out", required=True, help="the summary JSON to write")
     parser.add_argument("--note", default="")
-    parser.add_argument("--device-info", help="the run's nvidia_smi.txt, when summarizing on another machine")
+    parser.add_argument("--device-info", type=cli.existing_file,
+                        help="the run's nvidia_smi.txt, when summarizing on another machine")
+    return parser
+
+
+def main(argv=None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    cli.check_output_stem(parser, args.out)
     lines = []
     for path in args.record:
-        if os.path.exists(path):
-            with open(path) as handle:
-                lines.extend(json.loads(line) for line in handle if line.strip())
+        if not os.path.exists(path):
+            print(f"{path}: missing, no verdicts from it")
+            continue
+        with open(path) as handle:
+            lines.extend(json.loads(line) for line in handle if line.strip())
     summary = summarize(lines)
     summary["pytest"] = {os.path.basename(path): junit_counts(path) for path in args.junit if os.path.exists(path)}
     summary["profile"] = os.environ.get("HYPOTHESIS_PROFILE", "ci")

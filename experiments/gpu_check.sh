@@ -3,10 +3,14 @@
 #   env       nvidia-smi, torch and triton versions
 #   tests     the CUDA tests of tests/ (triton outputs poisoned with NaN where the kernel must write)
 #   suite     the whole equivalence suite under HYPOTHESIS_PROFILE=gpu, every verdict recorded and summarized
-#   ncu       Nsight Compute on our kernel variants and compiled flex (experiments/profile_kernels.py)
+#   ncu       Nsight Compute on our kernel variants and compiled flex (experiments/profile_kernels.py); the
+#             binary profile.ncu-rep stays out of git (.gitignore), its exported text pages are what to commit
 #   bench     experiments/bench_gpu.py with --only "$PARTS" (tiles, main, flexorig, huge, ab)
 #   ring      experiments/bench_ring.py (the in-process ring against P)
-#   baseline  the GPU pytest-benchmark suite, saved as gpu_baseline.json (experiments/baselines/gpu.json)
+#   backward  experiments/bench_backward.py (forward + backward against the SDPA and flex peers, backward kernels)
+#   baseline  the GPU pytest-benchmark suite (experiments/benchmarks/test_bench_gpu.py), saved as gpu_baseline.json
+#             (experiments/baselines/gpu.json)
+# Copy a run's files into experiments/results/runN/ and add its row to experiments/results/INDEX.md.
 # Usage on the device: STEPS="env tests ncu bench" PARTS=ab BENCH_BUDGET=200 BSRDA_GIT_COMMIT=<commit> \
 #   bash experiments/gpu_check.sh
 # (the device's copy of .git was seen stale, so the commit is handed in from here and recorded as given)
@@ -37,7 +41,7 @@ for step in $STEPS; do
     tests)
       BSRDA_TRITON_POISON=1 timeout "${TESTS_TIMEOUT:-240}" $PYTEST -q --timeout 120 --durations=5 \
         ${TESTS:-tests/test_triton_backend.py tests/test_cuda_graphs.py tests/test_flex_backend.py tests/test_module.py \
-        tests/test_weights.py} --junitxml "$RUN/pytest_cuda.xml" > "$RUN/pytest_cuda.log" 2>&1
+        tests/test_weights.py tests/test_dispatch.py tests/test_input_layout.py equivalence_tests/test_gradients.py} --junitxml "$RUN/pytest_cuda.xml" > "$RUN/pytest_cuda.log" 2>&1
       echo "tests rc=$?"; tail -3 "$RUN/pytest_cuda.log" ;;
     suite)
       rm -f "$RUN/verdicts.jsonl"
@@ -68,11 +72,15 @@ for step in $STEPS; do
       timeout $((${BENCH_BUDGET:-270} + 90)) python3 -m experiments.bench_gpu --out "$RUN" \
         --budget-s "${BENCH_BUDGET:-270}" --only "${PARTS:-main,huge}" > "$RUN/bench_gpu.log" 2>&1
       echo "bench rc=$?"; grep -v "^\s*$" "$RUN/bench_gpu.log" | tail -45 ;;
+    backward)
+      timeout $((${BACKWARD_BUDGET:-200} + 120)) python3 -m experiments.bench_backward --out "$RUN" \
+        --budget-s "${BACKWARD_BUDGET:-200}" ${BACKWARD_ARGS:-} > "$RUN/bench_backward.log" 2>&1
+      echo "backward rc=$?"; grep -v "^\s*$" "$RUN/bench_backward.log" | tail -25 ;;
     ring)
       timeout "${RING_TIMEOUT:-150}" python3 -m experiments.bench_ring --out "$RUN" > "$RUN/bench_ring.log" 2>&1
       echo "ring rc=$?"; tail -8 "$RUN/bench_ring.log" ;;
     baseline)
-      timeout "${BASELINE_TIMEOUT:-150}" $PYTEST -q experiments/test_bench_gpu.py --benchmark-enable \
+      timeout "${BASELINE_TIMEOUT:-150}" $PYTEST -q experiments/benchmarks/test_bench_gpu.py --benchmark-enable \
         --benchmark-json "$RUN/gpu_baseline.json" > "$RUN/baseline.log" 2>&1
       echo "baseline rc=$?"; tail -3 "$RUN/baseline.log" ;;
     *) echo "unknown step $step" ;;

@@ -10,10 +10,11 @@ second call is the warm one). Launches are matched to those names by their order
 
 from __future__ import annotations
 
-import argparse
 import csv
 import re
 from collections import OrderedDict
+
+from experiments import cli
 
 # (section-independent) metric names of the details page worth a row, in print order
 DETAIL_METRICS = (
@@ -78,13 +79,14 @@ def label_launches(launches, labels):
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("details")
-    parser.add_argument("--raw")
-    parser.add_argument("--labels")
-    parser.add_argument("--out")
+    parser = cli.parser_for(__doc__, __spec__)
+    parser.add_argument("details", type=cli.existing_file, help="ncu --page details --csv output")
+    parser.add_argument("--raw", type=cli.existing_file, help="ncu --page raw --csv output (warp stalls)")
+    parser.add_argument("--labels", type=cli.existing_file, help="the log of experiments/profile_kernels.py")
+    parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--warm-only", action="store_true", help="keep each method's second (warm) call")
     args = parser.parse_args(argv)
+    cli.check_output_stem(parser, args.out)
     launches = read_details(args.details)
     stalls = read_stalls(args.raw) if args.raw else []
     names = label_launches(launches, read_labels(args.labels) if args.labels else [])

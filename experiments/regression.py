@@ -16,10 +16,12 @@ recording, for the baseline (``--merge experiments/baselines/cpu.json a.json b.j
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
+
+from . import cli
 
 STATISTICS = ("min", "median", "mean")
 
@@ -145,33 +147,57 @@ def compare(baseline: dict, current: dict, threshold: float = 1.5, statistic: st
     )
 
 
-def _read(path: str) -> dict:
-    with open(path) as handle:
-        return json.load(handle)
+def _read(parser, option: str, path: str) -> dict:
+    """The JSON document at ``path``, or ``parser.error`` naming ``option`` when it is not one."""
+    try:
+        with open(path) as handle:
+            document = json.load(handle)
+    except OSError as error:
+        parser.error(f"{option} {path}: cannot read it ({error.strerror})")
+    except json.JSONDecodeError as error:
+        parser.error(f"{option} {path}: not JSON ({error})")
+    try:
+        load_cases(document)
+    except ValueError as error:
+        parser.error(f"{option} {path}: {error}")
+    return document
+
+
+def build_parser():
+    parser = cli.parser_for(__doc__, __spec__)
+    parser.add_argument("--baseline", type=cli.existing_file, help="committed pytest-benchmark JSON")
+    parser.add_argument("--current", nargs="+", type=cli.existing_file,
+                        help="pytest-benchmark JSON of the run(s) to check")
+    parser.add_argument("--merge", nargs="+", metavar=("OUT", "RUN"),
+                        help="write OUT: the per-case best of the RUN files (to record a baseline), then exit")
+    parser.add_argument("--threshold", type=float, default=1.5, help="allowed factor over the baseline's ratio (> 1)")
+    parser.add_argument("--statistic", default="min", choices=STATISTICS)
+    parser.add_argument("--strict", action="store_true", help="also fail on cases present in only one file")
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline", help="committed pytest-benchmark JSON")
-    parser.add_argument("--current", nargs="+", help="pytest-benchmark JSON of the run(s) to check")
-    parser.add_argument("--merge", nargs="+", metavar=("OUT", "RUN"),
-                        help="write OUT: the per-case best of the RUN files (to record a baseline), then exit")
-    parser.add_argument("--threshold", type=float, default=1.5, help="allowed factor over the baseline's ratio")
-    parser.add_argument("--statistic", default="min", choices=STATISTICS)
-    parser.add_argument("--strict", action="store_true", help="also fail on cases present in only one file")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.threshold > 1.0:
+        parser.error(f"--threshold must be > 1.0 (a factor of the baseline's ratio), got {args.threshold}")
     if args.merge:
         if len(args.merge) < 2:
             parser.error("--merge needs OUT and at least one RUN file")
-        merged = merge_runs(_read(path) for path in args.merge[1:])
-        with open(args.merge[0], "w") as handle:
+        out, runs = args.merge[0], args.merge[1:]
+        missing = [path for path in runs if not os.path.isfile(path)]
+        if missing:
+            parser.error(f"--merge: no such RUN file: {', '.join(missing)}")
+        cli.check_output_stem(parser, out, "--merge OUT")
+        merged = merge_runs([_read(parser, "--merge", path) for path in runs])
+        with open(out, "w") as handle:
             json.dump(merged, handle, indent=2)
-        print(f"wrote {args.merge[0]}: best of {len(args.merge) - 1} run(s)")
+        print(f"wrote {out}: best of {len(runs)} run(s)")
         return 0
     if not args.baseline or not args.current:
         parser.error("give --baseline and --current (or --merge)")
-    baseline = _read(args.baseline)
-    current = merge_runs(_read(path) for path in args.current)
+    baseline = _read(parser, "--baseline", args.baseline)
+    current = merge_runs([_read(parser, "--current", path) for path in args.current])
     report = compare(baseline, current, args.threshold, args.statistic)
     print(report.describe())
     ok = report.passed(args.strict)

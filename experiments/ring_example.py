@@ -5,8 +5,8 @@
 gloo on the CPU, NCCL (one GPU per rank) when CUDA is available. Each rank builds the same full
 input from one seed, keeps its own contiguous chunk (chunk lengths deliberately uneven), runs
 ``BlockSparseRingDilatedAttention(process_group=...)`` and compares its rows (out and lse) with
-the dense float64 reference. Exits non-zero on any rank
-whose result is out of SPEC section 7's budget.
+the dense float64 reference. Exits non-zero on any rank whose result is out of its error budget
+(docs/numerics.md). It takes no options: torchrun starts the ranks and hands each its place.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 import reference
+from experiments import cli
 from optimized import BlockSparseRingDilatedAttention, SparsePatternConfig
 from reference.verification import K_OUTPUT, compare
 
@@ -35,7 +36,21 @@ def chunk_lengths(seq_len: int, world_size: int) -> list[int]:
     return lengths
 
 
-def main() -> int:
+# What torchrun hands every rank; without them init_process_group has nowhere to meet.
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+COMMAND = "torchrun --nproc_per_node=2 -m experiments.ring_example"
+
+
+def build_parser():
+    return cli.parser_for(__doc__, __spec__)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    parser.parse_args(argv)
+    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+    if missing:
+        parser.error(f"not started by torchrun ({', '.join(missing)} unset): run it with {COMMAND}")
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=60))
     rank, world_size = dist.get_rank(), dist.get_world_size()

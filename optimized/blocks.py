@@ -231,7 +231,7 @@ class PartialCollector:
         return out.reshape(B, Nq, H, D), lse.reshape(B, H, Nq)
 
     def result(self):
-        """(out (B, Nq, H, D), lse (B, H, Nq)) in the collector's dtype, layers merged by SPEC section 5's rule."""
+        """(out (B, Nq, H, D), lse (B, H, Nq)) in the collector's dtype, layers merged by docs/semantics.md section 5's rule."""
         B, Nq, H, D = self.shape
         tracked = torch.is_grad_enabled() and any(
             piece[2].requires_grad or piece[3].requires_grad for pieces in self.layers.values() for piece in pieces

@@ -1,4 +1,4 @@
-"""The ring (SPEC section 5): a split of the sequence into contiguous chunks gives the unsplit result.
+"""The ring (docs/semantics.md section 5): a split of the sequence into contiguous chunks gives the unsplit result.
 
 Two ways to run it:
 

@@ -6,7 +6,7 @@ group's query blocks are gathered from the caller's tensors, then its CSR key bl
 column by column ("the c-th active key block of every row", rows with fewer blocks masked) with
 an online softmax in float32 (float64 for float64 inputs). At most ``work_size``
 (rows x heads x batch) score blocks of b x b exist at once; no N x N tensor, no full-lattice copy.
-Tables covering the same heads (head_mode "all") are merged with SPEC section 5's lse rule.
+Tables covering the same heads (head_mode "all") are merged with docs/semantics.md section 5's lse rule.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def _entry_probabilities(q, k, v, key_padding_mask, plan: CallPlan, work_size: i
 
 
 def partial_backward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int, out, lse, grad_out, grad_lse):
-    """Gradients of SPEC section 4's formula, flash-attention style, from the final lse.
+    """Gradients of docs/semantics.md section 4's formula, flash-attention style, from the final lse.
 
     Every active block entry recomputes P with the final (all branches, all chunks) lse, so
     dS = P * (dP - sum_j P dP + dlse) is the exact gradient of the union's softmax: a key counted

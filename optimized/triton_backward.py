@@ -327,28 +327,58 @@ def _dkdv_kernel(
 
 
 @dataclass(frozen=True)
-class BackwardTile:
-    """Tiles of the two kernels: dq (queries x keys per step) and dk/dv (keys x queries per step)."""
+class KernelTile:
+    """One kernel's tile: ``rows`` points it owns (queries for dq, keys for dk/dv) x ``step`` points per loop step."""
 
-    dq_block_m: int
-    dq_block_n: int
-    kv_block_n: int
-    kv_block_m: int
+    rows: int
+    step: int
     num_warps: int
     num_stages: int
+
+    def fit(self, block_size: int) -> "KernelTile":
+        """The tile clipped to the block (both sides must divide it)."""
+        return KernelTile(min(self.rows, block_size), min(self.step, block_size), self.num_warps, self.num_stages)
+
+
+@dataclass(frozen=True)
+class BackwardTile:
+    """Tiles of the two kernels: dq (a query slice, key steps) and dk/dv (a key slice, query steps)."""
+
+    dq: KernelTile
+    kv: KernelTile
 
 
 def default_backward_tile(block_size: int, block_d: int, dtype: torch.dtype) -> BackwardTile:
     if _interpreting():
-        return BackwardTile(min(block_size, 32), min(block_size, 32), min(block_size, 32), min(block_size, 32), 4, 1)
+        tile = KernelTile(32, 32, 4, 1)
+        return BackwardTile(tile.fit(block_size), tile.fit(block_size))
     if dtype == torch.float32 or block_d >= 256:
-        return BackwardTile(min(block_size, 32), min(block_size, 32), min(block_size, 32), min(block_size, 32), 4, 2)
+        tile = KernelTile(32, 32, 4, 2)
+        return BackwardTile(tile.fit(block_size), tile.fit(block_size))
     warps = 8 if block_d >= 128 else 4
-    return BackwardTile(min(block_size, 64), min(block_size, 32), min(block_size, 64), min(block_size, 32), warps, 2)
+    return BackwardTile(KernelTile(64, 32, warps, 2).fit(block_size), KernelTile(64, 32, warps, 2).fit(block_size))
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# Query points per slice of the row term's float32 product: bounds its temporaries to a slice (at 1M
+# tokens the whole product took 2 more q-sized tensors, 1.25x the step's tensors on the H200, run 11).
+ROW_TERM_SLICE = 1 << 16
+
+
+def _row_term(grad_out, out, grad_lse):
+    """(B, H, Nq) float32: rowsum(dO * out) - dlse, what every dS of a row subtracts (FlashAttention-2's delta)."""
+    batch, num_queries, num_heads, _ = out.shape
+    row_term = torch.empty(batch, num_heads, num_queries, dtype=torch.float32, device=out.device)
+    for q0 in range(0, num_queries, ROW_TERM_SLICE):
+        q1 = min(q0 + ROW_TERM_SLICE, num_queries)
+        product = grad_out[:, q0:q1].to(torch.float32) * out[:, q0:q1].to(torch.float32)
+        row_term[:, :, q0:q1] = product.sum(-1).transpose(1, 2)
+    if grad_lse is not None:
+        row_term -= grad_lse.to(torch.float32)
+    return row_term
 
 
 def partial_backward(q, k, v, key_padding_mask, plan: CallPlan, out, lse, grad_out, grad_lse,
@@ -366,18 +396,14 @@ def partial_backward(q, k, v, key_padding_mask, plan: CallPlan, out, lse, grad_o
     grad_out = torch.zeros_like(out) if grad_out is None else _unit_stride(grad_out)
     if grad_out.dtype != q.dtype:
         grad_out = grad_out.to(q.dtype)  # the dot products take q's dtype (float32 partials of a ring chunk)
-    # row_term_i = sum_d dO * out - dlse_i: what every dS of row i subtracts (FlashAttention-2's delta).
-    row_term = (grad_out.to(torch.float32) * out.to(torch.float32)).sum(-1).transpose(1, 2)
-    if grad_lse is not None:
-        row_term = row_term - grad_lse.to(torch.float32)
-    row_term = row_term.contiguous()
+    row_term = _row_term(grad_out, out, grad_lse)
     lse = lse.detach().to(torch.float32).contiguous()
     block_d = max(16, triton.next_power_of_2(head_dim))
     b = plan.block_size
     tile = tile or default_backward_tile(b, block_d, q.dtype)
     mask, mask_sb, mask_sn, has_padding = _padding_view(key_padding_mask, lse)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=b, IS_CAUSAL=plan.is_causal, HAS_PADDING=has_padding,
-                  FP32_DOT=q.dtype == torch.float32, num_warps=tile.num_warps, num_stages=tile.num_stages)
+                  FP32_DOT=q.dtype == torch.float32)
     limits = (plan.query_range[0], plan.query_range[1], plan.key_range[0], plan.key_range[1])
     qk_scale = plan.scale * _LOG2E
 
@@ -386,14 +412,15 @@ def partial_backward(q, k, v, key_padding_mask, plan: CallPlan, out, lse, grad_o
     layers = device_tables(plan, device, order)
     dq = torch.zeros(q.shape, dtype=torch.float32 if len(layers) > 1 else q.dtype, device=device)
     for layer, launch in enumerate(layers):
-        grid = (launch.num_items * (b // tile.dq_block_m), batch)
+        grid = (launch.num_items * (b // tile.dq.rows), batch)
         _dq_kernel[grid](
             q, k, v, grad_out, mask, lse, row_term, dq, launch.items, launch.key_block,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), mask_sb, mask_sn,
             num_heads, num_queries, *limits, num_heads // num_kv_heads, qk_scale, plan.scale,
-            BLOCK_M=tile.dq_block_m, BLOCK_N=tile.dq_block_n, ACCUMULATE=layer > 0, **common,
+            BLOCK_M=tile.dq.rows, BLOCK_N=tile.dq.step, ACCUMULATE=layer > 0, **common,
+            num_warps=tile.dq.num_warps, num_stages=tile.dq.num_stages,
         )
 
     # dk, dv: one launch per table. A kv head that several tables reach (its query heads in several
@@ -405,14 +432,15 @@ def partial_backward(q, k, v, key_padding_mask, plan: CallPlan, out, lse, grad_o
     dk = torch.zeros(k.shape, dtype=kv_dtype, device=device)
     dv = torch.zeros(v.shape, dtype=kv_dtype, device=device)
     for index, launch in enumerate(launches):
-        grid = (launch.num_items * (b // tile.kv_block_n), batch)
+        grid = (launch.num_items * (b // tile.kv.rows), batch)
         _dkdv_kernel[grid](
             q, k, v, grad_out, mask, lse, row_term, dk, dv, launch.items, launch.query_block,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), mask_sb, mask_sn,
             num_heads, num_queries, *limits, qk_scale, plan.scale,
-            BLOCK_M=tile.kv_block_m, BLOCK_N=tile.kv_block_n, ACCUMULATE=accumulate and index > 0, **common,
+            BLOCK_M=tile.kv.step, BLOCK_N=tile.kv.rows, ACCUMULATE=accumulate and index > 0, **common,
+            num_warps=tile.kv.num_warps, num_stages=tile.kv.num_stages,
         )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 

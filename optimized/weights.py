@@ -1,4 +1,4 @@
-"""Sparse attention weights (SPEC section 6) of the torch and flex backends.
+"""Sparse attention weights (docs/semantics.md section 6) of the torch and flex backends.
 
 Stored per active block and query head: b x b probabilities ``exp(scale * q.k - lse)`` from the
 FINAL merged lse, so every row sums to 1 over all blocks of all branches (0 for empty rows).

@@ -1,4 +1,4 @@
-"""The slow, obviously-correct reference, and the single home of the semantics of SPEC.md."""
+"""The slow, obviously-correct reference, and the single home of the semantics of docs/semantics.md."""
 
 from .config import HEAD_MODES, PATTERN_TYPES, DilationConfig, SparsePatternConfig
 from .dense import BlockSparseRingDilatedAttention, partial_attention

@@ -30,7 +30,7 @@ def _require_int(name: str, value, minimum: int) -> None:
 class SparsePatternConfig:
     """Block layout in the compacted coordinates of one (branch, segment, offset) lattice.
 
-    The layout is a function of the number of blocks ``nb`` alone (SPEC section 3).
+    The layout is a function of the number of blocks ``nb`` alone (docs/semantics.md section 3).
     """
 
     pattern_type: str = "dilated_sparse"

@@ -1,7 +1,7 @@
-"""The dense reference: SPEC section 4 computed literally from the dense multiplicity matrix.
+"""The dense reference: docs/semantics.md section 4 computed literally from the dense multiplicity matrix.
 
 Slow and small on purpose. Float64 on the CPU by default (the ground truth); in the input
-dtype when asked, which is the baseline error of SPEC section 7.
+dtype when asked, which is the baseline error of docs/numerics.md.
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ def partial_attention(
     return_weights: bool = False,
     layout: str = "bnhd",
 ):
-    """Partial attention of a query chunk against a key chunk (SPEC section 5).
+    """Partial attention of a query chunk against a key chunk (docs/semantics.md section 5).
 
     ``q`` holds global positions [query_start, query_start + Nq), ``k``/``v`` (and the chunk's
     ``key_padding_mask`` (B, Nk)) hold [key_start, key_start + Nk). Returns ``(out, lse)`` or
     ``(out, lse, weights)``: out (B, Nq, H, D), lse (B, H, Nq), weights (B, H, Nq, Nk), all in
     ``compute_dtype`` (the input dtype when None), on the CPU. Empty rows: out 0, lse -inf.
     ``layout="bhnd"`` takes q, k, v as (B, H, N, D) and returns out that way (section 1).
-    Differentiable in q, k, v (the gradients of SPEC section 4's formula; empty rows give 0).
+    Differentiable in q, k, v (the gradients of docs/semantics.md section 4's formula; empty rows give 0).
     """
     dtype = q.dtype if compute_dtype is None else compute_dtype
     q, k, v = (bnhd_view(t, check_layout(layout)) for t in (q, k, v))
@@ -71,10 +71,10 @@ def partial_attention(
 
 
 class BlockSparseRingDilatedAttention(nn.Module):
-    """Ground truth for SPEC section 8: the dense reference as a module.
+    """Ground truth for docs/semantics.md section 8: the dense reference as a module.
 
     ``compute_dtype=torch.float64`` (default) computes and returns float64 on the CPU;
-    ``compute_dtype=None`` computes in the input dtype (SPEC section 7's baseline).
+    ``compute_dtype=None`` computes in the input dtype (docs/numerics.md's baseline).
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""The merge rule of SPEC section 5: how partials over disjoint key chunks combine.
+"""The merge rule of docs/semantics.md section 5: how partials over disjoint key chunks combine.
 
 Part of the contract, not of the dense math, so the optimized paths and the ring use it too.
 """
@@ -9,7 +9,7 @@ import torch
 
 
 def merge_partials(out_a, lse_a, out_b, lse_b):
-    """Merge two partials over disjoint key chunks (SPEC section 5); empty partials change nothing.
+    """Merge two partials over disjoint key chunks (docs/semantics.md section 5); empty partials change nothing.
 
     out (B, Nq, H, D), lse (B, H, Nq). Two empty partials merge to an empty partial (0, -inf).
     """
@@ -32,7 +32,7 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
 
 
 def merge_all(outs, lses):
-    """Merge any number of partials over disjoint key sets at once (SPEC section 5).
+    """Merge any number of partials over disjoint key sets at once (docs/semantics.md section 5).
 
     One normalisation for all of them, rather than a chain of pairwise merges: fewer roundings
     in the result and in its gradient. outs: list of (B, Nq, H, D); lses: list of (B, H, Nq).

@@ -1,4 +1,4 @@
-"""The ring schedule (SPEC section 5): which (query chunk, key chunk) pairs share an allowed pair.
+"""The ring schedule (docs/semantics.md section 5): which (query chunk, key chunk) pairs share an allowed pair.
 
 A ring splits the sequence into ``P`` contiguous chunks; chunk ``c`` holds global positions
 ``[offsets[c], offsets[c + 1])`` (prefix sums of the chunk lengths). Rank ``r`` keeps query

@@ -1,4 +1,4 @@
-"""Which pairs attend: the one module that answers it (SPEC sections 2 and 3).
+"""Which pairs attend: the one module that answers it (docs/semantics.md sections 2 and 3).
 
 Every other module (the dense reference, the torch / flex / triton paths, the ring) asks this
 module for head assignment, offsets, lattice membership, compacted indices, block layouts and
@@ -136,7 +136,7 @@ class AttentionGeometry:
 
 
 # --------------------------------------------------------------------------------------------
-# Block layouts (SPEC section 3)
+# Block layouts (docs/semantics.md section 3)
 # --------------------------------------------------------------------------------------------
 
 
@@ -447,7 +447,7 @@ def dense_multiplicity(
 ) -> torch.Tensor:
     """How many branches allow each (head, query, key) pair: int64 (B or 1, H, Nq, Nk).
 
-    Built literally from SPEC section 2 with Python loops over branches, heads, segments and
+    Built literally from docs/semantics.md section 2 with Python loops over branches, heads, segments and
     offsets: slow, small, obviously right. ``key_padding_mask`` is (B, N) over the whole sequence.
     """
     q0, q1 = query_range or (0, geometry.seq_len)

@@ -1,11 +1,11 @@
-"""SPEC section 7 in one place: is an optimized result within the budget of its dtype?
+"""docs/numerics.md in one place: is an optimized result within the budget of its dtype?
 
 error(opt)  <=  k * error(reference run in opt's dtype) + 2 * eps(dtype) * max|ref64|
 
 with k = 2 for out and lse, 3 for gradients. Rows the float64 reference leaves empty
 (lse = -inf) must be exactly out = 0 / lse = -inf; everything else must be finite.
 
-SPEC section 7 names no budget for the sparse weights of section 6. They are p = exp(s - lse)
+docs/numerics.md names no budget for the sparse weights of section 6. They are p = exp(s - lse)
 from the path's own lse, so an lse error d (allowed up to lse's budget) moves p by p * d: the
 weights and their row sums get the budget above (k = 2) plus ``inherited = max|p| * lse budget``.
 Without that term a path whose lse passes could not pass its weights (seen under the dev
@@ -62,12 +62,12 @@ def compare(
     empty_value: float = 0.0,
     inherited: float = 0.0,
 ) -> Verdict:
-    """Compare ``actual`` with the float64 reference by SPEC section 7's budget.
+    """Compare ``actual`` with the float64 reference by docs/numerics.md's budget.
 
     ``empty`` is a bool mask broadcastable to the tensors marking entries of empty rows, which
     must equal ``empty_value`` exactly (0 for out, -inf for lse) and are left out of the error.
     ``inherited`` is added to the budget: the error a quantity computed from another checked one
-    inherits from it (``weights_inherited_budget``); 0 for everything SPEC section 7 names.
+    inherits from it (``weights_inherited_budget``); 0 for everything docs/numerics.md names.
     """
     if tuple(actual.shape) != tuple(reference64.shape):
         return Verdict(name, float("inf"), 0.0, 0.0, None, f"shape {tuple(actual.shape)} != {tuple(reference64.shape)}")

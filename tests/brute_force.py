@@ -1,7 +1,7 @@
-"""SPEC sections 2-4 recomputed from the text alone, with Python loops and Python floats.
+"""docs/semantics.md sections 2-4 recomputed from the text alone, with Python loops and Python floats.
 
 Written apart from ``reference.semantics`` and ``reference.dense`` on purpose: it imports only
-the config dataclasses, so a misreading of the SPEC in the reference shows up as a disagreement
+the config dataclasses, so a misreading of the contract (docs/semantics.md) in the reference shows up as a disagreement
 here instead of being shared. Tiny sizes only (every pair of every head of every branch is a
 Python loop iteration).
 """
@@ -20,12 +20,12 @@ def ceil_div(a: int, b: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# SPEC section 3: the block layout of nb blocks, without the causal rule
+# docs/semantics.md section 3: the block layout of nb blocks, without the causal rule
 # --------------------------------------------------------------------------------------------
 
 
 def layout_rows(config: SparsePatternConfig, nb: int) -> list[list[bool]]:
-    """``allowed[qb][kb]`` for one lattice of ``nb`` blocks, straight from SPEC section 3."""
+    """``allowed[qb][kb]`` for one lattice of ``nb`` blocks, straight from docs/semantics.md section 3."""
     b = config.block_size
     kind = config.pattern_type
     if kind == "random":
@@ -54,20 +54,20 @@ def layout_rows(config: SparsePatternConfig, nb: int) -> list[list[bool]]:
             elif kind == "custom":
                 allowed = bool(custom[qb][kb])
             else:
-                raise AssertionError(f"pattern type {kind!r} is not in SPEC section 3")
+                raise AssertionError(f"pattern type {kind!r} is not in docs/semantics.md section 3")
             row.append(bool(allowed))
         rows.append(row)
     return rows
 
 
 def layout_rows_causal(config: SparsePatternConfig, nb: int) -> list[list[bool]]:
-    """The layout with SPEC's causal rule on blocks: every kb > qb removed."""
+    """The layout with the contract's causal rule on blocks: every kb > qb removed."""
     rows = layout_rows(config, nb)
     return [[rows[qb][kb] and kb <= qb for kb in range(nb)] for qb in range(nb)]
 
 
 # --------------------------------------------------------------------------------------------
-# SPEC section 2: heads, offsets, lattices
+# docs/semantics.md section 2: heads, offsets, lattices
 # --------------------------------------------------------------------------------------------
 
 
@@ -138,7 +138,7 @@ def multiplicity(
 
 
 # --------------------------------------------------------------------------------------------
-# SPEC section 4: the output
+# docs/semantics.md section 4: the output
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""The catalogue of inputs SPEC.md does not admit (issue 2, section 3).
+"""The catalogue of inputs docs/semantics.md does not admit (issue 2, section 3).
 
 Every entry must raise ValueError or TypeError whose message names the offending argument.
 The module catalogue runs against every factory in ``MODULE_FACTORIES``; another module class
@@ -18,7 +18,7 @@ import torch
 import reference
 from reference import AttentionGeometry, DilationConfig, SparsePatternConfig
 
-# Module classes under test: called with the constructor keywords of SPEC section 8.
+# Module classes under test: called with the constructor keywords of docs/semantics.md section 8.
 MODULE_FACTORIES = [
     pytest.param(reference.BlockSparseRingDilatedAttention, id="reference"),
 ]

@@ -1,4 +1,4 @@
-"""Heads, offsets, lattices and compacted indices (issue 2, section 3; SPEC section 2)."""
+"""Heads, offsets, lattices and compacted indices (issue 2, section 3; docs/semantics.md section 2)."""
 
 from __future__ import annotations
 

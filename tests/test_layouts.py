@@ -1,4 +1,4 @@
-"""Block layouts, CSR block lists and flattened block tables (issue 2, section 3; SPEC section 3)."""
+"""Block layouts, CSR block lists and flattened block tables (issue 2, section 3; docs/semantics.md section 3)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_random_layout_is_identical_for_the_same_seed(seed, ratio, nb):
     first = layout_mask(config, nb)
     assert torch.equal(first, layout_mask(config, nb))
     # A fresh, equal config (another rank builds its own) gives the same layout, as does the
-    # literal draw of SPEC section 3.
+    # literal draw of docs/semantics.md section 3.
     twin = SparsePatternConfig(pattern_type="random", sparsity_ratio=ratio, seed=seed, block_size=4)
     assert torch.equal(first, layout_mask(twin, nb))
     generator = torch.Generator().manual_seed(seed)

@@ -1,4 +1,4 @@
-"""The public module API of the fast path (SPEC section 8, issue 3 section 2).
+"""The public module API of the fast path (docs/semantics.md section 8, issue 3 section 2).
 
 Return conventions, defaults, the seed's aliases, backend selection (auto records what it ran;
 an explicit backend never falls back), the nn.MultiheadAttention-style multihead module, its
@@ -46,7 +46,7 @@ def _padding(batch=2, seq_len=40) -> torch.Tensor:
 
 
 def _assert_matches_reference(name, actual, inputs, sparse_config, call=None, head_mode="split"):
-    """``actual`` (out of the call ``call`` on ``inputs``) within SPEC section 7's budget."""
+    """``actual`` (out of the call ``call`` on ``inputs``) within docs/numerics.md's budget."""
     call = call or {}
     kwargs = dict(segment_lengths=SEGMENTS, dilation_rates=RATES, sparse_config=sparse_config, head_mode=head_mode)
     out64, lse64 = reference.BlockSparseRingDilatedAttention(**kwargs)(*inputs, **call, return_lse=True)
@@ -228,7 +228,7 @@ def test_multihead_is_called_like_nn_multihead_attention(is_causal):
 
 
 def test_multihead_with_the_reference_attention_substituted():
-    """The multihead module around the float64 reference attention: within SPEC section 7's budget."""
+    """The multihead module around the float64 reference attention: within docs/numerics.md's budget."""
     mha = _multihead()
     query, key, value = _mha_inputs()
     mask = _padding()

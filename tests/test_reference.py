@@ -1,5 +1,5 @@
 """The dense reference against an independent brute force, SDPA and itself split into chunks
-(issue 2, section 3; SPEC sections 2-5 and 7)."""
+(issue 2, section 3; docs/semantics.md sections 2-5 and docs/numerics.md)."""
 
 from __future__ import annotations
 
@@ -363,7 +363,7 @@ def test_input_dtype_mode_runs_in_the_input_dtype_near_float64(dtype, case):
     out, lse = low(q, k, v, is_causal=case.is_causal, key_padding_mask=mask, return_lse=True)
     assert out.dtype == dtype and lse.dtype == dtype
     out64, lse64 = reference_module(case)(q, k, v, is_causal=case.is_causal, key_padding_mask=mask, return_lse=True)
-    # Baseline for SPEC section 7's budget: the same computation in the input dtype by another
+    # Baseline for docs/numerics.md's budget: the same computation in the input dtype by another
     # route, keys split in two halves and merged, as a ring would.
     geometry, n = geometry_of(case), case.shape.seq_len
     halves = []

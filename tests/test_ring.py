@@ -1,4 +1,4 @@
-"""The in-process ring and the ring schedule (SPEC section 5).
+"""The in-process ring and the ring schedule (docs/semantics.md section 5).
 
 A ring split of the sequence into contiguous chunks of any sizes (zero-length chunks, chunks
 shorter than a block or a segment included) must give the unsplit result; the schedule must mark

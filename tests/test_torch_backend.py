@@ -1,4 +1,4 @@
-"""Backend "torch" against the float64 dense reference (SPEC sections 4, 5 and 7)."""
+"""Backend "torch" against the float64 dense reference (docs/semantics.md sections 4 and 5, docs/numerics.md)."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def test_chunked_query_and_key_ranges(query_range, key_range, head_mode):
 
 
 def test_chunks_merge_to_the_whole_result():
-    # SPEC section 5: partials over disjoint key chunks merge exactly to the unsplit result.
+    # docs/semantics.md section 5: partials over disjoint key chunks merge exactly to the unsplit result.
     from reference.merge import merge_partials
 
     config = SparsePatternConfig(pattern_type="random", block_size=4, sparsity_ratio=0.4)
@@ -178,7 +178,7 @@ def test_bad_work_size_is_rejected(work_size):
 
 
 # ---------------------------------------------------------------------------------------------
-# Gradients: of SPEC section 4's formula, against a float64 dense computation of it
+# Gradients: of docs/semantics.md section 4's formula, against a float64 dense computation of it
 # ---------------------------------------------------------------------------------------------
 
 

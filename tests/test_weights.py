@@ -1,4 +1,4 @@
-"""Sparse attention weights (SPEC section 6) of the torch / flex path against the reference's dense weights."""
+"""Sparse attention weights (docs/semantics.md section 6) of the torch / flex path against the reference's dense weights."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ compares each case's time ratio to its anchor with the committed baseline's rati
 slower machine cancels out. Under the project's default ``--benchmark-disable`` (CI) each case
 runs once, as a test: its output must be finite and have the right shape.
 
-Record a baseline:  .venv/bin/pytest experiments/test_bench_cpu.py --benchmark-enable \
+Record a baseline:  .venv/bin/pytest experiments/benchmarks/test_bench_cpu.py --benchmark-enable \
                         --benchmark-json experiments/baselines/cpu.json
 """
 

@@ -10,7 +10,7 @@ import sys
 
 from experiments import env, equivalence_record
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_environment_takes_the_commit_it_is_handed(monkeypatch):

@@ -4,9 +4,9 @@ Needs a CUDA device; on the CPU the CUDA cases skip with that reason, and the sa
 triton path's output is finite, has the input's shape and dtype) runs on a tiny shape in the
 Triton CPU interpreter (``TRITON_INTERPRET=1``, as ``make test`` sets it).
 
-Anchors and regression: as in test_bench_cpu.py (``extra_info`` names ``case`` and ``anchor``;
+Anchors and regression: as in experiments/benchmarks/test_bench_cpu.py (``extra_info`` names ``case`` and ``anchor``;
 experiments/regression.py compares ratios). Record a baseline on the GPU machine:
-    pytest experiments/test_bench_gpu.py --benchmark-enable --benchmark-json experiments/baselines/gpu.json
+    pytest experiments/benchmarks/test_bench_gpu.py --benchmark-enable --benchmark-json experiments/baselines/gpu.json
 """
 
 from __future__ import annotations
