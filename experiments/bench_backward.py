@@ -16,7 +16,6 @@ Writes bench_backward.json (after every row, so a timeout keeps what was measure
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -24,6 +23,7 @@ import time
 
 import torch
 
+from experiments import cli
 from experiments.bench_gpu import (
     DILATIONS,
     attempt,
@@ -155,7 +155,7 @@ def measure(rows: _Rows, head_dim: int, seq_len: int, patterns, deadline: float)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser_for(__doc__, __spec__)
     parser.add_argument("--out", required=True, help="folder for bench_backward.json")
     parser.add_argument("--sizes", default="65536,1048576", help="comma-separated sequence lengths")
     parser.add_argument("--head-dims", default="64,128", help="comma-separated head dims (64, 128)")

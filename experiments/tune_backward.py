@@ -9,12 +9,12 @@ dk/dv tile, then over dk/dv tiles with the best dq tile, and writes tune_backwar
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import torch
 
+from experiments import cli
 from experiments.bench_gpu import DILATIONS, bench, pattern_configs, randn, tflops
 from optimized import triton_backend, triton_backward
 from optimized.plan import CallPlan
@@ -29,7 +29,7 @@ CANDIDATES = (  # (rows, step, warps, stages)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser_for(__doc__, __spec__)
     parser.add_argument("--out", required=True, help="folder for tune_backward.json")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -156,6 +156,8 @@ class FlexBackend(Backend):
         reasons = []
         if case.device.type != "cuda" and case.needs_grad:
             reasons.append("flex on the CPU runs eager FlexAttention, which has no backward")
+        if case.device.type == "cuda" and case.dtype == torch.float64:
+            reasons.append("compiled FlexAttention computes in float32 at most: float64 needs backend='torch'")
         if case.device.type == "cuda" and case.block_size is not None:
             if case.block_size % flex_backend.CUDA_BLOCK_MULTIPLE:
                 reasons.append(

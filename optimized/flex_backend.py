@@ -3,14 +3,16 @@
 Per BlockTable, every lattice (segment) of the table becomes one flex batch entry of a compacted
 sequence: its query rows (b slots each) and the span of key blocks the table uses, so flex
 blocks of BLOCK_SIZE = b are exactly the layout's blocks; flex's head axis holds (batch, head).
-The BlockMask lists the table's CSR key blocks; the mask_mod repeats the block layout (eager flex
-evaluates only the mask_mod) and masks points past the lattice end or outside the chunk, causal
-pairs (t_k <= t_q in one lattice) and key padding. Results are scattered back and merged like the
-torch backend.
+The BlockMask lists the table's CSR key blocks, those the mask allows entirely as flex's full
+blocks (no mask_mod runs on them) unless the call brings key padding. The mask_mod masks key
+slots past the lattice end or outside the chunk, causal pairs (t_k <= t_q in one lattice) and key
+padding, and repeats the block layout where flex evaluates it alone (eager flex). Results are
+gathered back and merged like the torch backend.
 
-The layout, its index tensors and the BlockMask depend on the plan, the device and the head
-counts only: ``layout_cache`` builds them once per such key, so a repeated call gathers q, k, v
-(and the key padding), runs flex and gathers the results back.
+The layout, its index tensors and the BlockMask depend on the plan, the device, the head counts
+and whether calls are padded, never on the batch, the dtype or the padding's values:
+``layout_cache`` builds them once per such key, so a repeated call gathers q, k, v (and the key
+padding), runs flex and gathers the results back.
 
 Eager on the CPU (small sizes: eager flex materializes each lattice's scores; no backward there,
 a torch limitation), torch.compile(flex_attention) on CUDA.
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .blocks import PartialCollector, kv_heads_of, tables_by_layer
+from .blocks import PartialCollector, accumulation_dtype, kv_heads_of, tables_by_layer
 from .plan import CallPlan
 
 # Eager (non-CUDA) flex builds the (lattices, heads, Lq, Lk) score tensor of a table: refuse beyond this.
@@ -110,6 +112,11 @@ def _check_inputs(q, k, v, plan: CallPlan) -> None:
             "backend='flex' on the CPU runs eager FlexAttention, which has no backward in torch "
             f"{torch.__version__}: q, k, v must not require grad on device {q.device}; use backend='torch' "
             "for gradients on the CPU, or run on CUDA"
+        )
+    if q.is_cuda and q.dtype == torch.float64:
+        raise TypeError(
+            f"q.dtype={q.dtype} is not supported by backend='flex' on CUDA: compiled FlexAttention computes in "
+            "float32 at most; float64 inputs need backend='torch' (or flex on the CPU, which runs eagerly in float64)"
         )
     if q.is_cuda and plan.block_size % CUDA_BLOCK_MULTIPLE != 0:
         raise ValueError(
@@ -279,9 +286,11 @@ def _build_table(table, plan: CallPlan, device, num_heads: int, num_kv_heads: in
     q_index = torch.where(q_valid, q_pos - plan.query_start, torch.zeros_like(q_pos))
     k_index = torch.where(k_valid, k_pos - plan.key_start, torch.zeros_like(k_pos))
 
-    to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    int32 = lambda t: to(t.to(torch.int32))  # noqa: E731 - slots < lk: int32 halves the mask_mod's loads
-    mask_parts = (int32(kv_lo), int32(kv_hi), int32(diagonal), to(block_allowed))
+    def to(t):
+        return None if t is None else t.to(device)
+
+    # Slots are < lk: int32 halves what the mask_mod loads.
+    mask_parts = (*(to(t.to(torch.int32)) for t in (kv_lo, kv_hi, diagonal)), to(block_allowed))
     block_mask = flex.BlockMask.from_kv_blocks(
         to(kv_num_blocks), to(kv_indices), to(full_lists[0]), to(full_lists[1]), BLOCK_SIZE=b,
         mask_mod=_mask_mod(*mask_parts, b, None, 1), seq_lengths=(lq, lk),
@@ -354,24 +363,25 @@ def _compute_dtype(q, k, v, block_size: int) -> torch.dtype:
     """float32 where flex in q.dtype would round or could not run; q.dtype otherwise.
 
     Eager flex rounds the probabilities to q.dtype before the value product, so off CUDA the
-    compacted tensors are float32. Compiled flex's backward in half precision (torch 2.11, H200)
-    has no kernel config for blocks that are not a multiple of 128; float32's always fits.
+    compacted tensors are float32, float64 for float64 inputs (docs/numerics.md: float64 is computed
+    in float64). Compiled flex's backward in half precision (torch 2.11, H200) has no kernel config
+    for blocks that are not a multiple of 128; float32's always fits.
     """
     if not q.is_cuda:
-        return torch.float32
+        return accumulation_dtype(q.dtype)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if q.dtype in (torch.float16, torch.bfloat16) and needs_grad and block_size % 128 != 0:
         return torch.float32
     return q.dtype
 
 
-def _table_partial(q, k, v, key_padding_mask, table: _FlexTable, plan: CallPlan):
+def _table_partial(q, k, v, key_padding_mask, table: _FlexTable, plan: CallPlan, batch_index, compute_dtype):
     """(query chunk index (P,), out (B, P, nh, D), lse (B, P, nh)) of one table via flex.
 
     Per call: three gathers into the compacted layout (S, B * nh, L, D), the padding's gather,
-    flex, one gather back. Everything else comes from the cached ``table``.
+    flex, one gather back each for out and lse. Everything else comes from the cached ``table``.
+    ``batch_index``: arange(B) on the device; ``compute_dtype``: ``_compute_dtype`` of the call.
     """
-    device = q.device
     batch, head_dim = q.shape[0], q.shape[-1]
     b = plan.block_size
     S, lq, lk, nh = table.num_lattices, table.query_len, table.key_len, len(table.heads)
@@ -381,8 +391,6 @@ def _table_partial(q, k, v, key_padding_mask, table: _FlexTable, plan: CallPlan)
             f"scores for this table (q of shape {tuple(q.shape)}, block_size={b}); use backend='torch' "
             "or a CUDA device for this size"
         )
-    compute_dtype = _compute_dtype(q, k, v, b)
-    batch_index = torch.arange(batch, device=device)
 
     def compacted(x, index, heads):  # (B, n, H', D) -> (S, B * nh, L, D), one gather
         gathered = x[batch_index.view(1, batch, 1, 1), index.unsqueeze(1).unsqueeze(1), heads.view(1, 1, nh, 1)]
@@ -402,24 +410,27 @@ def _table_partial(q, k, v, key_padding_mask, table: _FlexTable, plan: CallPlan)
     # Back to (B, P, nh, ...) at the valid query slots, one gather each.
     where = (table.keep_lattice.view(1, -1, 1), batch_index.view(batch, 1, 1), table.local_heads.view(1, 1, nh),
              table.keep_slot.view(1, -1, 1))
-    out = out.reshape(S, batch, nh, lq, head_dim)[where].to(torch.float32)
-    lse = lse.reshape(S, batch, nh, lq)[where].to(torch.float32)
-    # Rows with no allowed key: out exactly 0 and lse exactly -inf whatever flex wrote there.
-    empty = torch.isneginf(lse) | torch.isnan(lse)
-    out = torch.where(empty.unsqueeze(-1), torch.zeros_like(out), out)
-    lse = torch.where(empty, torch.full_like(lse, float("-inf")), lse)
-    return table.keep_index, out, lse
+    result_dtype = accumulation_dtype(q.dtype)
+    out = out.reshape(S, batch, nh, lq, head_dim)[where].to(result_dtype)
+    lse = lse.reshape(S, batch, nh, lq)[where].to(result_dtype)
+    # Rows with no allowed key (lse -inf or nan; never +inf): out exactly 0 and lse exactly -inf
+    # whatever flex wrote there.
+    empty = ~torch.isfinite(lse)
+    return table.keep_index, out.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, float("-inf"))
 
 
 def partial_forward(q, k, v, key_padding_mask, plan: CallPlan):
     """Partial attention of the plan's query chunk against its key chunk (COMMON interface), via flex.
 
-    Returns out (B, Nq, H, D) float32 and lse (B, H, Nq) float32 (natural log); empty rows 0 / -inf.
+    Returns out (B, Nq, H, D) and lse (B, H, Nq) (natural log), float32 (float64 for float64 inputs);
+    empty rows 0 / -inf.
     """
     _check_inputs(q, k, v, plan)
     batch, num_queries, num_heads, head_dim = q.shape
-    collector = PartialCollector(batch, num_queries, num_heads, head_dim, q.device)
+    collector = PartialCollector(batch, num_queries, num_heads, head_dim, q.device, accumulation_dtype(q.dtype))
+    batch_index = torch.arange(batch, device=q.device)
+    compute_dtype = _compute_dtype(q, k, v, plan.block_size)
     for layer, table in layout_cache.get(plan, q.device, num_heads, k.shape[2], key_padding_mask is not None):
-        q_index, out, lse = _table_partial(q, k, v, key_padding_mask, table, plan)
+        q_index, out, lse = _table_partial(q, k, v, key_padding_mask, table, plan, batch_index, compute_dtype)
         collector.add(layer, table.heads, q_index, out, lse)
     return collector.result()

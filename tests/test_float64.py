@@ -67,3 +67,15 @@ def test_auto_never_picks_a_float32_kernel_for_float64():
     case = optimized.Case(torch.device("cuda"), torch.float64, 64, 64)
     choice = optimized.choose("auto", case)
     assert choice.name == "torch" and any("float64" in r for r in dict(choice.skipped)["triton"])
+
+
+@settings(max_examples=5)
+@given(case=s.attention_cases(**case_sizes("flex").case_kwargs()))
+def test_eager_flex_on_the_cpu_is_exact_in_float64(case):
+    verdicts = check_backend(case, "flex", torch.float64, "cpu")
+    assert verdicts["out"].budget < 1e-13
+
+
+def test_compiled_flex_refuses_float64_and_auto_never_picks_it():
+    case = optimized.Case(torch.device("cuda"), torch.float64, 64, 64)
+    assert any("float64" in r for r in optimized.dispatch.REGISTRY["flex"].unsupported_reasons(case))

@@ -76,7 +76,7 @@ def test_in_process_ring_bfloat16_and_weights(case_and_chunks):
 def test_in_process_ring_gradients(case_and_chunks):
     case, chunks = case_and_chunks
     assume(some_row_has_two_keys(case))
-    check_gradients(case, "torch", torch.float32, "cpu", module_options={"ring_chunk_lengths": chunks})
+    check_gradients(case, "torch", torch.float32, "cpu", ring_chunk_lengths=chunks)
 
 
 def test_ring_size_splits_evenly_and_matches_explicit_chunks():
