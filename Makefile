@@ -6,7 +6,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC := $(if $(HAS_GPU),torch>=2.6,torch==2.13.0)
 export HYPOTHESIS_PROFILE ?= ci
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean mutation
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,13 @@ test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
+
+# Not part of `make test` (hours on 2 cores): cosmic-ray's mutants of reference/ and optimized/, each run
+# against the fast tests of its module; the score and every survivor go to experiments/results/mutation.json.
+# MUTATION_ARGS passes options, e.g. MUTATION_ARGS="--modules reference/merge.py --budget 1800".
+mutation: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[mutation]"
+	TRITON_INTERPRET=1 $(PY) -m experiments.mutation $(MUTATION_ARGS)
 
 clean:
 	rm -rf $(VENV)

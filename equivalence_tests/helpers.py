@@ -28,7 +28,12 @@ import optimized
 import reference
 from reference.semantics import AttentionGeometry, dense_multiplicity
 from reference.verification import (
-    K_GRADIENT, K_OUTPUT, Verdict, assert_within_budget, compare, weights_inherited_budget,
+    K_GRADIENT,
+    K_OUTPUT,
+    Verdict,
+    assert_within_budget,
+    compare,
+    weights_inherited_budget,
 )
 
 from . import strategies as s
@@ -71,8 +76,11 @@ class CaseSizes:
 
     def case_kwargs(self) -> dict:
         return dict(
-            max_batch=self.max_batch, max_seq_len=self.max_seq_len, max_heads=self.max_heads,
-            max_head_dim=self.max_head_dim, max_block_size=self.max_block_size,
+            max_batch=self.max_batch,
+            max_seq_len=self.max_seq_len,
+            max_heads=self.max_heads,
+            max_head_dim=self.max_head_dim,
+            max_block_size=self.max_block_size,
         )
 
 
@@ -157,12 +165,24 @@ def _record(verdicts: dict[str, Verdict], backend: str, dtype, device, case: s.A
     if not path:
         return
     test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
-    lines = "".join(json.dumps({
-        "test": test, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
-        "device": torch.device(device).type, "quantity": name, "error": verdict.error,
-        "budget": verdict.budget, "passed": verdict.passed, "problem": verdict.problem,
-        "case": case.describe(),
-    }) + "\n" for name, verdict in verdicts.items())
+    lines = "".join(
+        json.dumps(
+            {
+                "test": test,
+                "backend": backend,
+                "dtype": str(dtype).replace("torch.", ""),
+                "device": torch.device(device).type,
+                "quantity": name,
+                "error": verdict.error,
+                "budget": verdict.budget,
+                "passed": verdict.passed,
+                "problem": verdict.problem,
+                "case": case.describe(),
+            }
+        )
+        + "\n"
+        for name, verdict in verdicts.items()
+    )
     # One write of the whole batch: pytest-xdist workers append to the same file, and an O_APPEND
     # write lands whole at the end, so lines of two workers never interleave.
     with open(path, "a") as handle:
@@ -216,8 +236,9 @@ def check_backend(
     module = optimized.BlockSparseRingDilatedAttention(
         **kwargs, backend=backend, ring_chunk_lengths=ring_chunk_lengths, **(module_options or {})
     )
-    call = dict(is_causal=case.is_causal, key_padding_mask=mask, return_attention_weights=check_weights,
-                return_lse=True)
+    call = dict(
+        is_causal=case.is_causal, key_padding_mask=mask, return_attention_weights=check_weights, return_lse=True
+    )
     results = module(q, k, v, **call)
     out, lse = results[0], results[-1]
     ref64 = reference.BlockSparseRingDilatedAttention(**kwargs)(q, k, v, **call)
@@ -247,20 +268,30 @@ def check_backend(
         weights = results[1]
         for key in ("block_indices", "block_values", "shape", "block_size"):
             assert key in weights, f"weights lacks the seed's key {key!r}; {context}"
-        assert tuple(weights["shape"]) == (case.shape.batch, case.shape.num_heads, case.shape.seq_len,
-                                           case.shape.seq_len), f"weights shape {weights['shape']}; {context}"
+        assert tuple(weights["shape"]) == (
+            case.shape.batch,
+            case.shape.num_heads,
+            case.shape.seq_len,
+            case.shape.seq_len,
+        ), f"weights shape {weights['shape']}; {context}"
         dense = weights.to_dense()
         assert dense.device.type == device.type, f"weights on {dense.device}, expected {device}; {context}"
         probs64, probs_lowp = ref64[1], ref_lowp[1]
         row_empty = empty.unsqueeze(-1)
         # The weights are exp(s - lse) from the path's own lse: they inherit its budget (verification.py).
         inherited = weights_inherited_budget(verdicts["lse"], probs64)
-        verdicts["weights"] = compare("weights", dense, probs64, probs_lowp, dtype, empty=row_empty,
-                                      inherited=inherited)
+        verdicts["weights"] = compare(
+            "weights", dense, probs64, probs_lowp, dtype, empty=row_empty, inherited=inherited
+        )
         # Rows sum to 1, or to 0 for empty rows (then exactly: every entry of such a row is 0).
         expected_sums = (~empty).to(torch.float64)
         verdicts["row sums"] = compare(
-            "row sums", dense.sum(-1), expected_sums, probs_lowp.sum(-1), dtype, empty=empty,
+            "row sums",
+            dense.sum(-1),
+            expected_sums,
+            probs_lowp.sum(-1),
+            dtype,
+            empty=empty,
             inherited=weights_inherited_budget(verdicts["lse"], expected_sums),
         )
         _record({key: verdicts[key] for key in ("weights", "row sums")}, backend, dtype, device, case)
@@ -271,8 +302,9 @@ def check_backend(
         # docs/semantics.md section 6: both forms equal the reference. Not bitwise equal to each other: where a key
         # counts in several branches, coalesce and to_dense add the terms in different orders.
         coo_dense = coo.to_dense()
-        verdicts["weights (coo)"] = compare("weights (coo)", coo_dense, probs64, probs_lowp, dtype,
-                                            empty=row_empty, inherited=inherited)
+        verdicts["weights (coo)"] = compare(
+            "weights (coo)", coo_dense, probs64, probs_lowp, dtype, empty=row_empty, inherited=inherited
+        )
         _record({"weights (coo)": verdicts["weights (coo)"]}, backend, dtype, device, case)
         _require(verdicts["weights (coo)"], coo_dense, probs64, context)
     return verdicts
@@ -287,8 +319,15 @@ def differentiable_reference(q, k, v, case: s.AttentionCase, key_padding_mask=No
     """``reference.partial_attention`` of the whole sequence for ``case``, in q's dtype: (out, lse), differentiable."""
     geometry = reference.AttentionGeometry(case.dilation, q.shape[1], q.shape[2])
     return reference.partial_attention(
-        q, k, v, geometry, case.sparse_config, is_causal=case.is_causal, key_padding_mask=key_padding_mask,
-        scale=scale, compute_dtype=None,
+        q,
+        k,
+        v,
+        geometry,
+        case.sparse_config,
+        is_causal=case.is_causal,
+        key_padding_mask=key_padding_mask,
+        scale=scale,
+        compute_dtype=None,
     )
 
 
@@ -340,8 +379,9 @@ def check_gradients(
             # gradient (dq, dk, dv), whose scale is that of the nonzero parts.
             whole = lambda parts: torch.cat([p.detach().to("cpu", torch.float64).reshape(-1) for p in parts])  # noqa: E731
             actual = whole([x.grad for x in leaves])
-            verdicts[name] = compare(f"{name} (as part of (dq, dk, dv))", actual, whole(grads64), whole(grads_lowp),
-                                     dtype, k=K_GRADIENT)
+            verdicts[name] = compare(
+                f"{name} (as part of (dq, dk, dv))", actual, whole(grads64), whole(grads_lowp), dtype, k=K_GRADIENT
+            )
             _record({name: verdicts[name]}, backend, dtype, device, case)
             _require(verdicts[name], actual, whole(grads64), context)
             continue

@@ -331,13 +331,24 @@ def attention_cases(
     never draws a key padding mask. The other arguments pass through to the strategies above.
     """
     shape = draw(
-        shapes(max_batch=max_batch, max_seq_len=max_seq_len, min_seq_len=min_seq_len, max_heads=max_heads,
-               max_head_dim=max_head_dim, head_dims=head_dims, gqa=gqa)
+        shapes(
+            max_batch=max_batch,
+            max_seq_len=max_seq_len,
+            min_seq_len=min_seq_len,
+            max_heads=max_heads,
+            max_head_dim=max_head_dim,
+            head_dims=head_dims,
+            gqa=gqa,
+        )
     )
     dilation = draw(dilations(shape.num_heads, shape.seq_len, head_mode, max_branches, max_rate))
     sparse_config = draw(
-        layouts(max_block_size=max_block_size, block_sizes=block_sizes, pattern_types=pattern_types,
-                max_seq_len=shape.seq_len)
+        layouts(
+            max_block_size=max_block_size,
+            block_sizes=block_sizes,
+            pattern_types=pattern_types,
+            max_seq_len=shape.seq_len,
+        )
     )
     causal = draw(causal_flags()) if is_causal is None else bool(is_causal)
     mask = draw(key_padding_masks(shape.batch, shape.seq_len)) if padding else None

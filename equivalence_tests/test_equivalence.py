@@ -1,4 +1,6 @@
-"""Property tests: every optimized backend against the float64 reference (docs/semantics.md sections 4-6 and docs/numerics.md).
+"""Property tests: every optimized backend against the float64 reference.
+
+The contract: docs/semantics.md sections 4-6 and docs/numerics.md.
 
 Each test draws whole attention cases (shapes with primes and GQA, dilations with segments
 longer than N, every layout, causal, key padding) and goes through ``helpers.check_backend``.
@@ -57,8 +59,7 @@ def test_torch_backend_small_work_size(case, work_size):
 
 
 @settings(max_examples=example_count(25))
-@given(case=s.attention_cases(**case_sizes("torch").case_kwargs()),
-       dtype=s.dtypes((torch.float32, torch.bfloat16)))
+@given(case=s.attention_cases(**case_sizes("torch").case_kwargs()), dtype=s.dtypes((torch.float32, torch.bfloat16)))
 def test_sparse_weights_match_reference_probabilities(case, dtype):
     """to_dense() equals the reference's probabilities; rows sum to 1, or 0 when empty."""
     check_backend(case, "torch", dtype, DEVICE, check_weights=True)
@@ -88,7 +89,9 @@ def test_differentiable_reference_is_the_reference(case):
 # flex (eager on the CPU: small sizes, few examples; compiled on CUDA, blocks of 16 multiples)
 # --------------------------------------------------------------------------------------------
 
-needs_flex = pytest.mark.skipif(not _has_module("optimized.flex_backend"), reason="optimized/flex_backend.py is not there")
+needs_flex = pytest.mark.skipif(
+    not _has_module("optimized.flex_backend"), reason="optimized/flex_backend.py is not there"
+)
 FLEX_BLOCK_SIZES = (16, 32) if ON_CUDA else None  # compiled flex tiles blocks of 16
 # On CUDA flex is torch.compile'd per shape (tens of seconds each): few examples whatever the profile.
 FLEX_EXAMPLES = 3 if ON_CUDA else example_count(5)
@@ -171,8 +174,15 @@ def test_ring_split_gives_the_unsplit_result(case, data):
 def test_bhnd_input_layout(case, data):
     """Inputs stored (B, H, N, D) are read through strides: the same contract, split or not, weights too."""
     chunks = data.draw(st.none() | s.ring_splits(case.shape.seq_len), label="chunks")
-    check_backend(case, "torch", torch.float32, DEVICE, ring_chunk_lengths=chunks,
-                  check_weights=data.draw(st.booleans(), label="weights"), layout="bhnd")
+    check_backend(
+        case,
+        "torch",
+        torch.float32,
+        DEVICE,
+        ring_chunk_lengths=chunks,
+        check_weights=data.draw(st.booleans(), label="weights"),
+        layout="bhnd",
+    )
 
 
 @needs_ring

@@ -16,7 +16,14 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from . import strategies as s
-from .helpers import case_sizes, check_gradients, default_device, example_count, gradient_case_kwargs, some_row_has_two_keys
+from .helpers import (
+    case_sizes,
+    check_gradients,
+    default_device,
+    example_count,
+    gradient_case_kwargs,
+    some_row_has_two_keys,
+)
 
 DEVICE = default_device()
 
@@ -57,8 +64,9 @@ def test_flex_backend_on_cpu_refuses_inputs_that_require_grad():
     """Eager FlexAttention has no CPU backward: the backend says so instead of failing later."""
     import optimized
 
-    q, k, v = (torch.randn(1, 12, 2, 4, generator=torch.Generator().manual_seed(i), requires_grad=True)
-               for i in range(3))
+    q, k, v = (
+        torch.randn(1, 12, 2, 4, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in range(3)
+    )
     attention = optimized.BlockSparseRingDilatedAttention([4, 8], [1, 2], backend="flex")
     with pytest.raises((NotImplementedError, ValueError, RuntimeError), match="grad"):
         attention(q, k, v)
@@ -66,9 +74,7 @@ def test_flex_backend_on_cpu_refuses_inputs_that_require_grad():
     assert attention(q.detach(), k.detach(), v.detach()).shape == q.shape
 
 
-TRITON_RUNS_HERE = _backend_available("triton") and (
-    DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-)
+TRITON_RUNS_HERE = _backend_available("triton") and (DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 needs_triton = pytest.mark.skipif(
     not TRITON_RUNS_HERE, reason="triton needs CUDA or TRITON_INTERPRET=1 (as `make test` sets)"
 )
@@ -78,9 +84,12 @@ TRITON_GRADIENT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if D
 @needs_triton
 @pytest.mark.parametrize("dtype", TRITON_GRADIENT_DTYPES, ids=str)
 @settings(max_examples=example_count(4))
-@given(case=s.attention_cases(**dict(gradient_case_kwargs(), block_sizes=(16, 32) if DEVICE.type == "cuda" else (16,),
-                                     max_block_size=32)),
-       data=st.data())
+@given(
+    case=s.attention_cases(
+        **dict(gradient_case_kwargs(), block_sizes=(16, 32) if DEVICE.type == "cuda" else (16,), max_block_size=32)
+    ),
+    data=st.data(),
+)
 def test_triton_backend_gradients(case, dtype, data):
     """The triton backward (dq over rows, dk/dv over columns), unsplit or through an in-process ring."""
     assume(some_row_has_two_keys(case))
@@ -94,8 +103,9 @@ def test_triton_backward_is_deterministic():
     import optimized
 
     config = optimized.SparsePatternConfig(pattern_type="local_window", block_size=16, local_window_size=32)
-    attention = optimized.BlockSparseRingDilatedAttention([32, 64], [1, 2], sparse_config=config, backend="triton",
-                                                           head_mode="all")
+    attention = optimized.BlockSparseRingDilatedAttention(
+        [32, 64], [1, 2], sparse_config=config, backend="triton", head_mode="all"
+    )
     generator = torch.Generator().manual_seed(7)
     q = torch.randn(1, 80, 4, 16, generator=generator).to(DEVICE)
     k, v = (torch.randn(1, 80, 2, 16, generator=generator).to(DEVICE) for _ in range(2))

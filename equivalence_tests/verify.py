@@ -40,8 +40,9 @@ import json
 import math
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from hypothesis import HealthCheck, Phase, Verbosity, find, settings
@@ -114,8 +115,16 @@ class VerifyOptions:
             object.__setattr__(self, name, value)
         if self.dtype not in DTYPES.values():
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        for name in ("examples", "max_batch", "max_seq_len", "max_heads", "max_head_dim", "max_branches",
-                     "max_rate", "max_block_size"):
+        for name in (
+            "examples",
+            "max_batch",
+            "max_seq_len",
+            "max_heads",
+            "max_head_dim",
+            "max_branches",
+            "max_rate",
+            "max_block_size",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -194,11 +203,16 @@ class VerifyCase:
     def summary(self) -> str:
         """The configuration in one line, with only the layout fields its pattern type uses."""
         case, shape, dilation, layout = self.case, self.case.shape, self.case.dilation, self.case.sparse_config
-        used = {"dilated_sparse": ("sparsity_ratio",), "random": ("sparsity_ratio", "seed"),
-                "local_window": ("local_window_size",), "global_local": ("local_window_size", "global_tokens"),
-                "custom": ("layout_fingerprint",)}.get(layout.pattern_type, ())
-        layout_text = ", ".join([f"block_size={layout.block_size}",
-                                 *(f"{name}={getattr(layout, name)!r}" for name in used)])
+        used = {
+            "dilated_sparse": ("sparsity_ratio",),
+            "random": ("sparsity_ratio", "seed"),
+            "local_window": ("local_window_size",),
+            "global_local": ("local_window_size", "global_tokens"),
+            "custom": ("layout_fingerprint",),
+        }.get(layout.pattern_type, ())
+        layout_text = ", ".join(
+            [f"block_size={layout.block_size}", *(f"{name}={getattr(layout, name)!r}" for name in used)]
+        )
         mask = None if case.key_padding_mask is None else case.key_padding_mask.int().tolist()
         ring = "" if self.ring_chunk_lengths is None else f", ring_chunk_lengths={list(self.ring_chunk_lengths)}"
         return (
@@ -267,22 +281,31 @@ def verify_cases(draw, area: FeatureArea, options: VerifyOptions) -> VerifyCase:
     if area.ring == "on":
         min_seq_len = max(min_seq_len, min(2, options.max_seq_len))
     gqa_on = area.gqa == "on" and options.max_heads >= 2
-    shape = draw(s.shapes(
-        max_batch=options.max_batch, max_seq_len=options.max_seq_len, min_seq_len=min_seq_len,
-        max_heads=options.max_heads, min_heads=2 if gqa_on else 1, max_head_dim=options.max_head_dim,
-        head_dims=head_dims, gqa=area.gqa == "drawn",
-    ))
+    shape = draw(
+        s.shapes(
+            max_batch=options.max_batch,
+            max_seq_len=options.max_seq_len,
+            min_seq_len=min_seq_len,
+            max_heads=options.max_heads,
+            min_heads=2 if gqa_on else 1,
+            max_head_dim=options.max_head_dim,
+            head_dims=head_dims,
+            gqa=area.gqa == "drawn",
+        )
+    )
     if gqa_on:
         proper = [d for d in _divisors(shape.num_heads) if d < shape.num_heads]
         shape = dataclasses.replace(shape, num_kv_heads=draw(st.sampled_from(proper)))
     head_mode = draw(st.sampled_from(area.head_modes))
     if options.whole_segments:
-        dilation = draw(_whole_segment_dilations(shape.num_heads, shape.seq_len, head_mode, options.max_branches,
-                                                 options.max_rate))
+        dilation = draw(
+            _whole_segment_dilations(shape.num_heads, shape.seq_len, head_mode, options.max_branches, options.max_rate)
+        )
     else:
         dilation = draw(s.dilations(shape.num_heads, shape.seq_len, head_mode, options.max_branches, options.max_rate))
-    layout = draw(s.layouts(max_block_size=options.max_block_size, pattern_types=area.patterns,
-                            max_seq_len=shape.seq_len))
+    layout = draw(
+        s.layouts(max_block_size=options.max_block_size, pattern_types=area.patterns, max_seq_len=shape.seq_len)
+    )
     is_causal = _switch(draw, area.causal, st.just(True), False)
     mask = _switch(draw, area.padding, s.key_padding_masks(shape.batch, shape.seq_len, allow_none=False))
     if area.ring == "on":
@@ -291,8 +314,9 @@ def verify_cases(draw, area: FeatureArea, options: VerifyOptions) -> VerifyCase:
         ring = _switch(draw, area.ring, s.ring_splits(shape.seq_len))
     seed = draw(st.integers(0, 2**31 - 1))
     case = s.AttentionCase(shape, dilation, layout, is_causal, mask, seed)
-    return VerifyCase(area.name, case, options.dtype, options.device, None if ring is None else tuple(ring),
-                      area.gradients)
+    return VerifyCase(
+        area.name, case, options.dtype, options.device, None if ring is None else tuple(ring), area.gradients
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,8 +351,9 @@ def float64_baseline(reference64: torch.Tensor, reference32: torch.Tensor) -> to
     return torch.where(torch.isfinite(ref64) & torch.isfinite(ref32), scaled, ref64)
 
 
-def judge_quantity(name: str, actual, reference64, baseline, dtype, k: float, empty=None,
-                   empty_value: float = 0.0) -> Verdict:
+def judge_quantity(
+    name: str, actual, reference64, baseline, dtype, k: float, empty=None, empty_value: float = 0.0
+) -> Verdict:
     """``reference.verification.compare`` (docs/numerics.md), plus in float64 the reference's own error once more.
 
     In a lower dtype the measured error is the path's alone (the float64 reference is exact to
@@ -337,8 +362,17 @@ def judge_quantity(name: str, actual, reference64, baseline, dtype, k: float, em
     """
     verdict = compare(name, actual, reference64, baseline, dtype, k=k, empty=empty, empty_value=empty_value)
     if dtype == torch.float64:
-        verdict = compare(name, actual, reference64, baseline, dtype, k=k, empty=empty, empty_value=empty_value,
-                          inherited=verdict.reference_error)
+        verdict = compare(
+            name,
+            actual,
+            reference64,
+            baseline,
+            dtype,
+            k=k,
+            empty=empty,
+            empty_value=empty_value,
+            inherited=verdict.reference_error,
+        )
     return verdict
 
 
@@ -387,8 +421,9 @@ def _scale(ref: torch.Tensor, empty: torch.Tensor | None) -> float:
     return float(ref[keep].abs().max()) if bool(keep.any()) else 0.0
 
 
-def locate_differences(name: str, actual, reference64, verdict: Verdict, axes: tuple[str, ...], empty=None,
-                       max_listed: int = 24) -> dict:
+def locate_differences(
+    name: str, actual, reference64, verdict: Verdict, axes: tuple[str, ...], empty=None, max_listed: int = 24
+) -> dict:
     """Which entries of ``actual`` are off: over the budget, non-finite, or a wrong empty row.
 
     ``axes`` names the dimensions (e.g. batch, position, head, channel); the summary lists the
@@ -404,13 +439,19 @@ def locate_differences(name: str, actual, reference64, verdict: Verdict, axes: t
     if empty is not None:
         off |= empty.to("cpu").expand_as(want) & ~same
     summary = {
-        "quantity": name, "error": verdict.error, "budget": verdict.budget, "problem": verdict.problem,
-        "entries_off": int(off.sum()), "entries": off.numel(),
+        "quantity": name,
+        "error": verdict.error,
+        "budget": verdict.budget,
+        "problem": verdict.problem,
+        "entries_off": int(off.sum()),
+        "entries": off.numel(),
     }
     if bool(off.any()):
         worst = tuple(int(i) for i in torch.unravel_index(torch.argmax(torch.where(off, diff, -1.0)), diff.shape))
         summary["worst"] = {
-            "at": dict(zip(axes, worst)), "target": float(got[worst]), "reference": float(want[worst]),
+            "at": dict(zip(axes, worst)),
+            "target": float(got[worst]),
+            "reference": float(want[worst]),
             "difference": float(diff[worst]),
         }
     if "head" in axes and "position" in axes:
@@ -472,11 +513,13 @@ def judge(factory: Callable, config: VerifyCase) -> Outcome:
     verdicts["out"] = judge_quantity("out", out, out64, out_base, dtype, K_OUTPUT, empty=empty_out)
     located["out"] = (out, out64, ("batch", "position", "head", "channel"), empty_out)
     if out.dtype != dtype:
-        verdicts["out dtype"] = Verdict("out dtype", 0.0, 0.0, 0.0, None,
-                                        f"out is {out.dtype}, expected q's dtype {dtype}")
+        verdicts["out dtype"] = Verdict(
+            "out dtype", 0.0, 0.0, 0.0, None, f"out is {out.dtype}, expected q's dtype {dtype}"
+        )
     if lse is not None:
-        verdicts["lse"] = judge_quantity("lse", lse, lse64, lse_base, dtype, K_OUTPUT, empty=empty,
-                                         empty_value=-math.inf)
+        verdicts["lse"] = judge_quantity(
+            "lse", lse, lse64, lse_base, dtype, K_OUTPUT, empty=empty, empty_value=-math.inf
+        )
         located["lse"] = (lse, lse64, ("batch", "head", "position"), empty)
     if config.gradients:
         grads64, grads_base = _reference_gradients(config, q, k, v, mask, grad_out)
@@ -491,8 +534,14 @@ def judge(factory: Callable, config: VerifyCase) -> Outcome:
                     return torch.cat([p.detach().to("cpu", torch.float64).reshape(-1) for p in parts])
 
                 grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in (q, k, v)]
-                verdicts[name] = judge_quantity(f"{name} (as part of (dq, dk, dv))", whole(grads), whole(grads64),
-                                                whole(grads_base), dtype, K_GRADIENT)
+                verdicts[name] = judge_quantity(
+                    f"{name} (as part of (dq, dk, dv))",
+                    whole(grads),
+                    whole(grads64),
+                    whole(grads_base),
+                    dtype,
+                    K_GRADIENT,
+                )
                 located[name] = (whole(grads), whole(grads64), ("entry",), None)
                 continue
             verdicts[name] = judge_quantity(name, leaf.grad, g64, gbase, dtype, K_GRADIENT)
@@ -589,8 +638,9 @@ def search_area(factory: Callable, area: FeatureArea, options: VerifyOptions, on
                 report.passed += 1
                 for name, verdict in outcome.verdicts.items():
                     if verdict.budget > 0:
-                        report.worst_error_over_budget = max(report.worst_error_over_budget,
-                                                             verdict.error / verdict.budget)
+                        report.worst_error_over_budget = max(
+                            report.worst_error_over_budget, verdict.error / verdict.budget
+                        )
                 report.worst_ulps = max([report.worst_ulps, *outcome.ulps.values()])
         if on_example is not None:
             on_example(shrinking)
@@ -600,12 +650,22 @@ def search_area(factory: Callable, area: FeatureArea, options: VerifyOptions, on
         return False
 
     search_settings = settings(
-        max_examples=options.examples, database=None, deadline=None, derandomize=False, print_blob=False,
-        phases=(Phase.generate, Phase.shrink), verbosity=Verbosity.quiet, suppress_health_check=list(HealthCheck),
+        max_examples=options.examples,
+        database=None,
+        deadline=None,
+        derandomize=False,
+        print_blob=False,
+        phases=(Phase.generate, Phase.shrink),
+        verbosity=Verbosity.quiet,
+        suppress_health_check=list(HealthCheck),
     )
     try:
-        minimal = find(verify_cases(area, options), fails, settings=search_settings,
-                       random=random.Random(f"{options.seed}:{area.name}"))
+        minimal = find(
+            verify_cases(area, options),
+            fails,
+            settings=search_settings,
+            random=random.Random(f"{options.seed}:{area.name}"),
+        )
     except NoSuchExample:
         minimal = None
     report.unsupported = dict(unsupported.most_common())
@@ -649,25 +709,35 @@ class Report:
             "target_info": self.target_info,
             "options": self.options.as_dict(),
             "passed": self.passed,
-            "versions": {"torch": torch.__version__, "hypothesis": hypothesis.__version__,
-                         "python": sys.version.split()[0]},
+            "versions": {
+                "torch": torch.__version__,
+                "hypothesis": hypothesis.__version__,
+                "python": sys.version.split()[0],
+            },
             "budget": "docs/numerics.md: error <= k * (reference's own error in the dtype) + 2 eps(dtype) max|ref|, "
-                      "k = 2 for out and lse, 3 for gradients; in float64 the reference's own error is its "
-                      "float32 error scaled by eps(float64) / eps(float32)",
+            "k = 2 for out and lse, 3 for gradients; in float64 the reference's own error is its "
+            "float32 error scaled by eps(float64) / eps(float32)",
             "areas": [area.as_dict() for area in self.areas],
         }
 
 
-def verify(factory: Callable, options: VerifyOptions = VerifyOptions(), target: str | None = None,
-           progress: bool = False) -> Report:
+def verify(
+    factory: Callable, options: VerifyOptions = VerifyOptions(), target: str | None = None, progress: bool = False
+) -> Report:
     """Search every feature area of ``options`` for a counterexample of ``factory``."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     areas = feature_areas(options)
     reports = []
-    columns = (TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TextColumn("examples"),
-               TextColumn("{task.fields[note]}"), TimeElapsedColumn())
+    columns = (
+        TextColumn("{task.description:<22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("examples"),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=Console(stderr=True, emoji=False), disable=not progress, transient=False) as bar:
         task = bar.add_task("", total=options.examples * len(areas), note="")
         for area in areas:
@@ -686,8 +756,9 @@ def verify(factory: Callable, options: VerifyOptions = VerifyOptions(), target: 
             # An area that stopped early (a failure found, or nothing left to draw) ran fewer examples.
             bar.update(task, total=bar.tasks[0].total - (options.examples - report.examples))
             reports.append(report)
-    return Report(target or getattr(factory, "__qualname__", repr(factory)), options, reports,
-                  getattr(factory, "peer_info", None))
+    return Report(
+        target or getattr(factory, "__qualname__", repr(factory)), options, reports, getattr(factory, "peer_info", None)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -706,8 +777,10 @@ def _format_difference(item: dict) -> str:
     if "worst" in item:
         worst = item["worst"]
         where = ", ".join(f"{axis} {index}" for axis, index in worst["at"].items())
-        text += (f"\n      worst at ({where}): target {worst['target']!r}, reference {worst['reference']!r} "
-                 f"(|difference| {worst['difference']:.3e})")
+        text += (
+            f"\n      worst at ({where}): target {worst['target']!r}, reference {worst['reference']!r} "
+            f"(|difference| {worst['difference']:.3e})"
+        )
     return text
 
 
@@ -721,10 +794,19 @@ def render(report: Report, console) -> None:
     if info:
         title += f"  ({info.get('distribution')} {info.get('version')})"
     options = report.options
-    table = Table(title=Text(title), caption=f"dtype {str(options.dtype).replace('torch.', '')}, "
-                                       f"{options.examples} examples per area, seed {options.seed}")
-    for column in ("feature area", "result", "judged / run", "worst error / budget", "worst error / (eps max|ref|)",
-                   "not supported by the target"):
+    table = Table(
+        title=Text(title),
+        caption=f"dtype {str(options.dtype).replace('torch.', '')}, "
+        f"{options.examples} examples per area, seed {options.seed}",
+    )
+    for column in (
+        "feature area",
+        "result",
+        "judged / run",
+        "worst error / budget",
+        "worst error / (eps max|ref|)",
+        "not supported by the target",
+    ):
         table.add_column(column, overflow="fold")
     styles = {"pass": "green", "fail": "bold red", "unsupported": "yellow"}
     for area in report.areas:
@@ -736,7 +818,8 @@ def render(report: Report, console) -> None:
             kinds = f", {len(area.unsupported)} distinct messages" if len(area.unsupported) > 1 else ""
             note = f"{unsupported} of {area.examples}{kinds}; most common: {message}"
         table.add_row(
-            area.name, Text(area.status.upper() if area.status == "fail" else area.status, style=styles[area.status]),
+            area.name,
+            Text(area.status.upper() if area.status == "fail" else area.status, style=styles[area.status]),
             f"{area.judged} / {area.examples}",
             f"{area.worst_error_over_budget:.3g}" if area.passed else "",
             f"{area.worst_ulps:.3g}" if area.passed else "",
@@ -747,12 +830,15 @@ def render(report: Report, console) -> None:
         if area.counterexample is None:
             continue
         example = area.counterexample
-        console.print(f"\n[bold red]FAIL[/] {area.name}: minimal counterexample ({area.shrink_steps} shrink steps)",
-                      highlight=False)
+        console.print(
+            f"\n[bold red]FAIL[/] {area.name}: minimal counterexample ({area.shrink_steps} shrink steps)",
+            highlight=False,
+        )
         console.print(f"  configuration: {example['configuration']}", highlight=False, markup=False)
         shapes = example["shapes"]
-        console.print(f"  shapes: q {tuple(shapes['q'])}, k {tuple(shapes['k'])}, v {tuple(shapes['v'])}",
-                      highlight=False)
+        console.print(
+            f"  shapes: q {tuple(shapes['q'])}, k {tuple(shapes['k'])}, v {tuple(shapes['v'])}", highlight=False
+        )
         for item in example["differences"]:
             console.print(f"    {_format_difference(item)}", highlight=False, markup=False)
     verdict = "all areas pass or are not supported" if report.passed else "FAILED"
@@ -787,8 +873,9 @@ def _selection(allowed: tuple[str, ...], what: str):
         items = tuple(item.strip() for item in text.split(",") if item.strip())
         wrong = [item for item in items if item not in allowed]
         if not items or wrong:
-            raise argparse.ArgumentTypeError(f"{what} must be a comma-separated selection of {', '.join(allowed)}; "
-                                             f"got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"{what} must be a comma-separated selection of {', '.join(allowed)}; got {text!r}"
+            )
         return items
 
     return parse
@@ -811,32 +898,58 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m equivalence_tests.verify",
         description="Hold an attention implementation against the float64 reference, feature area by feature "
-                    "area, with hypothesis; print pass / fail / unsupported and minimal counterexamples.",
+        "area, with hypothesis; print pass / fail / unsupported and minimal counterexamples.",
     )
-    parser.add_argument("target", metavar="TARGET",
-                        help="package.module:factory; factory(VerifyCase) returns attention(q, k, v, is_causal=..., "
-                             "key_padding_mask=...) -> out or (out, lse)")
+    parser.add_argument(
+        "target",
+        metavar="TARGET",
+        help="package.module:factory; factory(VerifyCase) returns attention(q, k, v, is_causal=..., "
+        "key_padding_mask=...) -> out or (out, lse)",
+    )
     defaults = VerifyOptions()
-    parser.add_argument("--patterns", type=_selection(PATTERN_TYPES, "patterns"), default=defaults.patterns,
-                        help=f"block layouts to draw (default: all of {', '.join(PATTERN_TYPES)})")
-    parser.add_argument("--head-modes", type=_selection(HEAD_MODES, "head modes"), default=defaults.head_modes,
-                        help="head modes to draw (default: split,all)")
-    for name, what in (("causal", "is_causal=True"), ("padding", "key padding masks"),
-                       ("gqa", "grouped-query heads (H_kv < H)"), ("ring", "ring splits of the sequence"),
-                       ("gradients", "gradients (dq, dk, dv)")):
-        parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=True,
-                            help=f"draw {what} (default: on)")
-    parser.add_argument("--whole-segments", action="store_true",
-                        help="draw only segment lengths dividing N and rates dividing the segment length")
+    parser.add_argument(
+        "--patterns",
+        type=_selection(PATTERN_TYPES, "patterns"),
+        default=defaults.patterns,
+        help=f"block layouts to draw (default: all of {', '.join(PATTERN_TYPES)})",
+    )
+    parser.add_argument(
+        "--head-modes",
+        type=_selection(HEAD_MODES, "head modes"),
+        default=defaults.head_modes,
+        help="head modes to draw (default: split,all)",
+    )
+    for name, what in (
+        ("causal", "is_causal=True"),
+        ("padding", "key padding masks"),
+        ("gqa", "grouped-query heads (H_kv < H)"),
+        ("ring", "ring splits of the sequence"),
+        ("gradients", "gradients (dq, dk, dv)"),
+    ):
+        parser.add_argument(
+            f"--{name}", action=argparse.BooleanOptionalAction, default=True, help=f"draw {what} (default: on)"
+        )
+    parser.add_argument(
+        "--whole-segments",
+        action="store_true",
+        help="draw only segment lengths dividing N and rates dividing the segment length",
+    )
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of q, k, v (default float32)")
     parser.add_argument("--device", default="cpu", help="device of q, k, v (default cpu)")
-    parser.add_argument("--examples", type=_int_at_least(1), default=defaults.examples,
-                        help=f"examples per feature area (default {defaults.examples})")
+    parser.add_argument(
+        "--examples",
+        type=_int_at_least(1),
+        default=defaults.examples,
+        help=f"examples per feature area (default {defaults.examples})",
+    )
     parser.add_argument("--seed", type=_int_at_least(0), default=defaults.seed, help="seed of the search (default 0)")
     for name in ("max_batch", "max_seq_len", "max_heads", "max_head_dim", "max_branches", "max_rate", "max_block_size"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=_int_at_least(1), default=getattr(defaults, name),
-                            help=f"upper bound of the drawn {name[4:].replace('_', ' ')} "
-                                 f"(default {getattr(defaults, name)})")
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=_int_at_least(1),
+            default=getattr(defaults, name),
+            help=f"upper bound of the drawn {name[4:].replace('_', ' ')} (default {getattr(defaults, name)})",
+        )
     parser.add_argument("--json", metavar="PATH", help="write the report as JSON to PATH")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -854,11 +967,25 @@ def main(argv=None) -> int:
     except RuntimeError as error:
         parser.error(f"argument --device: {error}")
     options = VerifyOptions(
-        patterns=args.patterns, head_modes=args.head_modes, causal=args.causal, padding=args.padding, gqa=args.gqa,
-        ring=args.ring, gradients=args.gradients, whole_segments=args.whole_segments, dtype=DTYPES[args.dtype],
-        device=args.device, examples=args.examples, seed=args.seed, max_batch=args.max_batch,
-        max_seq_len=args.max_seq_len, max_heads=args.max_heads, max_head_dim=args.max_head_dim,
-        max_branches=args.max_branches, max_rate=args.max_rate, max_block_size=args.max_block_size,
+        patterns=args.patterns,
+        head_modes=args.head_modes,
+        causal=args.causal,
+        padding=args.padding,
+        gqa=args.gqa,
+        ring=args.ring,
+        gradients=args.gradients,
+        whole_segments=args.whole_segments,
+        dtype=DTYPES[args.dtype],
+        device=args.device,
+        examples=args.examples,
+        seed=args.seed,
+        max_batch=args.max_batch,
+        max_seq_len=args.max_seq_len,
+        max_heads=args.max_heads,
+        max_head_dim=args.max_head_dim,
+        max_branches=args.max_branches,
+        max_rate=args.max_rate,
+        max_block_size=args.max_block_size,
     )
     report = verify(factory, options, target=args.target, progress=not args.no_progress)
     from rich.console import Console

@@ -42,7 +42,7 @@ def best_times(module, q, k, v, rounds: int) -> dict[str, float]:
 
 
 def sizes(text: str) -> list[tuple[int, int, int]]:
-    """"N,D,rounds;N,D,rounds" -> [(N, D, rounds), ...], each a positive integer."""
+    """ "N,D,rounds;N,D,rounds" -> [(N, D, rounds), ...], each a positive integer."""
     parsed = []
     for part in text.split(";"):
         fields = part.split(",")
@@ -54,8 +54,12 @@ def sizes(text: str) -> list[tuple[int, int, int]]:
 
 def build_parser():
     parser = cli.parser_for(__doc__, __spec__)
-    parser.add_argument("--sizes", type=sizes, default="1024,32,15;8192,64,5",
-                        help="N,D,rounds;... (B=1, H=4, float32; default %(default)s)")
+    parser.add_argument(
+        "--sizes",
+        type=sizes,
+        default="1024,32,15;8192,64,5",
+        help="N,D,rounds;... (B=1, H=4, float32; default %(default)s)",
+    )
     parser.add_argument("--threads", type=cli.positive_int, default=1)
     parser.add_argument("--out", help="JSON file for the rows and the environment")
     return parser
@@ -71,18 +75,28 @@ def main(argv=None) -> list[dict]:
         generator = torch.Generator().manual_seed(seq_len)
         q, k, v = (torch.randn(1, seq_len, 4, head_dim, generator=generator) for _ in range(3))
         for name in PATTERNS:
-            config = SparsePatternConfig(pattern_type=name, sparsity_ratio=0.1, block_size=16,
-                                         local_window_size=64, global_tokens=16)
+            config = SparsePatternConfig(
+                pattern_type=name, sparsity_ratio=0.1, block_size=16, local_window_size=64, global_tokens=16
+            )
             module = BlockSparseRingDilatedAttention(SEGMENTS, RATES, sparse_config=config, backend="torch")
             best = best_times(module, q, k, v, rounds)
-            row = dict(seq_len=seq_len, head_dim=head_dim, pattern=name, rounds=rounds,
-                       **{f"{setting}_ms": best[setting] * 1e3 for setting in SETTINGS},
-                       cost_model_over_one_group=best["cost_model"] / best["one_group"],
-                       every_bucket_over_one_group=best["every_bucket"] / best["one_group"])
+            row = dict(
+                seq_len=seq_len,
+                head_dim=head_dim,
+                pattern=name,
+                rounds=rounds,
+                **{f"{setting}_ms": best[setting] * 1e3 for setting in SETTINGS},
+                cost_model_over_one_group=best["cost_model"] / best["one_group"],
+                every_bucket_over_one_group=best["every_bucket"] / best["one_group"],
+            )
             rows.append(row)
-            print(f"N={seq_len:>5} {name:>14}: " + "  ".join(f"{s} {best[s] * 1e3:7.2f} ms" for s in SETTINGS)
-                  + f"  cost_model/one_group {row['cost_model_over_one_group']:.2f}"
-                  + f"  every_bucket/one_group {row['every_bucket_over_one_group']:.2f}", flush=True)
+            print(
+                f"N={seq_len:>5} {name:>14}: "
+                + "  ".join(f"{s} {best[s] * 1e3:7.2f} ms" for s in SETTINGS)
+                + f"  cost_model/one_group {row['cost_model_over_one_group']:.2f}"
+                + f"  every_bucket/one_group {row['every_bucket_over_one_group']:.2f}",
+                flush=True,
+            )
     if args.out:
         with open(args.out, "w") as handle:
             json.dump({"environment": environment("cpu"), "threads": args.threads, "rows": rows}, handle, indent=1)

@@ -52,8 +52,16 @@ def slopes(rows, value: str = "peak_bytes", min_seq_len: int = 0, last: int | No
     fitted = []
     for (method, pattern), (ns, vs) in series(rows, value, min_seq_len).items():
         ns, vs = (ns[-last:], vs[-last:]) if last else (ns, vs)
-        fitted.append({"method": method, "pattern": pattern, "points": len(ns), "from_N": ns[0], "to_N": ns[-1],
-                       "slope": fit_loglog_slope(ns, vs)})
+        fitted.append(
+            {
+                "method": method,
+                "pattern": pattern,
+                "points": len(ns),
+                "from_N": ns[0],
+                "to_N": ns[-1],
+                "slope": fit_loglog_slope(ns, vs),
+            }
+        )
     return fitted
 
 
@@ -85,7 +93,8 @@ def seed_comparison(setting: MemorySetting, rows=None, pattern: str = "dilated_s
         ),
         (8192, "attention storage"): (mib(sparse_weights_bytes(8192, setting, pattern)), None),
         (4096, "dense attention weights"): (
-            mib(dense_weights_bytes(4096, setting)), mib(peak("dense_nxn", 4096, None))
+            mib(dense_weights_bytes(4096, setting)),
+            mib(peak("dense_nxn", 4096, None)),
         ),
         (4096, "sparse attention weights"): (mib(sparse_weights_bytes(4096, setting, pattern)), None),
     }

@@ -76,11 +76,15 @@ def density_rows(setting: MemorySetting, patterns, seq_lens, is_causal: bool = F
             config = pattern_config(pattern, setting)
             blocks = active_block_count(geometry, config, is_causal)
             pairs = active_pair_count(geometry, config, is_causal)
-            rows.append({
-                "pattern": pattern, "seq_len": seq_len, "active_blocks": blocks,
-                "block_density": blocks / dense_blocks,
-                "pairs_over_full_NxN": pairs / (setting.heads * seq_len * seq_len),
-                "weights_MiB": sparse_weights_bytes(seq_len, setting, pattern, is_causal) / 2**20,
-                "dense_NxN_MiB": dense_weights_bytes(seq_len, setting) / 2**20,
-            })
+            rows.append(
+                {
+                    "pattern": pattern,
+                    "seq_len": seq_len,
+                    "active_blocks": blocks,
+                    "block_density": blocks / dense_blocks,
+                    "pairs_over_full_NxN": pairs / (setting.heads * seq_len * seq_len),
+                    "weights_MiB": sparse_weights_bytes(seq_len, setting, pattern, is_causal) / 2**20,
+                    "dense_NxN_MiB": dense_weights_bytes(seq_len, setting) / 2**20,
+                }
+            )
     return rows

@@ -72,6 +72,7 @@ def _fwd_bwd(fn, leaves, dout):
     def step():
         out = fn(*leaves)
         out.backward(dout)
+
     return step
 
 
@@ -82,6 +83,7 @@ def _flex_step(calls):
         for Q, K, V, mask in calls:
             out = flex(Q, K, V, block_mask=mask)
             out.backward(torch.ones_like(out))
+
     return step
 
 
@@ -107,11 +109,14 @@ def measure(rows: _Rows, head_dim: int, seq_len: int, patterns, deadline: float)
         with torch.no_grad():
             row["ours_fwd_ms"] = attempt(rows, "ours fwd", lambda: bench(lambda: module(q, k, v)))
         # The backward kernels alone, from a saved forward.
-        plan = CallPlan.whole(geometry, config, False, head_dim ** -0.5)
+        plan = CallPlan.whole(geometry, config, False, head_dim**-0.5)
         with torch.no_grad():
             out, lse = triton_backend.partial_forward(q, k, v, None, plan)
-        ms = attempt(rows, "backward kernels", lambda: bench(
-            lambda: triton_backward.partial_backward(q, k, v, None, plan, out, lse, dout, None)))
+        ms = attempt(
+            rows,
+            "backward kernels",
+            lambda: bench(lambda: triton_backward.partial_backward(q, k, v, None, plan, out, lse, dout, None)),
+        )
         if ms:
             row["backward_kernels_ms"] = ms
             row["backward_tflops"] = BACKWARD_FLOP_FACTOR * tflops(pairs, head_dim, ms)
@@ -129,7 +134,10 @@ def measure(rows: _Rows, head_dim: int, seq_len: int, patterns, deadline: float)
                     gathered = compacted_flex_inputs(*_leaves(q, k, v), geometry, config)
                     for Q, K, V, mask in gathered:
                         compiled_flex()(Q, K, V, block_mask=mask).sum().backward()
-                row["flex_peer_with_gather_fwd_bwd_ms"] = attempt(rows, "flex peer + gather", lambda: bench(with_gather))
+
+                row["flex_peer_with_gather_fwd_bwd_ms"] = attempt(
+                    rows, "flex peer + gather", lambda: bench(with_gather)
+                )
             del calls
         # Peak memory of one forward + backward above its inputs (q, k, v, dout allocated before).
         torch.cuda.synchronize()
@@ -146,8 +154,11 @@ def measure(rows: _Rows, head_dim: int, seq_len: int, patterns, deadline: float)
         row["peak_bytes"] = torch.cuda.max_memory_allocated() - base + 4 * element
         row["peak_over_needed"] = row["peak_bytes"] / needed
         del out, leaves
-        for key, peer in (("sdpa_peer_fwd_bwd_ms", "vs_sdpa_peer"), ("flex_peer_fwd_bwd_ms", "vs_flex_peer"),
-                          ("flex_peer_with_gather_fwd_bwd_ms", "vs_flex_peer_with_gather")):
+        for key, peer in (
+            ("sdpa_peer_fwd_bwd_ms", "vs_sdpa_peer"),
+            ("flex_peer_fwd_bwd_ms", "vs_flex_peer"),
+            ("flex_peer_with_gather_fwd_bwd_ms", "vs_flex_peer_with_gather"),
+        ):
             if row.get(key) and row.get("ours_fwd_bwd_ms"):
                 row[peer] = row[key] / row["ours_fwd_bwd_ms"]
         rows.add(row)
@@ -159,8 +170,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="folder for bench_backward.json")
     parser.add_argument("--sizes", default="65536,1048576", help="comma-separated sequence lengths")
     parser.add_argument("--head-dims", default="64,128", help="comma-separated head dims (64, 128)")
-    parser.add_argument("--patterns", default="dense,local_window,dilated_sparse,random",
-                        help="comma-separated layouts")
+    parser.add_argument(
+        "--patterns", default="dense,local_window,dilated_sparse,random", help="comma-separated layouts"
+    )
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting new rows after this")
     args = parser.parse_args(argv)
     try:
@@ -186,10 +198,13 @@ def main(argv=None) -> int:
     ceiling_ms = bench(lambda: a @ b)
     del a, b
     rows.data["info"] = dict(
-        gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-        python=platform.python_version(), matmul_bf16_tflops=2 * 8192**3 / (ceiling_ms * 1e-3) / 1e12,
-        git_commit=os.environ.get("BSRDA_GIT_COMMIT"), command="python3 -m experiments.bench_backward " +
-        " ".join(argv or []),
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        python=platform.python_version(),
+        matmul_bf16_tflops=2 * 8192**3 / (ceiling_ms * 1e-3) / 1e12,
+        git_commit=os.environ.get("BSRDA_GIT_COMMIT"),
+        command="python3 -m experiments.bench_backward " + " ".join(argv or []),
     )
     rows.save()
     deadline = time.monotonic() + args.budget_s
@@ -198,13 +213,18 @@ def main(argv=None) -> int:
             attempt(rows, f"D={head_dim} N={seq_len}", lambda: measure(rows, head_dim, seq_len, patterns, deadline))
     ceiling = rows.data["info"]["matmul_bf16_tflops"]
     print(f"\nmatmul ceiling {ceiling:.0f} TFLOP/s")
-    print(f"{'D':>4} {'N':>8} {'pattern':<15} {'ours f+b':>9} {'peer':>9} {'x':>6} {'bwd TF':>7} {'%mm':>5} {'peak/need':>9}")
+    print(
+        f"{'D':>4} {'N':>8} {'pattern':<15} {'ours f+b':>9} {'peer':>9} {'x':>6} {'bwd TF':>7} {'%mm':>5} "
+        f"{'peak/need':>9}"
+    )
     for row in rows.data["rows"]:
         peer = row.get("sdpa_peer_fwd_bwd_ms") or row.get("flex_peer_fwd_bwd_ms") or float("nan")
         ours = row.get("ours_fwd_bwd_ms") or float("nan")
         tf = row.get("backward_tflops") or float("nan")
-        print(f"{row['head_dim']:>4} {row['seq_len']:>8} {row['pattern']:<15} {ours:>9.3f} {peer:>9.3f} "
-              f"{peer / ours:>6.2f} {tf:>7.0f} {100 * tf / ceiling:>5.0f} {row.get('peak_over_needed', 0):>9.3f}")
+        print(
+            f"{row['head_dim']:>4} {row['seq_len']:>8} {row['pattern']:<15} {ours:>9.3f} {peer:>9.3f} "
+            f"{peer / ours:>6.2f} {tf:>7.0f} {100 * tf / ceiling:>5.0f} {row.get('peak_over_needed', 0):>9.3f}"
+        )
     return 0
 
 

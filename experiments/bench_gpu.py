@@ -90,8 +90,16 @@ def tflops(pairs, head_dim, ms):
 class Recorder:
     def __init__(self, out_dir, name="bench_gpu.json"):
         self.path = os.path.join(out_dir, name)
-        self.data = {"info": {}, "ceilings": {}, "tiles": {}, "rows": [], "flex_original": [], "huge": {}, "errors": [],
-                     "ab": []}
+        self.data = {
+            "info": {},
+            "ceilings": {},
+            "tiles": {},
+            "rows": [],
+            "flex_original": [],
+            "huge": {},
+            "errors": [],
+            "ab": [],
+        }
 
     def save(self):
         with open(self.path, "w") as handle:
@@ -294,8 +302,9 @@ def parse_choice(label):
 
 def run_choice(q, k, v, plan, cand):
     tile = triton_backend.TileConfig(*cand["tile"]) if cand.get("tile") else None
-    return triton_backend.partial_forward(q, k, v, None, plan, tile=tile, variant=cand["variant"],
-                                          order=cand.get("order"), index=cand.get("index"))
+    return triton_backend.partial_forward(
+        q, k, v, None, plan, tile=tile, variant=cand["variant"], order=cand.get("order"), index=cand.get("index")
+    )
 
 
 def measure_ab(rec, deadline, Ns=(65536, 1 << 20)):
@@ -317,8 +326,16 @@ def measure_ab(rec, deadline, Ns=(65536, 1 << 20)):
             dense_pairs = active_pair_count(geometry, pattern_configs()["dense"])
             ms = attempt(rec, f"ab gather_sdpa D={D} N={N}", lambda: bench(lambda: gather_sdpa(q, k, v, geometry)))
             if ms is not None:
-                rec.data["ab"].append({"D": D, "N": N, "pattern": "dense", "method": "gather_sdpa", "ms": ms,
-                                       "tflops": tflops(dense_pairs, D, ms)})
+                rec.data["ab"].append(
+                    {
+                        "D": D,
+                        "N": N,
+                        "pattern": "dense",
+                        "method": "gather_sdpa",
+                        "ms": ms,
+                        "tflops": tflops(dense_pairs, D, ms),
+                    }
+                )
             for name in AB_PATTERNS:
                 if time.time() > deadline:
                     break
@@ -327,15 +344,27 @@ def measure_ab(rec, deadline, Ns=(65536, 1 << 20)):
                 plan = CallPlan.whole(geometry, config, False, D**-0.5)
                 with torch.no_grad():
                     ref_out, ref_lse = triton_backend.partial_forward(q, k, v, None, plan, variant="v2")
-                calls = attempt(rec, f"ab flex inputs D={D} N={N} {name}",
-                                lambda: compacted_flex_inputs(q, k, v, geometry, config))
+                calls = attempt(
+                    rec, f"ab flex inputs D={D} N={N} {name}", lambda: compacted_flex_inputs(q, k, v, geometry, config)
+                )
                 if calls:
                     flex = compiled_flex()
-                    ms = attempt(rec, f"ab flex D={D} N={N} {name}", lambda: bench(
-                        lambda: [flex(Q, K, V, block_mask=m, scale=D**-0.5) for Q, K, V, m in calls]))
+                    ms = attempt(
+                        rec,
+                        f"ab flex D={D} N={N} {name}",
+                        lambda: bench(lambda: [flex(Q, K, V, block_mask=m, scale=D**-0.5) for Q, K, V, m in calls]),
+                    )
                     if ms is not None:
-                        rec.data["ab"].append({"D": D, "N": N, "pattern": name, "method": "flex_compacted",
-                                               "ms": ms, "tflops": tflops(pairs, D, ms)})
+                        rec.data["ab"].append(
+                            {
+                                "D": D,
+                                "N": N,
+                                "pattern": name,
+                                "method": "flex_compacted",
+                                "ms": ms,
+                                "tflops": tflops(pairs, D, ms),
+                            }
+                        )
                     del calls
                 for cand in ab_candidates(D):
                     label = ab_label(cand)
@@ -355,14 +384,30 @@ def measure_ab(rec, deadline, Ns=(65536, 1 << 20)):
                     ms = attempt(rec, f"ab {label} D={D} N={N} {name}", lambda: bench(call, 10, 60))
                     if ms is None:
                         continue
-                    rec.data["ab"].append({"D": D, "N": N, "pattern": name, "method": f"triton_{label}",
-                                           "choice": cand, "ms": ms, "tflops": tflops(pairs, D, ms),
-                                           "max_abs_diff_vs_v2": verdict[0], "finite_same_empty": verdict[1]})
+                    rec.data["ab"].append(
+                        {
+                            "D": D,
+                            "N": N,
+                            "pattern": name,
+                            "method": f"triton_{label}",
+                            "choice": cand,
+                            "ms": ms,
+                            "tflops": tflops(pairs, D, ms),
+                            "max_abs_diff_vs_v2": verdict[0],
+                            "finite_same_empty": verdict[1],
+                        }
+                    )
                 rec.save()
                 del ref_out, ref_lse
-                print(f"ab D={D} N={N} {name}: " + ", ".join(
-                    f"{r['method']} {r['ms']:.3f}" for r in rec.data["ab"]
-                    if r["D"] == D and r["N"] == N and r["pattern"] == name), flush=True)
+                print(
+                    f"ab D={D} N={N} {name}: "
+                    + ", ".join(
+                        f"{r['method']} {r['ms']:.3f}"
+                        for r in rec.data["ab"]
+                        if r["D"] == D and r["N"] == N and r["pattern"] == name
+                    ),
+                    flush=True,
+                )
             del q, k, v
 
 
@@ -372,8 +417,10 @@ def summarize_ab(rec):
         return
     ceiling = rec.data["ceilings"].get("matmul_bf16_8192_tflops", float("nan"))
     print(f"\nA/B (eager, bf16, block {BLOCK}); ceiling {ceiling:.0f} TF; ms; best = fastest kernel choice")
-    print(f"{'D':>4} {'N':>8} {'pattern':>15} {'flex':>7} {'auto':>7} {'v2':>7} {'v3':>7} {'v3tma':>7} {'best':>7} "
-          f"{'%mm':>5} {'xflex':>6} {'xpeer':>6} {'maxdiff':>8}  best choice")
+    print(
+        f"{'D':>4} {'N':>8} {'pattern':>15} {'flex':>7} {'auto':>7} {'v2':>7} {'v3':>7} {'v3tma':>7} {'best':>7} "
+        f"{'%mm':>5} {'xflex':>6} {'xpeer':>6} {'maxdiff':>8}  best choice"
+    )
     for D in (64, 128):
         for N in sorted({r["N"] for r in rows if r["D"] == D}):
             peer = next((r for r in rows if r["D"] == D and r["N"] == N and r["method"] == "gather_sdpa"), None)
@@ -388,10 +435,13 @@ def summarize_ab(rec):
                 best = min(ours, key=lambda r: r["ms"])
                 xflex = f"{flex['ms'] / best['ms']:.2f}" if flex else "-"
                 xpeer = f"{peer['ms'] / best['ms']:.2f}" if (peer and name == "dense") else "-"
-                print(f"{D:>4} {N:>8} {name:>15} {cell(flex):>7} {cell(by.get('triton_auto')):>7} {cell(by.get('triton_v2')):>7} "
-                      f"{cell(by.get('triton_v3')):>7} {cell(by.get('triton_v3tma')):>7} {best['ms']:>7.3f} "
-                      f"{100 * best['tflops'] / ceiling:>5.1f} {xflex:>6} {xpeer:>6} "
-                      f"{max(r['max_abs_diff_vs_v2'] for r in ours):>8.1e}  {best['method'][7:]}")
+                print(
+                    f"{D:>4} {N:>8} {name:>15} {cell(flex):>7} {cell(by.get('triton_auto')):>7} "
+                    f"{cell(by.get('triton_v2')):>7} "
+                    f"{cell(by.get('triton_v3')):>7} {cell(by.get('triton_v3tma')):>7} {best['ms']:>7.3f} "
+                    f"{100 * best['tflops'] / ceiling:>5.1f} {xflex:>6} {xpeer:>6} "
+                    f"{max(r['max_abs_diff_vs_v2'] for r in ours):>8.1e}  {best['method'][7:]}"
+                )
             if peer:
                 print(f"{D:>4} {N:>8} {'gather_sdpa':>15} {peer['ms']:>7.3f}")
 
@@ -414,15 +464,25 @@ def measure_main(rec, D, Ns, patterns, deadline, flex_max_n=1 << 20):
         ms = attempt(rec, f"gather_sdpa D={D} N={N}", lambda: bench(lambda: gather_sdpa(q, k, v, geometry)))
         if ms is not None:
             peak = attempt(rec, "gather_sdpa peak", lambda: peak_extra(lambda: gather_sdpa(q, k, v, geometry)))
-            rec.data["rows"].append(dict(base, method="gather_sdpa", pattern="dense", ms=ms,
-                                         tflops=tflops(dense_pairs, D, ms), peak_extra=peak))
+            rec.data["rows"].append(
+                dict(
+                    base,
+                    method="gather_sdpa",
+                    pattern="dense",
+                    ms=ms,
+                    tflops=tflops(dense_pairs, D, ms),
+                    peak_extra=peak,
+                )
+            )
         if N <= 65536:
             qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-            ms = attempt(rec, f"dense_sdpa D={D} N={N}",
-                         lambda: bench(lambda: F.scaled_dot_product_attention(qt, kt, vt)))
+            ms = attempt(
+                rec, f"dense_sdpa D={D} N={N}", lambda: bench(lambda: F.scaled_dot_product_attention(qt, kt, vt))
+            )
             if ms is not None:
-                rec.data["rows"].append(dict(base, method="dense_sdpa", pattern="full", ms=ms,
-                                             tflops=tflops(H * N * N, D, ms)))
+                rec.data["rows"].append(
+                    dict(base, method="dense_sdpa", pattern="full", ms=ms, tflops=tflops(H * N * N, D, ms))
+                )
             del qt, kt, vt
         for name in patterns:
             if time.time() > deadline:
@@ -461,12 +521,15 @@ def measure_main(rec, D, Ns, patterns, deadline, flex_max_n=1 << 20):
 
                 ms = attempt(rec, f"graphed copy-in D={D} N={N} {name}", lambda: bench(alternate))
                 if ms is not None:
-                    rec.data["rows"].append(dict(row, method="triton_graphed_copyin", ms=ms, tflops=tflops(pairs, D, ms)))
+                    rec.data["rows"].append(
+                        dict(row, method="triton_graphed_copyin", ms=ms, tflops=tflops(pairs, D, ms))
+                    )
                 del sets
             graphs.clear_graphs()
             if N <= flex_max_n:
-                calls = attempt(rec, f"flex inputs D={D} N={N} {name}",
-                                lambda: compacted_flex_inputs(q, k, v, geometry, config))
+                calls = attempt(
+                    rec, f"flex inputs D={D} N={N} {name}", lambda: compacted_flex_inputs(q, k, v, geometry, config)
+                )
                 if calls:
                     flex = compiled_flex()
                     scale = D**-0.5
@@ -478,9 +541,14 @@ def measure_main(rec, D, Ns, patterns, deadline, flex_max_n=1 << 20):
                     if ms is not None:
                         rec.data["rows"].append(dict(row, method="flex_compacted", ms=ms, tflops=tflops(pairs, D, ms)))
                 del calls
-            printable = [r for r in rec.data["rows"] if r.get("N") == N and r.get("D") == D and r.get("pattern") == name]
-            print(f"D={D} N={N} {name}: " + ", ".join(f"{r['method']} {r['ms']:.3f}ms {r['tflops']:.0f}TF"
-                                                    for r in printable), flush=True)
+            printable = [
+                r for r in rec.data["rows"] if r.get("N") == N and r.get("D") == D and r.get("pattern") == name
+            ]
+            print(
+                f"D={D} N={N} {name}: "
+                + ", ".join(f"{r['method']} {r['ms']:.3f}ms {r['tflops']:.0f}TF" for r in printable),
+                flush=True,
+            )
             rec.save()
         del q, k, v
         torch.cuda.empty_cache()
@@ -498,8 +566,12 @@ def measure_flex_original(rec, deadline, Ns=(8192, 32768, 65536)):
             if time.time() > deadline:
                 break
             geometry = AttentionGeometry(DilationConfig(spec["segments"], spec["rates"], "split"), N, H)
-            seg = torch.tensor([geometry.branches[g].segment_length for g in range(3) for _ in geometry.branches[g].heads])
-            rate = torch.tensor([geometry.branches[g].dilation_rate for g in range(3) for _ in geometry.branches[g].heads])
+            seg = torch.tensor(
+                [geometry.branches[g].segment_length for g in range(3) for _ in geometry.branches[g].heads]
+            )
+            rate = torch.tensor(
+                [geometry.branches[g].dilation_rate for g in range(3) for _ in geometry.branches[g].heads]
+            )
             off = torch.tensor([geo.offset_of(h) for geo in geometry.branches for h in geo.heads])
             seg, rate, off = seg.cuda(), rate.cuda(), off.cuda()
             nb = math.ceil(int((seg // rate).max()) / BLOCK)
@@ -515,9 +587,11 @@ def measure_flex_original(rec, deadline, Ns=(8192, 32768, 65536)):
                 return same & on & layout[tq, tk]
 
             t0 = time.time()
-            mask = attempt(rec, f"create_block_mask N={N} {name}",
-                           lambda: create_block_mask(mask_mod, None, H, N, N, device="cuda", BLOCK_SIZE=BLOCK,
-                                                     _compile=True))
+            mask = attempt(
+                rec,
+                f"create_block_mask N={N} {name}",
+                lambda: create_block_mask(mask_mod, None, H, N, N, device="cuda", BLOCK_SIZE=BLOCK, _compile=True),
+            )
             build_s = time.time() - t0
             entry = {"N": N, "pattern": name, "create_block_mask_s": build_s}
             if mask is None:
@@ -544,8 +618,9 @@ def measure_huge(rec, N=1 << 24, H=12, D=64):
     spec = DILATIONS[64]
     config = pattern_configs()["dense"]
     q, k, v = randn(1, N, H, D), randn(1, N, H, D), randn(1, N, H, D)
-    module = BlockSparseRingDilatedAttention(spec["segments"], spec["rates"], config, backend="triton",
-                                             use_cuda_graphs=False)
+    module = BlockSparseRingDilatedAttention(
+        spec["segments"], spec["rates"], config, backend="triton", use_cuda_graphs=False
+    )
     geometry = AttentionGeometry(DilationConfig(spec["segments"], spec["rates"], "split"), N, H)
     t0 = time.time()
     plan = CallPlan.whole(geometry, config, False, D**-0.5)
@@ -567,9 +642,17 @@ def measure_huge(rec, N=1 << 24, H=12, D=64):
         del out
     peak = torch.cuda.max_memory_allocated()
     rec.data["huge"] = {
-        "N": N, "H": H, "D": D, "pattern": "dense", "ms": times, "tflops": tflops(pairs, D, min(times)),
-        "peak_bytes": peak, "qkv_out_bytes": qkv_out, "peak_over_qkv_out": peak / qkv_out,
-        "table_build_s": tables_s, "graphs": False,
+        "N": N,
+        "H": H,
+        "D": D,
+        "pattern": "dense",
+        "ms": times,
+        "tflops": tflops(pairs, D, min(times)),
+        "peak_bytes": peak,
+        "qkv_out_bytes": qkv_out,
+        "peak_over_qkv_out": peak / qkv_out,
+        "table_build_s": tables_s,
+        "graphs": False,
     }
     rec.save()
     print("huge", rec.data["huge"], flush=True)
@@ -577,34 +660,60 @@ def measure_huge(rec, N=1 << 24, H=12, D=64):
 
 def plot(rec, out_dir):
     plots.use_file_backend()
-    figure = plots.plot_bench_gpu(rec.data["rows"], rec.data["ceilings"].get("matmul_bf16_8192_tflops"),
-                                  {D: spec["heads"] for D, spec in DILATIONS.items()}, BLOCK)
+    figure = plots.plot_bench_gpu(
+        rec.data["rows"],
+        rec.data["ceilings"].get("matmul_bf16_8192_tflops"),
+        {D: spec["heads"] for D, spec in DILATIONS.items()},
+        BLOCK,
+    )
     plots.save_figure(figure, os.path.join(out_dir, "bench_gpu.png"), dpi=110)
 
 
 def summarize(rec):
     rows = rec.data["rows"]
     ceiling = rec.data["ceilings"].get("matmul_bf16_8192_tflops", float("nan"))
-    print(f"\nceiling matmul {ceiling:.0f} TF; tiles {rec.data['tiles'].get('best_D64')} / {rec.data['tiles'].get('best_D128')}")
+    print(
+        f"\nceiling matmul {ceiling:.0f} TF; tiles {rec.data['tiles'].get('best_D64')} / "
+        f"{rec.data['tiles'].get('best_D128')}"
+    )
     for r in rows:
         if r["method"] == "triton_graphed_copyin":
             print(f"graphed copy-in D={r['D']} N={r['N']} {r['pattern']}: {r['ms']:.4f} ms")
-    print(f"{'D':>4} {'N':>8} {'pattern':>15} {'graphed':>9} {'eager':>9} {'flex':>9} {'TF':>5} {'%mm':>5} {'xflex':>6} {'peer':>9} {'xpeer':>6}")
+    print(
+        f"{'D':>4} {'N':>8} {'pattern':>15} {'graphed':>9} {'eager':>9} {'flex':>9} {'TF':>5} {'%mm':>5} "
+        f"{'xflex':>6} {'peer':>9} {'xpeer':>6}"
+    )
     for D in (64, 128):
         for N in sorted({r["N"] for r in rows if r["D"] == D}):
-            pick = lambda m, p: next((r for r in rows if r["D"] == D and r["N"] == N and r["method"] == m  # noqa: E731
-                                      and r["pattern"] == p), None)
+            pick = lambda m, p: next(
+                (
+                    r
+                    for r in rows
+                    if r["D"] == D
+                    and r["N"] == N
+                    and r["method"] == m  # noqa: E731
+                    and r["pattern"] == p
+                ),
+                None,
+            )
             peer = pick("gather_sdpa", "dense")
             for pattern in pattern_configs():
-                g, e, f = pick("triton_graphed", pattern), pick("triton_eager", pattern), pick("flex_compacted", pattern)
+                g, e, f = (
+                    pick("triton_graphed", pattern),
+                    pick("triton_eager", pattern),
+                    pick("flex_compacted", pattern),
+                )
                 if not (g or e):
                     continue
                 best = g or e
                 ms = lambda r: f"{r['ms']:.3f}" if r else "-"  # noqa: E731
                 xflex = f"{f['ms'] / best['ms']:.2f}" if f else "-"
                 xpeer = f"{peer['ms'] / best['ms']:.2f}" if (peer and pattern == "dense") else "-"
-                print(f"{D:>4} {N:>8} {pattern:>15} {ms(g):>9} {ms(e):>9} {ms(f):>9} {best['tflops']:>5.0f} "
-                      f"{100 * best['tflops'] / ceiling:>5.1f} {xflex:>6} {ms(peer) if pattern == 'dense' else '':>9} {xpeer:>6}")
+                print(
+                    f"{D:>4} {N:>8} {pattern:>15} {ms(g):>9} {ms(e):>9} {ms(f):>9} {best['tflops']:>5.0f} "
+                    f"{100 * best['tflops'] / ceiling:>5.1f} {xflex:>6} "
+                    f"{ms(peer) if pattern == 'dense' else '':>9} {xpeer:>6}"
+                )
     if rec.data["huge"]:
         h = rec.data["huge"]
         print(f"16M: {h['ms']} ms, peak/qkvo {h['peak_over_qkv_out']:.4f}")
@@ -617,16 +726,35 @@ PARTS = ("tiles", "main", "flexorig", "huge", "ab")
 
 def build_parser():
     parser = cli.parser_for(__doc__, __spec__)
-    parser.add_argument("--out", default=os.environ.get("OUT", "experiments/results"),
-                        help="folder for bench_gpu.json and .png (default $OUT or experiments/results)")
-    parser.add_argument("--budget-s", type=cli.positive_float, default=420.0,
-                        help="seconds after which remaining configurations are skipped")
-    parser.add_argument("--only", type=cli.comma_list(choices=PARTS), default="tiles,main,flexorig,huge",
-                        help=f"parts to run, comma-separated: {', '.join(PARTS)}")
-    parser.add_argument("--ns", type=cli.comma_list(item=cli.positive_int), default="8192,65536,1048576",
-                        help="sequence lengths of the main part")
-    parser.add_argument("--patterns", type=cli.comma_list(choices=PATTERN_TYPES), default=",".join(pattern_configs()),
-                        help="layouts of the main part")
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("OUT", "experiments/results"),
+        help="folder for bench_gpu.json and .png (default $OUT or experiments/results)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=cli.positive_float,
+        default=420.0,
+        help="seconds after which remaining configurations are skipped",
+    )
+    parser.add_argument(
+        "--only",
+        type=cli.comma_list(choices=PARTS),
+        default="tiles,main,flexorig,huge",
+        help=f"parts to run, comma-separated: {', '.join(PARTS)}",
+    )
+    parser.add_argument(
+        "--ns",
+        type=cli.comma_list(item=cli.positive_int),
+        default="8192,65536,1048576",
+        help="sequence lengths of the main part",
+    )
+    parser.add_argument(
+        "--patterns",
+        type=cli.comma_list(choices=PATTERN_TYPES),
+        default=",".join(pattern_configs()),
+        help="layouts of the main part",
+    )
     return parser
 
 
@@ -642,8 +770,12 @@ def main(argv=None):
     import triton
 
     rec.data["info"] = {
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "python": platform.python_version(), "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "argv": sys.argv,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     rec.save()
     parts, Ns, patterns = args.only, args.ns, args.patterns

@@ -65,17 +65,25 @@ def build_parser():
     parser.add_argument("--kv-heads", type=cli.positive_int, default=12)
     parser.add_argument("--head-dim", type=cli.positive_int, default=64)
     parser.add_argument("--block", type=cli.positive_int, default=128)
-    parser.add_argument("--parts", type=cli.comma_list(item=cli.positive_int), default="1,2,4,8",
-                        help="ring sizes P, comma-separated")
+    parser.add_argument(
+        "--parts", type=cli.comma_list(item=cli.positive_int), default="1,2,4,8", help="ring sizes P, comma-separated"
+    )
     parser.add_argument("--dilations", type=cli.comma_list(choices=tuple(DILATIONS)), default="local,global")
     parser.add_argument("--layouts", type=cli.comma_list(choices=LAYOUTS), default=",".join(LAYOUTS))
-    parser.add_argument("--causal", type=cli.comma_list(item=int, choices=(0, 1)), default="0,1",
-                        help="0 (non-causal), 1 (causal) or both")
+    parser.add_argument(
+        "--causal",
+        type=cli.comma_list(item=int, choices=(0, 1)),
+        default="0,1",
+        help="0 (non-causal), 1 (causal) or both",
+    )
     parser.add_argument("--backend", default="auto", choices=list(BACKENDS))
     parser.add_argument("--warmup", type=cli.positive_int, default=10, help="do_bench warmup, ms")
     parser.add_argument("--rep", type=cli.positive_int, default=50, help="do_bench repetitions, ms")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                        help="folder for bench_ring.json")
+    parser.add_argument(
+        "--out",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+        help="folder for bench_ring.json",
+    )
     return parser
 
 
@@ -102,8 +110,17 @@ def main(argv=None) -> None:
     path = os.path.join(args.out, "bench_ring.json")
     record = {
         "environment": environment(device),
-        "settings": dict(seq_len=N, heads=H, kv_heads=H_kv, head_dim=D, block=args.block, dtype=str(dtype),
-                         backend=args.backend, warmup=args.warmup, rep=args.rep),
+        "settings": dict(
+            seq_len=N,
+            heads=H,
+            kv_heads=H_kv,
+            head_dim=D,
+            block=args.block,
+            dtype=str(dtype),
+            backend=args.backend,
+            warmup=args.warmup,
+            rep=args.rep,
+        ),
         "results": [],
     }
     parts = args.parts
@@ -114,18 +131,26 @@ def main(argv=None) -> None:
         for layout_name in args.layouts:
             config = all_layouts[layout_name]
             for is_causal in map(bool, args.causal):
-                row = dict(dilation=dilation_name, segments=segments, rates=dilation["rates"], layout=layout_name,
-                           is_causal=is_causal, ring={})
+                row = dict(
+                    dilation=dilation_name,
+                    segments=segments,
+                    rates=dilation["rates"],
+                    layout=layout_name,
+                    is_causal=is_causal,
+                    ring={},
+                )
                 try:
                     make = lambda **kw: BlockSparseRingDilatedAttention(  # noqa: E731
                         segments, dilation["rates"], config, backend=args.backend, **kw
                     )
                     with torch.no_grad():
                         graphed, eager = make(use_cuda_graphs=True), make(use_cuda_graphs=False)
-                        row["unsplit_graphs_ms"] = time_ms(lambda: graphed(q, k, v, is_causal=is_causal),
-                                                           args.warmup, args.rep)
-                        row["unsplit_eager_ms"] = time_ms(lambda: eager(q, k, v, is_causal=is_causal),
-                                                          args.warmup, args.rep)
+                        row["unsplit_graphs_ms"] = time_ms(
+                            lambda: graphed(q, k, v, is_causal=is_causal), args.warmup, args.rep
+                        )
+                        row["unsplit_eager_ms"] = time_ms(
+                            lambda: eager(q, k, v, is_causal=is_causal), args.warmup, args.rep
+                        )
                         row["backend"] = eager.last_backend
                         geometry = AttentionGeometry(DilationConfig(segments, dilation["rates"]), N, H)
                         for P in parts:
@@ -140,10 +165,13 @@ def main(argv=None) -> None:
                                 last_step=schedule.last_step,
                                 distributed_bytes_per_step=list(schedule.step_bytes(bytes_per_token)),
                             )
-                            print(f"{dilation_name:6s} {layout_name:14s} causal={int(is_causal)} P={P}: {ms:8.3f} ms "
-                                  f"(unsplit eager {row['unsplit_eager_ms']:.3f} ms, graphs "
-                                  f"{row['unsplit_graphs_ms']:.3f} ms), active pairs "
-                                  f"{row['ring'][P]['active_pairs']}, last step {schedule.last_step}", flush=True)
+                            print(
+                                f"{dilation_name:6s} {layout_name:14s} causal={int(is_causal)} P={P}: {ms:8.3f} ms "
+                                f"(unsplit eager {row['unsplit_eager_ms']:.3f} ms, graphs "
+                                f"{row['unsplit_graphs_ms']:.3f} ms), active pairs "
+                                f"{row['ring'][P]['active_pairs']}, last step {schedule.last_step}",
+                                flush=True,
+                            )
                 except Exception as error:  # keep going: one failing configuration must not lose the others
                     row["error"] = f"{type(error).__name__}: {error}"
                     row["traceback"] = traceback.format_exc()

@@ -126,8 +126,9 @@ def check_output_stem(parser: argparse.ArgumentParser, stem: str | None, option:
 # ------------------------------------------------------------------------------------------------
 
 
-def add_setting_arguments(parser: argparse.ArgumentParser, *, methods, default_methods, default_patterns,
-                          default_seq_lens) -> None:
+def add_setting_arguments(
+    parser: argparse.ArgumentParser, *, methods, default_methods, default_patterns, default_seq_lens
+) -> None:
     """Shapes, dtype, dilation, block size, backend, head mode, work size; methods, patterns and N."""
     from optimized import BACKENDS
     from reference.config import HEAD_MODES, PATTERN_TYPES
@@ -142,16 +143,30 @@ def add_setting_arguments(parser: argparse.ArgumentParser, *, methods, default_m
     parser.add_argument("--heads", type=positive_int, default=4)
     parser.add_argument("--head-dim", type=positive_int, default=64)
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
-    parser.add_argument("--segments", nargs="+", type=positive_int, default=[256, 512, 1024],
-                        help="segment lengths (default: the seed's [2048, 4096, 8192] / 8)")
-    parser.add_argument("--rates", nargs="+", type=positive_int, default=list(SEED_RATES),
-                        help="dilation rates, one per segment length")
+    parser.add_argument(
+        "--segments",
+        nargs="+",
+        type=positive_int,
+        default=[256, 512, 1024],
+        help="segment lengths (default: the seed's [2048, 4096, 8192] / 8)",
+    )
+    parser.add_argument(
+        "--rates", nargs="+", type=positive_int, default=list(SEED_RATES), help="dilation rates, one per segment length"
+    )
     parser.add_argument("--block-size", type=positive_int, default=16, help="default: the seed's 128 / 8")
     parser.add_argument("--backend", default="auto", choices=list(BACKENDS), help="the optimized methods' backend")
-    parser.add_argument("--head-mode", default="split", choices=list(HEAD_MODES),
-                        help="split: each head one branch; all: every head every branch (merged)")
-    parser.add_argument("--work-size", type=positive_int, default=4096,
-                        help="blocks the torch backend and the weights process at once (the module's default 4096)")
+    parser.add_argument(
+        "--head-mode",
+        default="split",
+        choices=list(HEAD_MODES),
+        help="split: each head one branch; all: every head every branch (merged)",
+    )
+    parser.add_argument(
+        "--work-size",
+        type=positive_int,
+        default=4096,
+        help="blocks the torch backend and the weights process at once (the module's default 4096)",
+    )
 
 
 def setting_from_args(parser: argparse.ArgumentParser, args):
@@ -160,15 +175,26 @@ def setting_from_args(parser: argparse.ArgumentParser, args):
 
     check_device(parser, args.device)
     if len(args.rates) != len(args.segments):
-        parser.error(f"--rates: {len(args.rates)} rate(s) for {len(args.segments)} segment length(s) in "
-                     f"--segments; give one rate per segment length")
+        parser.error(
+            f"--rates: {len(args.rates)} rate(s) for {len(args.segments)} segment length(s) in "
+            f"--segments; give one rate per segment length"
+        )
     if args.head_mode == "split" and args.heads < len(args.segments):
-        parser.error(f"--heads {args.heads}: head mode 'split' gives each of the {len(args.segments)} branches "
-                     f"at least one head; give --heads >= {len(args.segments)} or --head-mode all")
+        parser.error(
+            f"--heads {args.heads}: head mode 'split' gives each of the {len(args.segments)} branches "
+            f"at least one head; give --heads >= {len(args.segments)} or --head-mode all"
+        )
     setting = MemorySetting(
-        batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
-        segment_lengths=tuple(args.segments), dilation_rates=tuple(args.rates), block_size=args.block_size,
-        backend=args.backend, work_size=args.work_size, head_mode=args.head_mode,
+        batch=args.batch,
+        heads=args.heads,
+        head_dim=args.head_dim,
+        dtype=args.dtype,
+        segment_lengths=tuple(args.segments),
+        dilation_rates=tuple(args.rates),
+        block_size=args.block_size,
+        backend=args.backend,
+        work_size=args.work_size,
+        head_mode=args.head_mode,
     )
     try:
         setting.geometry(min(args.seq_lens))

@@ -69,8 +69,9 @@ def print_layout_table(seq_len: int = 16384) -> None:
 def check_reference_against_masked_softmax() -> bool:
     """The reference against plain masked softmax (SDPA, boolean mask) on a small input."""
     torch.manual_seed(0)
-    attention = BlockSparseRingDilatedAttention([16, 32], [1, 2], SparsePatternConfig("local_window", block_size=4,
-                                                local_window_size=8), head_mode="split")
+    attention = BlockSparseRingDilatedAttention(
+        [16, 32], [1, 2], SparsePatternConfig("local_window", block_size=4, local_window_size=8), head_mode="split"
+    )
     q, k, v = (torch.randn(2, 48, 4, 8, dtype=torch.float64) for _ in range(3))
     out, weights = attention(q, k, v, return_attention_weights=True)
     allowed = weights > 0  # split mode: no key counts twice, so weights > 0 is the mask
@@ -107,8 +108,10 @@ def verification_run(seq_len: int | None = None, device: str | None = None) -> b
         f"\nVerification on {device} ({dtype}): B={batch}, N={seq_len}, H={heads}, D={head_dim}; reference in "
         f"float64 on query rows {', '.join(f'[{s}, {s + chunk})' for s in sample_starts)}"
     )
-    print(f"{'pattern':<16}{'backend':>8}{'out error':>12}{'budget':>12}{'lse error':>12}{'budget':>12}"
-          f"{'verdict':>9}{'time':>10}{'peak mem':>12}")
+    print(
+        f"{'pattern':<16}{'backend':>8}{'out error':>12}{'budget':>12}{'lse error':>12}{'budget':>12}"
+        f"{'verdict':>9}{'time':>10}{'peak mem':>12}"
+    )
     all_ok = True
     for pattern in PATTERN_TYPES:
         config = seed_pattern(pattern)
@@ -129,10 +132,12 @@ def verification_run(seq_len: int | None = None, device: str | None = None) -> b
             ]
             (out64, lse64), (out_lowp, lse_lowp) = reference
             empty = torch.isneginf(lse64)
-            verdicts.append((
-                compare("out", out[:, rows], out64, out_lowp, dtype, empty=empty.transpose(1, 2).unsqueeze(-1)),
-                compare("lse", lse[:, :, rows], lse64, lse_lowp, dtype, empty=empty, empty_value=float("-inf")),
-            ))
+            verdicts.append(
+                (
+                    compare("out", out[:, rows], out64, out_lowp, dtype, empty=empty.transpose(1, 2).unsqueeze(-1)),
+                    compare("lse", lse[:, :, rows], lse64, lse_lowp, dtype, empty=empty, empty_value=float("-inf")),
+                )
+            )
         worst_out = max((pair[0] for pair in verdicts), key=lambda verdict: verdict.error - verdict.budget)
         worst_lse = max((pair[1] for pair in verdicts), key=lambda verdict: verdict.error - verdict.budget)
         ok = all(verdict.passed for pair in verdicts for verdict in pair)
@@ -143,17 +148,27 @@ def verification_run(seq_len: int | None = None, device: str | None = None) -> b
             f"{seconds * 1e3:>8.1f}ms{memory.peak_bytes / 2**20:>9.1f}MiB"
         )
     print(f"(peak memory: {memory.how}; time: one call without the profiler)")
-    print(f"VERDICT: {'PASS' if all_ok else 'FAIL'}: every pattern type {'within' if all_ok else 'NOT within'} "
-          f"the error budget (docs/numerics.md) against the float64 reference")
+    print(
+        f"VERDICT: {'PASS' if all_ok else 'FAIL'}: every pattern type {'within' if all_ok else 'NOT within'} "
+        f"the error budget (docs/numerics.md) against the float64 reference"
+    )
     return all_ok
 
 
 def build_parser():
     parser = cli.parser_for(__doc__, __spec__)
-    parser.add_argument("--device", choices=cli.DEVICES, default=None,
-                        help="where the optimized path runs (default: cuda when there is one, else cpu)")
-    parser.add_argument("--seq-len", type=cli.positive_int, default=None,
-                        help=f"N of the verification run (default 16384 on CUDA, 8192 on the CPU; >= {VERIFY_CHUNK})")
+    parser.add_argument(
+        "--device",
+        choices=cli.DEVICES,
+        default=None,
+        help="where the optimized path runs (default: cuda when there is one, else cpu)",
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=cli.positive_int,
+        default=None,
+        help=f"N of the verification run (default 16384 on CUDA, 8192 on the CPU; >= {VERIFY_CHUNK})",
+    )
     parser.add_argument("--table-seq-len", type=cli.positive_int, default=16384, help="N of the layout table")
     return parser
 
@@ -164,8 +179,10 @@ def main(argv=None) -> int:
     if args.device is not None:
         cli.check_device(parser, args.device)
     if args.seq_len is not None and args.seq_len < VERIFY_CHUNK:
-        parser.error(f"--seq-len {args.seq_len}: the reference checks chunks of {VERIFY_CHUNK} query rows; "
-                     f"give --seq-len >= {VERIFY_CHUNK}")
+        parser.error(
+            f"--seq-len {args.seq_len}: the reference checks chunks of {VERIFY_CHUNK} query rows; "
+            f"give --seq-len >= {VERIFY_CHUNK}"
+        )
     print_layout_table(args.table_seq_len)
     ok = check_reference_against_masked_softmax()
     ok &= verification_run(args.seq_len, args.device)

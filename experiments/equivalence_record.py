@@ -30,18 +30,32 @@ def summarize(lines: list[dict]) -> dict:
     groups: dict[tuple, dict] = {}
     for row in lines:
         key = (row["test"], row["backend"], row["dtype"], row["quantity"])
-        group = groups.setdefault(key, {"test": row["test"], "backend": row["backend"], "dtype": row["dtype"],
-                                        "device": row["device"], "quantity": row["quantity"], "verdicts": 0,
-                                        "failed": 0, "worst_ratio": -1.0})
+        group = groups.setdefault(
+            key,
+            {
+                "test": row["test"],
+                "backend": row["backend"],
+                "dtype": row["dtype"],
+                "device": row["device"],
+                "quantity": row["quantity"],
+                "verdicts": 0,
+                "failed": 0,
+                "worst_ratio": -1.0,
+            },
+        )
         group["verdicts"] += 1
         group["failed"] += 0 if row["passed"] else 1
         ratio = _ratio(row)
         if ratio > group["worst_ratio"]:
-            group.update(worst_ratio=ratio, worst_error=row["error"], worst_budget=row["budget"],
-                         worst_case=row["case"])
-    return {"groups": sorted(groups.values(), key=lambda g: (g["test"], g["dtype"], g["quantity"])),
-            "verdicts": len(lines), "failed_verdicts": sum(not row["passed"] for row in lines),
-            "worst_ratio": max((_ratio(row) for row in lines), default=None)}
+            group.update(
+                worst_ratio=ratio, worst_error=row["error"], worst_budget=row["budget"], worst_case=row["case"]
+            )
+    return {
+        "groups": sorted(groups.values(), key=lambda g: (g["test"], g["dtype"], g["quantity"])),
+        "verdicts": len(lines),
+        "failed_verdicts": sum(not row["passed"] for row in lines),
+        "worst_ratio": max((_ratio(row) for row in lines), default=None),
+    }
 
 
 def junit_counts(path: str) -> dict:
@@ -57,16 +71,24 @@ def junit_counts(path: str) -> dict:
 
 def build_parser():
     parser = cli.parser_for(__doc__, __spec__)
-    parser.add_argument("record", nargs="+",
-                        help="JSON-lines files written under EQUIVALENCE_RECORD (a missing one counts as no verdicts: "
-                             "a suite cut short by its timeout may have written none)")
-    parser.add_argument("--junit", nargs="*", default=[],
-                        help="pytest --junitxml files of the same run (a missing one is left out: pytest writes none "
-                             "when its timeout kills it)")
+    parser.add_argument(
+        "record",
+        nargs="+",
+        help="JSON-lines files written under EQUIVALENCE_RECORD (a missing one counts as no verdicts: "
+        "a suite cut short by its timeout may have written none)",
+    )
+    parser.add_argument(
+        "--junit",
+        nargs="*",
+        default=[],
+        help="pytest --junitxml files of the same run (a missing one is left out: pytest writes none "
+        "when its timeout kills it)",
+    )
     parser.add_argument("--out", required=True, help="the summary JSON to write")
     parser.add_argument("--note", default="")
-    parser.add_argument("--device-info", type=cli.existing_file,
-                        help="the run's nvidia_smi.txt, when summarizing on another machine")
+    parser.add_argument(
+        "--device-info", type=cli.existing_file, help="the run's nvidia_smi.txt, when summarizing on another machine"
+    )
     return parser
 
 
@@ -92,11 +114,15 @@ def main(argv=None) -> dict:
         summary["environment"] = environment()
     with open(args.out, "w") as handle:
         json.dump(summary, handle, indent=1)
-    print(f"{summary['verdicts']} verdicts, {summary['failed_verdicts']} failed, worst error/budget "
-          f"{summary['worst_ratio']}")
+    print(
+        f"{summary['verdicts']} verdicts, {summary['failed_verdicts']} failed, worst error/budget "
+        f"{summary['worst_ratio']}"
+    )
     for group in summary["groups"]:
-        print(f"  {group['test'][-60:]:>60} {group['dtype']:>9} {group['quantity']:>9} n={group['verdicts']:>4} "
-              f"worst {group['worst_ratio']:.3f} fails {group['failed']}")
+        print(
+            f"  {group['test'][-60:]:>60} {group['dtype']:>9} {group['quantity']:>9} n={group['verdicts']:>4} "
+            f"worst {group['worst_ratio']:.3f} fails {group['failed']}"
+        )
     for name, counts in summary["pytest"].items():
         print(f"  {name}: {counts}")
     return summary

@@ -29,9 +29,16 @@ def head_table(geometry: AttentionGeometry) -> list[dict]:
     for geo in geometry.branches:
         for head in geo.heads:
             offset = geo.offset_of(head)
-            rows.append({"branch": geo.branch, "head": head, "segment_length": geo.segment_length,
-                         "dilation_rate": geo.dilation_rate, "offset": offset,
-                         "lattice_length": geo.lattice_length(0, offset)})
+            rows.append(
+                {
+                    "branch": geo.branch,
+                    "head": head,
+                    "segment_length": geo.segment_length,
+                    "dilation_rate": geo.dilation_rate,
+                    "offset": offset,
+                    "lattice_length": geo.lattice_length(0, offset),
+                }
+            )
     return rows
 
 

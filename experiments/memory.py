@@ -76,7 +76,7 @@ class CpuPeakRecorder:
         self.peaks: dict[str, int] = {}
         self.seconds: dict[str, float] = {}
 
-    def __enter__(self) -> "CpuPeakRecorder":
+    def __enter__(self) -> CpuPeakRecorder:
         with _native_stderr_silenced():
             self._profile.__enter__()
         return self
@@ -104,9 +104,7 @@ class CpuPeakRecorder:
         wanted = set(self._labels)
         ranges = sorted((e.start_ns(), e.end_ns(), e.name()) for e in events if e.name() in wanted)
         allocations = sorted(
-            (e.start_ns(), e.nbytes())
-            for e in events
-            if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+            (e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
         )
         position = 0
         for start, stop, label in ranges:
@@ -163,8 +161,11 @@ def check_cpu_peak_measurement() -> list[dict]:
         del x
         return (y @ y).sum().item()  # y and the product live: 8 MiB
 
-    cases = [("three live tensors", three_live, 12 << 20), ("four in turn", one_at_a_time, 4 << 20),
-             ("matmul chain", matmul_chain, 8 << 20)]
+    cases = [
+        ("three live tensors", three_live, 12 << 20),
+        ("four in turn", one_at_a_time, 4 << 20),
+        ("matmul chain", matmul_chain, 8 << 20),
+    ]
     rows = []
     for name, fn, expected in cases:
         _, measured = _cpu_allocator_peak(fn)
@@ -172,8 +173,16 @@ def check_cpu_peak_measurement() -> list[dict]:
     return rows
 
 
-def measure(method: str, seq_len: int, setting: MemorySetting, pattern: str | None = None, device="cpu",
-            memory_limit_bytes: int | None = None, seed: int = 0, recorder: CpuPeakRecorder | None = None) -> dict:
+def measure(
+    method: str,
+    seq_len: int,
+    setting: MemorySetting,
+    pattern: str | None = None,
+    device="cpu",
+    memory_limit_bytes: int | None = None,
+    seed: int = 0,
+    recorder: CpuPeakRecorder | None = None,
+) -> dict:
     """One row: the measured peak of ``method`` at ``seq_len`` next to its analytic bytes.
 
     Runs whose generous estimate exceeds ``memory_limit_bytes`` are not run; the row says so.
@@ -224,8 +233,16 @@ def _patterns_of(method: str, patterns) -> tuple:
     return tuple(patterns)
 
 
-def sweep(methods, seq_lens, patterns, setting: MemorySetting, device="cpu", memory_limit_bytes=None,
-          max_seq_len: dict | None = None, progress: bool = False) -> list[dict]:
+def sweep(
+    methods,
+    seq_lens,
+    patterns,
+    setting: MemorySetting,
+    device="cpu",
+    memory_limit_bytes=None,
+    max_seq_len: dict | None = None,
+    progress: bool = False,
+) -> list[dict]:
     """Every (method, pattern, N): pattern-free methods once per N. ``max_seq_len`` caps N per method."""
     jobs = []
     for method in methods:

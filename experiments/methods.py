@@ -43,15 +43,23 @@ def method_callable(method: str, q, k, v, setting: MemorySetting, pattern: str |
         case "reference":
             from reference import BlockSparseRingDilatedAttention as Reference
 
-            module = Reference(setting.segment_lengths, setting.dilation_rates, pattern_config(pattern, setting),
-                               head_mode=setting.head_mode)
+            module = Reference(
+                setting.segment_lengths,
+                setting.dilation_rates,
+                pattern_config(pattern, setting),
+                head_mode=setting.head_mode,
+            )
             return lambda: module(q, k, v)
         case "optimized" | "optimized+weights":
             from optimized import BlockSparseRingDilatedAttention as Optimized
 
             module = Optimized(
-                setting.segment_lengths, setting.dilation_rates, pattern_config(pattern, setting),
-                head_mode=setting.head_mode, backend=setting.backend, work_size=setting.work_size,
+                setting.segment_lengths,
+                setting.dilation_rates,
+                pattern_config(pattern, setting),
+                head_mode=setting.head_mode,
+                backend=setting.backend,
+                work_size=setting.work_size,
                 use_cuda_graphs=False,
             )
             with_weights = method == "optimized+weights"

@@ -18,10 +18,25 @@ from experiments import cli
 
 # (section-independent) metric names of the details page worth a row, in print order
 DETAIL_METRICS = (
-    "Duration", "Compute (SM) Throughput", "Memory Throughput", "DRAM Throughput", "L1/TEX Hit Rate", "L2 Hit Rate",
-    "Executed Ipc Active", "Issue Slots Busy", "No Eligible", "Warp Cycles Per Issued Instruction",
-    "Registers Per Thread", "Dynamic Shared Memory Per Block", "Theoretical Occupancy", "Achieved Occupancy",
-    "Block Limit Registers", "Block Limit Shared Mem", "Grid Size", "Block Size", "Waves Per SM",
+    "Duration",
+    "Compute (SM) Throughput",
+    "Memory Throughput",
+    "DRAM Throughput",
+    "L1/TEX Hit Rate",
+    "L2 Hit Rate",
+    "Executed Ipc Active",
+    "Issue Slots Busy",
+    "No Eligible",
+    "Warp Cycles Per Issued Instruction",
+    "Registers Per Thread",
+    "Dynamic Shared Memory Per Block",
+    "Theoretical Occupancy",
+    "Achieved Occupancy",
+    "Block Limit Registers",
+    "Block Limit Shared Mem",
+    "Grid Size",
+    "Block Size",
+    "Waves Per SM",
     "Executed Instructions",
 )
 STALL = re.compile(r"smsp__average_warps?_issue_stalled_(\w+?)_per_issue_active\.ratio")
@@ -74,8 +89,10 @@ def read_labels(path: str):
 def label_launches(launches, labels):
     """Our kernel and flex's launch once per call here, in the logged order."""
     names = list(launches)
-    return {launch_id: (labels[index] if index < len(labels) else launches[launch_id]["kernel"][:30])
-            for index, launch_id in enumerate(names)}
+    return {
+        launch_id: (labels[index] if index < len(labels) else launches[launch_id]["kernel"][:30])
+        for index, launch_id in enumerate(names)
+    }
 
 
 def main(argv=None) -> str:

@@ -46,8 +46,16 @@ def _finish_axes(ax, title: str | None):
     return ax
 
 
-def plot_peaks(rows, ax=None, value: str = "peak_bytes", min_fit_seq_len: int = 0, title: str | None = None,
-               show_nxn: bool = True, methods=None, fit_last: int | None = None):
+def plot_peaks(
+    rows,
+    ax=None,
+    value: str = "peak_bytes",
+    min_fit_seq_len: int = 0,
+    title: str | None = None,
+    show_nxn: bool = True,
+    methods=None,
+    fit_last: int | None = None,
+):
     """Log-log plot of ``value`` (bytes) against N, one line per (method, pattern), fitted slope in the legend."""
     import matplotlib.pyplot as plt
 
@@ -109,7 +117,7 @@ def plot_layouts(setting, patterns, num_blocks: int, is_causal: bool = False):
         ax.set_title(f"{pattern}: {int(mask.sum())}/{num_blocks * num_blocks} blocks", fontsize=9)
         ax.set_xlabel("key block")
         ax.set_ylabel("query block")
-    for ax in list(axes.flat)[len(patterns):]:
+    for ax in list(axes.flat)[len(patterns) :]:
         ax.axis("off")
     fig.tight_layout()
     return fig
@@ -121,19 +129,21 @@ def plot_lattices(geometry, title: str = ""):
 
     member = lattice_membership(geometry)
     branches = geometry.branches
-    fig, axes = plt.subplots(len(branches), 1, figsize=(10, 1.0 + 0.35 * geometry.num_heads * len(branches)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(branches), 1, figsize=(10, 1.0 + 0.35 * geometry.num_heads * len(branches)), squeeze=False
+    )
     top = int(member.max()) or 1
     for ax, geo in zip(axes[:, 0], branches):
-        ax.imshow(member[geo.branch].numpy(), cmap="viridis", vmin=0, vmax=top, aspect="auto",
-                  interpolation="nearest")
+        ax.imshow(member[geo.branch].numpy(), cmap="viridis", vmin=0, vmax=top, aspect="auto", interpolation="nearest")
         for boundary in range(geo.segment_length, geometry.seq_len, geo.segment_length):
             ax.axvline(boundary - 0.5, color="red", lw=1)
         ax.set_ylabel("head")
         ax.set_yticks(range(geometry.num_heads))
-        ax.set_title(f"branch {geo.branch}: segment {geo.segment_length}, rate {geo.dilation_rate}, "
-                     f"heads {geo.heads.start}..{geo.heads.stop - 1} (color = offset + 1; red = segment edge)",
-                     fontsize=9)
+        ax.set_title(
+            f"branch {geo.branch}: segment {geo.segment_length}, rate {geo.dilation_rate}, "
+            f"heads {geo.heads.start}..{geo.heads.stop - 1} (color = offset + 1; red = segment edge)",
+            fontsize=9,
+        )
     axes[-1, 0].set_xlabel("position")
     if title:
         fig.suptitle(title, fontsize=10)
@@ -228,8 +238,11 @@ def plot_bench_gpu(rows, ceiling_tflops: float | None, heads_by_head_dim: dict, 
     for ax, (D, heads) in zip(axes[0], sorted(heads_by_head_dim.items())):
         for method, style in (("triton_graphed", "-o"), ("flex_compacted", "--s"), ("gather_sdpa", ":^")):
             for pattern in sorted({r["pattern"] for r in rows if r["D"] == D}):
-                pts = sorted((r["N"], r["tflops"]) for r in rows
-                             if r["D"] == D and r["method"] == method and r["pattern"] == pattern)
+                pts = sorted(
+                    (r["N"], r["tflops"])
+                    for r in rows
+                    if r["D"] == D and r["method"] == method and r["pattern"] == pattern
+                )
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{method} {pattern}")
         if ceiling_tflops:

@@ -17,7 +17,13 @@ import torch
 
 from experiments import cli
 from experiments.bench_gpu import (
-    DILATIONS, compacted_flex_inputs, compiled_flex, parse_choice, pattern_configs, randn, run_choice,
+    DILATIONS,
+    compacted_flex_inputs,
+    compiled_flex,
+    parse_choice,
+    pattern_configs,
+    randn,
+    run_choice,
 )
 from optimized.plan import CallPlan
 from reference.config import PATTERN_TYPES, DilationConfig
@@ -47,8 +53,12 @@ def build_parser():
     parser.add_argument("--n", type=cli.positive_int, default=65536, help="tokens")
     parser.add_argument("--d", type=int, default=128, choices=sorted(DILATIONS), help="head dim")
     parser.add_argument("--patterns", type=cli.comma_list(choices=PATTERN_TYPES), default="dense,dilated_sparse")
-    parser.add_argument("--choices", type=cli.comma_list(item=kernel_choice), default="auto,v2,v3,v3tma",
-                        help="kernel choices as experiments.bench_gpu.ab_label writes them")
+    parser.add_argument(
+        "--choices",
+        type=cli.comma_list(item=kernel_choice),
+        default="auto,v2,v3,v3tma",
+        help="kernel choices as experiments.bench_gpu.ab_label writes them",
+    )
     parser.add_argument("--no-flex", action="store_true")
     return parser
 

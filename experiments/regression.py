@@ -60,17 +60,23 @@ class Report:
         return not (strict and (self.only_in_baseline or self.only_in_current))
 
     def describe(self) -> str:
-        lines = [f"{'case':<40}{'anchor':<16}{'baseline':>10}{'current':>10}{'change':>9}  verdict",]
+        lines = [
+            f"{'case':<40}{'anchor':<16}{'baseline':>10}{'current':>10}{'change':>9}  verdict",
+        ]
         for c in sorted(self.comparisons, key=lambda c: -c.change):
             verdict = "REGRESSION" if c.failed(self.threshold) else "ok"
-            lines.append(f"{c.case:<40}{c.anchor:<16}{c.baseline_ratio:>10.3f}{c.current_ratio:>10.3f}"
-                         f"{c.change:>8.2f}x  {verdict}")
+            lines.append(
+                f"{c.case:<40}{c.anchor:<16}{c.baseline_ratio:>10.3f}{c.current_ratio:>10.3f}"
+                f"{c.change:>8.2f}x  {verdict}"
+            )
         for case in self.only_in_baseline:
             lines.append(f"{case:<40} only in the baseline (not run now)")
         for case in self.only_in_current:
             lines.append(f"{case:<40} only in the current run (no baseline)")
-        lines.append(f"{len(self.regressions)} regression(s) past {self.threshold}x of the baseline's ratio "
-                     f"to the anchor ({self.statistic} times)")
+        lines.append(
+            f"{len(self.regressions)} regression(s) past {self.threshold}x of the baseline's ratio "
+            f"to the anchor ({self.statistic} times)"
+        )
         return "\n".join(lines)
 
 
@@ -166,10 +172,15 @@ def _read(parser, option: str, path: str) -> dict:
 def build_parser():
     parser = cli.parser_for(__doc__, __spec__)
     parser.add_argument("--baseline", type=cli.existing_file, help="committed pytest-benchmark JSON")
-    parser.add_argument("--current", nargs="+", type=cli.existing_file,
-                        help="pytest-benchmark JSON of the run(s) to check")
-    parser.add_argument("--merge", nargs="+", metavar=("OUT", "RUN"),
-                        help="write OUT: the per-case best of the RUN files (to record a baseline), then exit")
+    parser.add_argument(
+        "--current", nargs="+", type=cli.existing_file, help="pytest-benchmark JSON of the run(s) to check"
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar=("OUT", "RUN"),
+        help="write OUT: the per-case best of the RUN files (to record a baseline), then exit",
+    )
     parser.add_argument("--threshold", type=float, default=1.5, help="allowed factor over the baseline's ratio (> 1)")
     parser.add_argument("--statistic", default="min", choices=STATISTICS)
     parser.add_argument("--strict", action="store_true", help="also fail on cases present in only one file")

@@ -67,10 +67,17 @@ def load_bench_gpu_peaks(results_dir: str = RESULTS_DIR, name: str = "bench_gpu.
         except (OSError, json.JSONDecodeError):
             continue
         rows = [
-            {"method": f"{row['method']} D={row.get('D')}", "pattern": row.get("pattern"), "seq_len": row["N"],
-             "peak_bytes": row["peak_extra"], "heads": row.get("H"), "head_dim": row.get("D"),
-             "qkv_out_bytes": row.get("qkv_out_bytes")}
-            for row in document.get("rows", []) if row.get("peak_extra") is not None
+            {
+                "method": f"{row['method']} D={row.get('D')}",
+                "pattern": row.get("pattern"),
+                "seq_len": row["N"],
+                "peak_bytes": row["peak_extra"],
+                "heads": row.get("H"),
+                "head_dim": row.get("D"),
+                "qkv_out_bytes": row.get("qkv_out_bytes"),
+            }
+            for row in document.get("rows", [])
+            if row.get("peak_extra") is not None
         ]
         started = str(document.get("info", {}).get("started", ""))
         if rows and (newest is None or started > newest[0]):
@@ -78,6 +85,9 @@ def load_bench_gpu_peaks(results_dir: str = RESULTS_DIR, name: str = "bench_gpu.
     if newest is None:
         return None
     _, path, document, rows = newest
-    info = {"info": document.get("info", {}), "huge": document.get("huge") or None,
-            "file": os.path.relpath(path, os.path.dirname(results_dir))}
+    info = {
+        "info": document.get("info", {}),
+        "huge": document.get("huge") or None,
+        "file": os.path.relpath(path, os.path.dirname(results_dir)),
+    }
     return info, rows

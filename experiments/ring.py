@@ -36,8 +36,9 @@ def geometry_of(dilation: str, seq_len: int, heads: int) -> AttentionGeometry:
     return AttentionGeometry(DilationConfig(segments, rates), seq_len, heads)
 
 
-def schedule_of(dilation: str, seq_len: int, heads: int, pattern: str, block_size: int, is_causal: bool,
-                chunk_lengths) -> RingSchedule:
+def schedule_of(
+    dilation: str, seq_len: int, heads: int, pattern: str, block_size: int, is_causal: bool, chunk_lengths
+) -> RingSchedule:
     segments, rates = DILATIONS[dilation]
     setting = MemorySetting(heads=heads, segment_lengths=segments, dilation_rates=rates, block_size=block_size)
     config = pattern_config(pattern, setting)
@@ -66,8 +67,19 @@ def schedule_row(schedule: RingSchedule, token_bytes: int, **labels) -> dict:
     }
 
 
-def sweep(dilations, seq_len, parts_list, patterns, causal_flags, heads=12, kv_heads=12, head_dim=64,
-          element_size=2, block_size=128, progress=False) -> list[dict]:
+def sweep(
+    dilations,
+    seq_len,
+    parts_list,
+    patterns,
+    causal_flags,
+    heads=12,
+    kv_heads=12,
+    head_dim=64,
+    element_size=2,
+    block_size=128,
+    progress=False,
+) -> list[dict]:
     """A row per (dilation, P, pattern, causal) with P equal chunks."""
     token_bytes = bytes_per_token(kv_heads, head_dim, element_size)
     jobs = [(d, p, pat, c) for d in dilations for p in parts_list for pat in patterns for c in causal_flags]
@@ -78,6 +90,15 @@ def sweep(dilations, seq_len, parts_list, patterns, causal_flags, heads=12, kv_h
     rows = []
     for dilation, parts, pattern, causal in jobs:
         schedule = schedule_of(dilation, seq_len, heads, pattern, block_size, causal, equal_chunks(seq_len, parts))
-        rows.append(schedule_row(schedule, token_bytes, dilation=dilation, seq_len=seq_len, pattern=pattern,
-                                 is_causal=causal, bytes_per_token=token_bytes))
+        rows.append(
+            schedule_row(
+                schedule,
+                token_bytes,
+                dilation=dilation,
+                seq_len=seq_len,
+                pattern=pattern,
+                is_causal=causal,
+                bytes_per_token=token_bytes,
+            )
+        )
     return rows

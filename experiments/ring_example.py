@@ -75,8 +75,7 @@ def main(argv=None) -> int:
         SEGMENT_LENGTHS, DILATION_RATES, config, backend=backend, process_group=dist.group.WORLD
     )
     local = [t[:, rows].to(device, dtype) for t in (q, k, v)]
-    out, lse = attention(*local, is_causal=True, key_padding_mask=key_padding_mask[:, rows].to(device),
-                         return_lse=True)
+    out, lse = attention(*local, is_causal=True, key_padding_mask=key_padding_mask[:, rows].to(device), return_lse=True)
 
     call = dict(is_causal=True, key_padding_mask=key_padding_mask, return_lse=True)
     kwargs = dict(segment_lengths=SEGMENT_LENGTHS, dilation_rates=DILATION_RATES, sparse_config=config)
@@ -85,9 +84,12 @@ def main(argv=None) -> int:
     out_low, lse_low = reference.BlockSparseRingDilatedAttention(**kwargs, compute_dtype=None)(*low, **call)
     empty = torch.isneginf(lse64[:, :, rows])
     verdicts = [
-        compare("out", out, out64[:, rows], out_low[:, rows], dtype, K_OUTPUT, empty=empty.transpose(1, 2).unsqueeze(-1)),
-        compare("lse", lse, lse64[:, :, rows], lse_low[:, :, rows], dtype, K_OUTPUT, empty=empty,
-                empty_value=float("-inf")),
+        compare(
+            "out", out, out64[:, rows], out_low[:, rows], dtype, K_OUTPUT, empty=empty.transpose(1, 2).unsqueeze(-1)
+        ),
+        compare(
+            "lse", lse, lse64[:, :, rows], lse_low[:, :, rows], dtype, K_OUTPUT, empty=empty, empty_value=float("-inf")
+        ),
     ]
     stats = attention.ring_stats
     lines = [

@@ -28,19 +28,27 @@ def execute(name: str, size: str = DEFAULT_SIZE, timeout: int | None = None):
     import papermill
 
     return papermill.execute_notebook(
-        os.path.join(NOTEBOOK_DIR, f"{name}.ipynb"), None,
+        os.path.join(NOTEBOOK_DIR, f"{name}.ipynb"),
+        None,
         parameters={} if size == DEFAULT_SIZE else {"SIZE": size},
-        kernel_name="python3", cwd=NOTEBOOK_DIR, progress_bar=False, execution_timeout=timeout,
+        kernel_name="python3",
+        cwd=NOTEBOOK_DIR,
+        progress_bar=False,
+        execution_timeout=timeout,
     )
 
 
 def build_parser():
     parser = cli.parser_for(__doc__, __spec__)
-    parser.add_argument("names", nargs="*", metavar="NOTEBOOK",
-                        help=f"notebooks to run (default all): {', '.join(NOTEBOOKS)}")
+    parser.add_argument(
+        "names", nargs="*", metavar="NOTEBOOK", help=f"notebooks to run (default all): {', '.join(NOTEBOOKS)}"
+    )
     parser.add_argument("--size", choices=SIZES, default=DEFAULT_SIZE, help="the notebooks' SIZE parameter")
-    parser.add_argument("--output-dir", default=None,
-                        help="where to save the executed notebooks (default: in place, only for --size full)")
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="where to save the executed notebooks (default: in place, only for --size full)",
+    )
     parser.add_argument("--timeout", type=cli.positive_int, default=None, help="seconds allowed per cell")
     return parser
 
@@ -54,8 +62,10 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"NOTEBOOK: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(NOTEBOOKS)}")
     if args.size != DEFAULT_SIZE and args.output_dir is None:
-        parser.error(f"--size {args.size}: the committed notebooks hold full-size outputs; "
-                     f"give --output-dir for the executed copies")
+        parser.error(
+            f"--size {args.size}: the committed notebooks hold full-size outputs; "
+            f"give --output-dir for the executed copies"
+        )
     if args.output_dir is not None:
         cli.check_output_stem(parser, os.path.join(args.output_dir, "notebook.ipynb"), "--output-dir")
     folder = args.output_dir or NOTEBOOK_DIR

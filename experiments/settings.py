@@ -41,7 +41,7 @@ class MemorySetting:
     def element_size(self) -> int:
         return torch.empty(0, dtype=self.torch_dtype).element_size()
 
-    def scaled_down(self, factor: int) -> "MemorySetting":
+    def scaled_down(self, factor: int) -> MemorySetting:
         """Segments and block size divided by ``factor``: the seed's shape at sizes a CPU runs live."""
         return replace(
             self,
@@ -50,8 +50,9 @@ class MemorySetting:
         )
 
     def geometry(self, seq_len: int) -> AttentionGeometry:
-        return AttentionGeometry(DilationConfig(self.segment_lengths, self.dilation_rates, self.head_mode), seq_len,
-                                 self.heads)
+        return AttentionGeometry(
+            DilationConfig(self.segment_lengths, self.dilation_rates, self.head_mode), seq_len, self.heads
+        )
 
     def describe(self) -> str:
         return (

@@ -21,17 +21,29 @@ from .methods import METHODS
 
 def build_parser():
     parser = cli.parser_for(__doc__, __spec__)
-    cli.add_setting_arguments(parser, methods=METHODS, default_methods=METHODS, default_patterns=PATTERN_TYPES,
-                              default_seq_lens=[1024, 2048, 4096, 8192, 16384])
+    cli.add_setting_arguments(
+        parser,
+        methods=METHODS,
+        default_methods=METHODS,
+        default_patterns=PATTERN_TYPES,
+        default_seq_lens=[1024, 2048, 4096, 8192, 16384],
+    )
     parser.add_argument("--max-dense-seq-len", type=cli.positive_int, default=4096, help="largest N for dense_nxn")
-    parser.add_argument("--max-reference-seq-len", type=cli.positive_int, default=2048,
-                        help="largest N for the reference")
-    parser.add_argument("--memory-limit-gib", type=cli.positive_float, default=8.0,
-                        help="skip runs estimated above this")
-    parser.add_argument("--fit-from", type=cli.non_negative_int, default=None,
-                        help="fit slopes on N >= this (default: the largest segment length)")
-    parser.add_argument("--fit-last", type=cli.non_negative_int, default=3,
-                        help="fit each line over its largest N only (0: all)")
+    parser.add_argument(
+        "--max-reference-seq-len", type=cli.positive_int, default=2048, help="largest N for the reference"
+    )
+    parser.add_argument(
+        "--memory-limit-gib", type=cli.positive_float, default=8.0, help="skip runs estimated above this"
+    )
+    parser.add_argument(
+        "--fit-from",
+        type=cli.non_negative_int,
+        default=None,
+        help="fit slopes on N >= this (default: the largest segment length)",
+    )
+    parser.add_argument(
+        "--fit-last", type=cli.non_negative_int, default=3, help="fit each line over its largest N only (0: all)"
+    )
     parser.add_argument("--out", default=None, help="output stem (default experiments/results/memory_<device>)")
     return parser
 
@@ -46,7 +58,11 @@ def main(argv=None) -> int:
     env = environment(args.device)
     print(f"{describe(env)}\n{setting.describe()}")
     rows = memory.sweep(
-        args.methods, sorted(args.seq_lens), args.patterns, setting, args.device,
+        args.methods,
+        sorted(args.seq_lens),
+        args.patterns,
+        setting,
+        args.device,
         memory_limit_bytes=int(args.memory_limit_gib * 2**30),
         max_seq_len={"dense_nxn": args.max_dense_seq_len, "reference": args.max_reference_seq_len},
         progress=True,
@@ -54,8 +70,12 @@ def main(argv=None) -> int:
     fit_from = args.fit_from if args.fit_from is not None else max(args.segments)
     fitted = analysis.slopes(rows, min_seq_len=fit_from, last=args.fit_last or None)
     stem = args.out or os.path.join(result_files.RESULTS_DIR, f"memory_{args.device}")
-    result_files.save_results(f"{stem}.json", rows, env, {"setting": setting.describe(), "slopes": fitted,
-                                                          "fit_from_seq_len": fit_from, "arguments": vars(args)})
+    result_files.save_results(
+        f"{stem}.json",
+        rows,
+        env,
+        {"setting": setting.describe(), "slopes": fitted, "fit_from_seq_len": fit_from, "arguments": vars(args)},
+    )
     result_files.save_csv(f"{stem}.csv", rows)
     title = f"{describe(env)}\n{setting.describe()}, work_size {setting.work_size}"
     ax = plots.plot_peaks(rows, min_fit_seq_len=fit_from, fit_last=args.fit_last or None, title=title)

@@ -25,16 +25,21 @@ def build_parser():
     parser = cli.parser_for(__doc__, __spec__)
     parser.add_argument("--dilations", nargs="+", default=list(ring.DILATIONS), choices=list(ring.DILATIONS))
     parser.add_argument("--seq-len", type=cli.positive_int, default=32768)
-    parser.add_argument("--parts", nargs="+", type=cli.positive_int, default=[2, 4, 8, 16],
-                        help="ring sizes P (equal chunks; each P <= --seq-len)")
-    parser.add_argument("--patterns", nargs="+", default=["dilated_sparse", "local_window"],
-                        choices=list(PATTERN_TYPES))
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        type=cli.positive_int,
+        default=[2, 4, 8, 16],
+        help="ring sizes P (equal chunks; each P <= --seq-len)",
+    )
+    parser.add_argument(
+        "--patterns", nargs="+", default=["dilated_sparse", "local_window"], choices=list(PATTERN_TYPES)
+    )
     parser.add_argument("--causal", choices=list(CAUSAL), default="both")
     parser.add_argument("--heads", type=cli.positive_int, default=12)
     parser.add_argument("--kv-heads", type=cli.positive_int, default=12)
     parser.add_argument("--head-dim", type=cli.positive_int, default=64)
-    parser.add_argument("--element-size", type=int, default=2, choices=[1, 2, 4, 8],
-                        help="bytes per element (2: bf16)")
+    parser.add_argument("--element-size", type=int, default=2, choices=[1, 2, 4, 8], help="bytes per element (2: bf16)")
     parser.add_argument("--block-size", type=cli.positive_int, default=128)
     parser.add_argument("--out", default=None, help="output stem (default experiments/results/ring_schedule)")
     return parser
@@ -60,19 +65,34 @@ def main(argv=None) -> int:
     validate(parser, args)
     plots.use_file_backend()
 
-    rows = ring.sweep(args.dilations, args.seq_len, args.parts, args.patterns, CAUSAL[args.causal], args.heads,
-                      args.kv_heads, args.head_dim, args.element_size, args.block_size, progress=True)
+    rows = ring.sweep(
+        args.dilations,
+        args.seq_len,
+        args.parts,
+        args.patterns,
+        CAUSAL[args.causal],
+        args.heads,
+        args.kv_heads,
+        args.head_dim,
+        args.element_size,
+        args.block_size,
+        progress=True,
+    )
     stem = args.out or os.path.join(result_files.RESULTS_DIR, "ring_schedule")
     result_files.save_results(f"{stem}.json", rows, environment("cpu"), {"arguments": vars(args)})
     result_files.save_csv(f"{stem}.csv", rows)
     ax = plots.plot_ring_sweep(rows)
-    ax.set_title(f"N={args.seq_len}, H={args.heads}, H_kv={args.kv_heads}, D={args.head_dim}, block {args.block_size}",
-                 fontsize=9)
+    ax.set_title(
+        f"N={args.seq_len}, H={args.heads}, H_kv={args.kv_heads}, D={args.head_dim}, block {args.block_size}",
+        fontsize=9,
+    )
     plots.save_figure(ax.figure, f"{stem}.png")
     for row in rows:
-        print(f"{row['dilation']:<7}{row['pattern']:<16}{'causal' if row['is_causal'] else '':<7} P={row['parts']:<3}"
-              f" active {row['active_pairs']:>4}/{row['all_pairs']:<4} last step {row['last_step']:>3}"
-              f"  sent {row['total_bytes'] / 2**20:9.1f} MiB ({row['sent_over_naive']:.2f} of naive)")
+        print(
+            f"{row['dilation']:<7}{row['pattern']:<16}{'causal' if row['is_causal'] else '':<7} P={row['parts']:<3}"
+            f" active {row['active_pairs']:>4}/{row['all_pairs']:<4} last step {row['last_step']:>3}"
+            f"  sent {row['total_bytes'] / 2**20:9.1f} MiB ({row['sent_over_naive']:.2f} of naive)"
+        )
     print(f"wrote {stem}.json, .csv, .png")
     return 0
 

@@ -22,11 +22,19 @@ DEFAULT_METHODS = ["sdpa", "dense_nxn", "optimized"]
 
 def build_parser():
     parser = cli.parser_for(__doc__, __spec__)
-    cli.add_setting_arguments(parser, methods=METHODS, default_methods=DEFAULT_METHODS,
-                              default_patterns=["dense", "local_window", "dilated_sparse", "random"],
-                              default_seq_lens=[1024, 2048, 4096, 8192])
-    parser.add_argument("--min-run-time", type=cli.positive_float, default=0.2,
-                        help="seconds of timed calls per measurement (torch.utils.benchmark blocked_autorange)")
+    cli.add_setting_arguments(
+        parser,
+        methods=METHODS,
+        default_methods=DEFAULT_METHODS,
+        default_patterns=["dense", "local_window", "dilated_sparse", "random"],
+        default_seq_lens=[1024, 2048, 4096, 8192],
+    )
+    parser.add_argument(
+        "--min-run-time",
+        type=cli.positive_float,
+        default=0.2,
+        help="seconds of timed calls per measurement (torch.utils.benchmark blocked_autorange)",
+    )
     parser.add_argument("--max-dense-seq-len", type=cli.positive_int, default=4096)
     parser.add_argument("--max-reference-seq-len", type=cli.positive_int, default=1024)
     parser.add_argument("--out", default=None, help="output stem (default experiments/results/throughput_<device>)")
@@ -64,8 +72,10 @@ def main(argv=None) -> int:
     plots.save_figure(ax.figure, f"{stem}.png")
     for row in rows:
         label = row["method"] if row["pattern"] is None else f"{row['method']} [{row['pattern']}]"
-        print(f"{label:<32} N={row['seq_len']:>7} {row['median_s'] * 1e3:9.2f} ms "
-              f"{row['tokens_per_s']:12.0f} tok/s {row['useful_tflops']:8.4f} TFLOP/s")
+        print(
+            f"{label:<32} N={row['seq_len']:>7} {row['median_s'] * 1e3:9.2f} ms "
+            f"{row['tokens_per_s']:12.0f} tok/s {row['useful_tflops']:8.4f} TFLOP/s"
+        )
     print(f"wrote {stem}.json, .csv, .png")
     return 0
 

@@ -25,12 +25,23 @@ def time_call(fn, min_run_time: float = 0.2, threads: int | None = None) -> dict
 
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads or torch.get_num_threads())
     measured = timer.blocked_autorange(min_run_time=min_run_time)
-    return {"median_s": measured.median, "min_s": min(measured.times), "runs": len(measured.raw_times) *
-            measured.number_per_run, "calls_per_block": measured.number_per_run}
+    return {
+        "median_s": measured.median,
+        "min_s": min(measured.times),
+        "runs": len(measured.raw_times) * measured.number_per_run,
+        "calls_per_block": measured.number_per_run,
+    }
 
 
-def throughput(method: str, seq_len: int, setting: MemorySetting, pattern: str | None = None, device="cpu",
-               min_run_time: float = 0.2, seed: int = 0) -> dict:
+def throughput(
+    method: str,
+    seq_len: int,
+    setting: MemorySetting,
+    pattern: str | None = None,
+    device="cpu",
+    min_run_time: float = 0.2,
+    seed: int = 0,
+) -> dict:
     """One row of the throughput sweep: time, tokens per second and useful TFLOP/s."""
     device = torch.device(device)
     if method in FULL_ATTENTION_METHODS:

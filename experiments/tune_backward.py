@@ -24,7 +24,11 @@ from reference.semantics import AttentionGeometry, active_pair_count
 
 SETTINGS = ((64, 65536, "dense"), (128, 65536, "dense"), (64, 65536, "local_window"))
 CANDIDATES = (  # (rows, step, warps, stages)
-    (64, 32, 4, 2), (128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3),
+    (64, 32, 4, 2),
+    (128, 32, 4, 3),
+    (128, 32, 8, 3),
+    (128, 64, 8, 3),
+    (64, 64, 4, 3),
 )
 
 
@@ -41,15 +45,16 @@ def main(argv=None) -> int:
         heads = setting["heads"]
         geometry = AttentionGeometry(DilationConfig(setting["segments"], setting["rates"], "split"), seq_len, heads)
         config = pattern_configs()[pattern]
-        plan = CallPlan.whole(geometry, config, False, head_dim ** -0.5)
+        plan = CallPlan.whole(geometry, config, False, head_dim**-0.5)
         pairs = active_pair_count(geometry, config)
         q, k, v, dout = (randn(1, seq_len, heads, head_dim) for _ in range(4))
         out, lse = triton_backend.partial_forward(q, k, v, None, plan)
 
         def time_tile(tile):
             try:
-                return bench(lambda: triton_backward.partial_backward(q, k, v, None, plan, out, lse, dout, None,
-                                                                      tile=tile))
+                return bench(
+                    lambda: triton_backward.partial_backward(q, k, v, None, plan, out, lse, dout, None, tile=tile)
+                )
             except Exception as error:  # noqa: BLE001 - a tile that does not compile or fit is skipped
                 print("skip", tile, type(error).__name__, str(error)[:120], flush=True)
                 return float("inf")
@@ -64,24 +69,44 @@ def main(argv=None) -> int:
             tile = BackwardTile(best_dq, KernelTile(*candidate))
             results.append((time_tile(tile), tile))
         for ms, tile in results:
-            row = dict(head_dim=head_dim, seq_len=seq_len, pattern=pattern, dq=tile.dq.__dict__, kv=tile.kv.__dict__,
-                       ms=ms, backward_tflops=2.5 * tflops(pairs, head_dim, ms) if ms < float("inf") else None,
-                       default=tile == default)
+            row = dict(
+                head_dim=head_dim,
+                seq_len=seq_len,
+                pattern=pattern,
+                dq=tile.dq.__dict__,
+                kv=tile.kv.__dict__,
+                ms=ms,
+                backward_tflops=2.5 * tflops(pairs, head_dim, ms) if ms < float("inf") else None,
+                default=tile == default,
+            )
             rows.append(row)
             print(json.dumps(row), flush=True)
         with open(os.path.join(args.out, "tune_backward.json"), "w") as handle:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": __import__("triton").__version__, "rows": rows}, handle, indent=1)
+            json.dump(
+                {
+                    "gpu": torch.cuda.get_device_name(),
+                    "torch": torch.__version__,
+                    "triton": __import__("triton").__version__,
+                    "rows": rows,
+                },
+                handle,
+                indent=1,
+            )
         del q, k, v, dout, out, lse
         torch.cuda.empty_cache()
-    print(f"\n{'D':>4} {'pattern':<13} {'best dq (rows,step,warps,stages)':<34} {'best kv':<22} {'ms':>8} {'TF':>6} {'default ms':>10}")
+    print(
+        f"\n{'D':>4} {'pattern':<13} {'best dq (rows,step,warps,stages)':<34} {'best kv':<22} {'ms':>8} {'TF':>6} "
+        f"{'default ms':>10}"
+    )
     for head_dim, seq_len, pattern in SETTINGS:
         mine = [r for r in rows if (r["head_dim"], r["pattern"]) == (head_dim, pattern)]
         best = min(mine, key=lambda r: r["ms"])
         default = next(r for r in mine if r["default"])
         fmt = lambda t: f"({t['rows']},{t['step']},{t['num_warps']},{t['num_stages']})"  # noqa: E731
-        print(f"{head_dim:>4} {pattern:<13} {fmt(best['dq']):<34} {fmt(best['kv']):<22} {best['ms']:>8.3f} "
-              f"{best['backward_tflops']:>6.0f} {default['ms']:>10.3f}")
+        print(
+            f"{head_dim:>4} {pattern:<13} {fmt(best['dq']):<34} {fmt(best['kv']):<22} {best['ms']:>8.3f} "
+            f"{best['backward_tflops']:>6.0f} {default['ms']:>10.3f}"
+        )
     return 0
 
 

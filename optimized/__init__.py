@@ -11,8 +11,19 @@ BlockSparseRingDilatedAttentionV2 = BlockSparseRingDilatedAttention
 BlockSparseRingMultiheadDilatedAttentionV2 = BlockSparseRingMultiheadDilatedAttention
 
 __all__ = [
-    "BACKENDS", "BlockSparseRingDilatedAttention", "BlockSparseRingDilatedAttentionV2",
-    "BlockSparseRingMultiheadDilatedAttention", "BlockSparseRingMultiheadDilatedAttentionV2",
-    "CallPlan", "Case", "Choice", "DilationConfig", "FlexOptions", "SparsePatternConfig", "TorchOptions",
-    "TritonOptions", "choose", "resolve_backend",
+    "BACKENDS",
+    "BlockSparseRingDilatedAttention",
+    "BlockSparseRingDilatedAttentionV2",
+    "BlockSparseRingMultiheadDilatedAttention",
+    "BlockSparseRingMultiheadDilatedAttentionV2",
+    "CallPlan",
+    "Case",
+    "Choice",
+    "DilationConfig",
+    "FlexOptions",
+    "SparsePatternConfig",
+    "TorchOptions",
+    "TritonOptions",
+    "choose",
+    "resolve_backend",
 ]

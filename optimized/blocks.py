@@ -34,11 +34,16 @@ class DeviceTable:
     key_block: torch.Tensor  # (nnz,)
 
     @classmethod
-    def of(cls, table: BlockTable, device: torch.device) -> "DeviceTable":
+    def of(cls, table: BlockTable, device: torch.device) -> DeviceTable:
         move = lambda t: t.to(device=device, dtype=torch.long)  # noqa: E731
         return cls(
-            table, move(table.lattice_start), move(table.lattice_length), move(table.query_block),
-            move(table.row_ptr), move(table.row_counts), move(table.key_block),
+            table,
+            move(table.lattice_start),
+            move(table.lattice_length),
+            move(table.query_block),
+            move(table.row_ptr),
+            move(table.row_counts),
+            move(table.key_block),
         )
 
 
@@ -88,8 +93,11 @@ def row_groups(table: BlockTable, group_size: int, blocks_per_row: int = 1) -> l
         first = best[last][1]
         runs.append((cuts[first], cuts[last]))
         last = first
-    return [(row0, min(row0 + group_size, stop)) for start, stop in reversed(runs)
-            for row0 in range(start, stop, group_size)]
+    return [
+        (row0, min(row0 + group_size, stop))
+        for start, stop in reversed(runs)
+        for row0 in range(start, stop, group_size)
+    ]
 
 
 def block_points(lattice_start, lattice_length, block, stride: int, block_size: int, limits: tuple[int, int]):
@@ -191,8 +199,9 @@ class PartialCollector:
     # float64 temporaries of the merge to a slice of out.
     MERGE_QUERIES = 4096
 
-    def __init__(self, batch: int, num_queries: int, num_heads: int, head_dim: int, device,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, batch: int, num_queries: int, num_heads: int, head_dim: int, device, dtype: torch.dtype = torch.float32
+    ) -> None:
         self.shape = (batch, num_queries, num_heads, head_dim)
         self.device = device
         self.dtype = dtype  # of the pieces and the result: float32, or float64 for float64 inputs
@@ -203,8 +212,10 @@ class PartialCollector:
 
     def _empty(self):
         B, Nq, H, D = self.shape
-        return (torch.zeros(B, Nq * H, D, dtype=self.dtype, device=self.device),
-                torch.full((B, H * Nq), float("-inf"), dtype=self.dtype, device=self.device))
+        return (
+            torch.zeros(B, Nq * H, D, dtype=self.dtype, device=self.device),
+            torch.full((B, H * Nq), float("-inf"), dtype=self.dtype, device=self.device),
+        )
 
     def _slots(self, heads: range, index: torch.Tensor):
         """Flat (query, head) slots of out (B, Nq * H, D) and (head, query) slots of lse (B, H * Nq)."""
@@ -224,14 +235,18 @@ class PartialCollector:
                 del piece_out, piece_lse
         elif pieces:
             slots = [self._slots(heads, index) for heads, index, _, _ in pieces]
-            out = out.index_copy(1, torch.cat([o for o, _ in slots]),
-                                 torch.cat([piece[2].reshape(B, -1, D) for piece in pieces], dim=1))
-            lse = lse.index_copy(1, torch.cat([s for _, s in slots]),
-                                 torch.cat([piece[3].reshape(B, -1) for piece in pieces], dim=1))
+            out = out.index_copy(
+                1, torch.cat([o for o, _ in slots]), torch.cat([piece[2].reshape(B, -1, D) for piece in pieces], dim=1)
+            )
+            lse = lse.index_copy(
+                1, torch.cat([s for _, s in slots]), torch.cat([piece[3].reshape(B, -1) for piece in pieces], dim=1)
+            )
         return out.reshape(B, Nq, H, D), lse.reshape(B, H, Nq)
 
     def result(self):
-        """(out (B, Nq, H, D), lse (B, H, Nq)) in the collector's dtype, layers merged by docs/semantics.md section 5's rule."""
+        """(out (B, Nq, H, D), lse (B, H, Nq)) in the collector's dtype.
+
+        Layers are merged by the lse rule of docs/semantics.md section 5."""
         B, Nq, H, D = self.shape
         tracked = torch.is_grad_enabled() and any(
             piece[2].requires_grad or piece[3].requires_grad for pieces in self.layers.values() for piece in pieces
@@ -251,8 +266,9 @@ class PartialCollector:
         lse = torch.empty(B, H, Nq, dtype=self.dtype, device=self.device)
         for q0 in range(0, Nq, self.MERGE_QUERIES):
             q1 = min(q0 + self.MERGE_QUERIES, Nq)
-            merged_out, merged_lse = merge_all([part[:, q0:q1].double() for part, _ in parts],
-                                               [part[:, :, q0:q1].double() for _, part in parts])
+            merged_out, merged_lse = merge_all(
+                [part[:, q0:q1].double() for part, _ in parts], [part[:, :, q0:q1].double() for _, part in parts]
+            )
             out[:, q0:q1] = merged_out
             lse[:, :, q0:q1] = merged_lse
         return out, lse

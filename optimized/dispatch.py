@@ -48,7 +48,7 @@ class Case:
     needs_grad: bool = False
 
     @classmethod
-    def of_call(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> "Case":
+    def of_call(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_size: int) -> Case:
         """The case of a call with these (validated) inputs; head dim is the last axis in every layout."""
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         return cls(q.device, q.dtype, int(q.shape[-1]), int(block_size), bool(needs_grad))
@@ -201,12 +201,17 @@ class TritonBackend(Backend):
 
     def forward_partial(self, q, k, v, key_padding_mask, plan, options: TritonOptions):
         return triton_backward.differentiable_forward(
-            q, k, v, key_padding_mask, plan, variant=options.variant, order=options.item_order,
+            q,
+            k,
+            v,
+            key_padding_mask,
+            plan,
+            variant=options.variant,
+            order=options.item_order,
             index=options.index_mode,
         )
 
-    def backward_partial(self, q, k, v, key_padding_mask, plan, options: TritonOptions, out, lse, grad_out,
-                         grad_lse):
+    def backward_partial(self, q, k, v, key_padding_mask, plan, options: TritonOptions, out, lse, grad_out, grad_lse):
         return triton_backward.partial_backward(
             q, k, v, key_padding_mask, plan, out, lse, grad_out, grad_lse, order=options.item_order
         )
@@ -280,7 +285,10 @@ def options_for(backend: Backend, options) -> object:
 def resolve_backend(backend: str, device, *, sparse_config=None, head_dim=None, dtype=None, needs_grad=False) -> str:
     """The name of the backend ``backend`` resolves to for a call with these facts (unknown ones unchecked)."""
     case = Case(
-        torch.device(device), dtype, head_dim, None if sparse_config is None else sparse_config.block_size,
+        torch.device(device),
+        dtype,
+        head_dim,
+        None if sparse_config is None else sparse_config.block_size,
         bool(needs_grad),
     )
     return choose(backend, case).name

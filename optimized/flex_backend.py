@@ -82,8 +82,9 @@ def _run_flex(query, key, value, block_mask, scale):
     if query.is_cuda:
         import torch._dynamo.config as dynamo_config
 
-        limits = dict(recompile_limit=max(RECOMPILE_LIMIT, dynamo_config.recompile_limit),
-                      fail_on_recompile_limit_hit=True)
+        limits = dict(
+            recompile_limit=max(RECOMPILE_LIMIT, dynamo_config.recompile_limit), fail_on_recompile_limit_hit=True
+        )
         options = _kernel_options(block_mask.BLOCK_SIZE[0])
         head_dim = query.shape[-1]
         query, key, value = pad_head_dim(query, key, value, MIN_COMPILED_HEAD_DIM)
@@ -99,7 +100,12 @@ def _call_flex(flex, function, query, key, value, block_mask, scale, options):
         warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
         if hasattr(flex, "AuxRequest"):
             out, aux = function(
-                query, key, value, block_mask=block_mask, scale=scale, kernel_options=options,
+                query,
+                key,
+                value,
+                block_mask=block_mask,
+                scale=scale,
+                kernel_options=options,
                 return_aux=flex.AuxRequest(lse=True),
             )
             return out, aux.lse
@@ -155,19 +161,40 @@ class _FlexTable:
     block_mask: object  # flex.BlockMask; its mask_mod knows no key padding
 
     def tensors(self):
-        yield from (self.q_index, self.k_index, self.query_heads, self.kv_heads, self.local_heads,
-                    self.keep_lattice, self.keep_slot, self.keep_index)
+        yield from (
+            self.q_index,
+            self.k_index,
+            self.query_heads,
+            self.kv_heads,
+            self.local_heads,
+            self.keep_lattice,
+            self.keep_slot,
+            self.keep_index,
+        )
         yield from (t for t in self.mask_parts if t is not None)
         mask = self.block_mask
-        yield from (t for t in (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
-                                mask.q_num_blocks, mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices)
-                    if t is not None)
+        yield from (
+            t
+            for t in (
+                mask.kv_num_blocks,
+                mask.kv_indices,
+                mask.full_kv_num_blocks,
+                mask.full_kv_indices,
+                mask.q_num_blocks,
+                mask.q_indices,
+                mask.full_q_num_blocks,
+                mask.full_q_indices,
+            )
+            if t is not None
+        )
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def mask_mod(self, key_ok=None, heads_per_batch: int = 1):
-        """The table's mask_mod with a call's key padding ``key_ok`` (B, S, lk), flex heads = B * ``heads_per_batch``."""
+        """The table's mask_mod with a call's key padding ``key_ok`` (B, S, lk).
+
+        Flex's heads are B * ``heads_per_batch``."""
         return _mask_mod(*self.mask_parts, self.block_size, key_ok, heads_per_batch)
 
 
@@ -274,7 +301,9 @@ def _build_table(table, plan: CallPlan, device, num_heads: int, num_kv_heads: in
         full &= (entry_col + 1) * b - 1 - entry_in_lattice * b <= diagonal[entry_lattice]
     partial = ~full
     shape = (num_lattices, rows_max, span_max)
-    kv_num_blocks, kv_indices = _block_lists(entry_lattice[partial], entry_in_lattice[partial], entry_col[partial], *shape)
+    kv_num_blocks, kv_indices = _block_lists(
+        entry_lattice[partial], entry_in_lattice[partial], entry_col[partial], *shape
+    )
     full_lists = (None, None)
     if bool(full.any()):
         full_lists = _block_lists(entry_lattice[full], entry_in_lattice[full], entry_col[full], *shape)
@@ -292,17 +321,30 @@ def _build_table(table, plan: CallPlan, device, num_heads: int, num_kv_heads: in
     # Slots are < lk: int32 halves what the mask_mod loads.
     mask_parts = (*(to(t.to(torch.int32)) for t in (kv_lo, kv_hi, diagonal)), to(block_allowed))
     block_mask = flex.BlockMask.from_kv_blocks(
-        to(kv_num_blocks), to(kv_indices), to(full_lists[0]), to(full_lists[1]), BLOCK_SIZE=b,
-        mask_mod=_mask_mod(*mask_parts, b, None, 1), seq_lengths=(lq, lk),
+        to(kv_num_blocks),
+        to(kv_indices),
+        to(full_lists[0]),
+        to(full_lists[1]),
+        BLOCK_SIZE=b,
+        mask_mod=_mask_mod(*mask_parts, b, None, 1),
+        seq_lengths=(lq, lk),
     )
     return _FlexTable(
-        heads=table.heads, block_size=b, num_lattices=num_lattices, query_len=lq, key_len=lk,
-        q_index=to(q_index), k_index=to(k_index),
+        heads=table.heads,
+        block_size=b,
+        num_lattices=num_lattices,
+        query_len=lq,
+        key_len=lk,
+        q_index=to(q_index),
+        k_index=to(k_index),
         query_heads=torch.arange(table.heads.start, table.heads.stop, device=device),
         kv_heads=kv_heads_of(table.heads, num_heads, num_kv_heads, device),
         local_heads=torch.arange(len(table.heads), device=device),
-        keep_lattice=to(keep // lq), keep_slot=to(keep % lq), keep_index=to(q_index.reshape(-1)[keep]),
-        mask_parts=mask_parts, block_mask=block_mask,
+        keep_lattice=to(keep // lq),
+        keep_slot=to(keep % lq),
+        keep_index=to(q_index.reshape(-1)[keep]),
+        mask_parts=mask_parts,
+        block_mask=block_mask,
     )
 
 
@@ -343,8 +385,10 @@ class LayoutCache:
         # Built outside inference mode: inference tensors cannot be saved for backward, and a later
         # call with gradients reuses what an inference_mode call built.
         with torch.inference_mode(False), torch.no_grad():
-            entry = tuple((layer, _build_table(table, plan, key[1], num_heads, num_kv_heads, padded))
-                          for layer, table in tables_by_layer(plan.tables))
+            entry = tuple(
+                (layer, _build_table(table, plan, key[1], num_heads, num_kv_heads, padded))
+                for layer, table in tables_by_layer(plan.tables)
+            )
         self._entries[key] = entry
         self._nbytes[key] = sum(table.nbytes() for _, table in entry)
         while len(self._entries) > 1 and self.nbytes > self.max_bytes:
@@ -408,8 +452,12 @@ def _table_partial(q, k, v, key_padding_mask, table: _FlexTable, plan: CallPlan,
         block_mask.mask_mod = table.mask_mod(~key_padding_mask[:, table.k_index], nh)
     out, lse = _run_flex(query, key, value, block_mask, plan.scale)
     # Back to (B, P, nh, ...) at the valid query slots, one gather each.
-    where = (table.keep_lattice.view(1, -1, 1), batch_index.view(batch, 1, 1), table.local_heads.view(1, 1, nh),
-             table.keep_slot.view(1, -1, 1))
+    where = (
+        table.keep_lattice.view(1, -1, 1),
+        batch_index.view(batch, 1, 1),
+        table.local_heads.view(1, 1, nh),
+        table.keep_slot.view(1, -1, 1),
+    )
     result_dtype = accumulation_dtype(q.dtype)
     out = out.reshape(S, batch, nh, lq, head_dim)[where].to(result_dtype)
     lse = lse.reshape(S, batch, nh, lq)[where].to(result_dtype)

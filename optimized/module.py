@@ -145,8 +145,13 @@ class BlockSparseRingDilatedAttention(nn.Module):
     ):
         if self.process_group is not None:
             request = ring.RingRequest(
-                self.process_group, self.dilation, self.sparse_config, self.backend, self.backend_options,
-                self.layout, self._chunk_lengths_cache,
+                self.process_group,
+                self.dilation,
+                self.sparse_config,
+                self.backend,
+                self.backend_options,
+                self.layout,
+                self._chunk_lengths_cache,
             )
             result = ring.distributed_forward(
                 request, q, k, v, bool(is_causal), key_padding_mask, return_attention_weights, return_lse, scale
@@ -177,7 +182,16 @@ class BlockSparseRingDilatedAttention(nn.Module):
                 out, lse = backend.forward_partial(q, k, v, key_padding_mask, plan, options)
         else:
             out, lse = ring.in_process_forward(
-                backend, options, q, k, v, key_padding_mask, geometry, self.sparse_config, bool(is_causal), scale,
+                backend,
+                options,
+                q,
+                k,
+                v,
+                key_padding_mask,
+                geometry,
+                self.sparse_config,
+                bool(is_causal),
+                scale,
                 chunks,
             )
         if torch.is_grad_enabled() and not out.requires_grad and any(t.requires_grad for t in (q, k, v)):

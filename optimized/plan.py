@@ -24,7 +24,7 @@ class CallPlan:
     key_range: tuple[int, int]
 
     @classmethod
-    def whole(cls, geometry, sparse_config, is_causal, scale) -> "CallPlan":
+    def whole(cls, geometry, sparse_config, is_causal, scale) -> CallPlan:
         full = (0, geometry.seq_len)
         return cls(geometry, sparse_config, bool(is_causal), float(scale), full, full)
 

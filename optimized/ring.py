@@ -162,8 +162,12 @@ class _RingCall:
 
     def plan(self, query_chunk: int, key_chunk: int) -> CallPlan:
         return CallPlan(
-            self.geometry, self.sparse_config, self.is_causal, self.scale,
-            self.schedule.chunk_range(query_chunk), self.schedule.chunk_range(key_chunk),
+            self.geometry,
+            self.sparse_config,
+            self.is_causal,
+            self.scale,
+            self.schedule.chunk_range(query_chunk),
+            self.schedule.chunk_range(key_chunk),
         )
 
     def post(self, sends, receives):
@@ -174,7 +178,7 @@ class _RingCall:
         return self.dist.batch_isend_irecv(ops) if ops else []
 
 
-def _wait(works, call: "_RingCall", what: str) -> None:
+def _wait(works, call: _RingCall, what: str) -> None:
     """Wait for transfers; a peer that raised, died or hangs surfaces here as the group's timeout."""
     try:
         for work in works:
@@ -506,16 +510,28 @@ def distributed_forward(
     batch, local_len, num_heads, head_dim = q.shape
     grad_wanted = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     description = (
-        ("dilation", request.dilation), ("sparse_config", request.sparse_config), ("backend", choice.name),
-        ("B", batch), ("H", num_heads), ("H_kv", k.shape[2]), ("D", head_dim), ("dtype", str(q.dtype)),
-        ("is_causal", bool(is_causal)), ("scale", float(scale)), ("key_padding_mask", key_padding_mask is not None),
-        ("return_attention_weights", bool(return_attention_weights)), ("return_lse", bool(return_lse)),
-        ("requires_grad", grad_wanted), ("world_size", world_size),
+        ("dilation", request.dilation),
+        ("sparse_config", request.sparse_config),
+        ("backend", choice.name),
+        ("B", batch),
+        ("H", num_heads),
+        ("H_kv", k.shape[2]),
+        ("D", head_dim),
+        ("dtype", str(q.dtype)),
+        ("is_causal", bool(is_causal)),
+        ("scale", float(scale)),
+        ("key_padding_mask", key_padding_mask is not None),
+        ("return_attention_weights", bool(return_attention_weights)),
+        ("return_lse", bool(return_lse)),
+        ("requires_grad", grad_wanted),
+        ("world_size", world_size),
     )
     cache = request.chunk_lengths_cache
     key = (description, local_len)
     if key not in cache:
-        cache[key] = _exchange_layout(dist, group, device, _fingerprint(description), local_len, description, world_size)
+        cache[key] = _exchange_layout(
+            dist, group, device, _fingerprint(description), local_len, description, world_size
+        )
     chunk_lengths = cache[key]
 
     geometry = AttentionGeometry(request.dilation, sum(chunk_lengths), num_heads)
@@ -526,9 +542,18 @@ def distributed_forward(
         peers = tuple(dist.get_global_rank(group, r) for r in range(world_size))
     stats = RingStats(rank=rank, world_size=world_size, chunk_lengths=chunk_lengths, schedule=schedule)
     call = _RingCall(
-        dist=dist, group=group, rank=rank, peers=peers, schedule=schedule, backend=choice.backend,
-        options=request.options[choice.name], geometry=geometry, sparse_config=request.sparse_config,
-        is_causal=bool(is_causal), scale=float(scale), stats=stats,
+        dist=dist,
+        group=group,
+        rank=rank,
+        peers=peers,
+        schedule=schedule,
+        backend=choice.backend,
+        options=request.options[choice.name],
+        geometry=geometry,
+        sparse_config=request.sparse_config,
+        is_causal=bool(is_causal),
+        scale=float(scale),
+        stats=stats,
     )
     # The mask travels as bytes: not every backend of torch.distributed moves bool tensors.
     mask_bytes = None if key_padding_mask is None else key_padding_mask.to(torch.uint8).contiguous()

@@ -17,8 +17,8 @@ import torch
 
 from .blocks import (
     DeviceTable,
-    accumulation_dtype,
     PartialCollector,
+    accumulation_dtype,
     allowed_slots,
     block_points,
     gather_keys,
@@ -49,7 +49,11 @@ def _row_queries(dt: DeviceTable, rows: torch.Tensor, plan: CallPlan):
     """(query chunk index, compacted t, valid), each (n, b), of the query blocks of ``rows``."""
     table = dt.table
     q_pos, q_t, q_valid = block_points(
-        dt.lattice_start[rows], dt.lattice_length[rows], dt.query_block[rows], table.stride, table.block_size,
+        dt.lattice_start[rows],
+        dt.lattice_length[rows],
+        dt.query_block[rows],
+        table.stride,
+        table.block_size,
         plan.query_range,
     )
     return local_index(q_pos, q_valid, plan.query_start), q_t, q_valid
@@ -67,8 +71,9 @@ def _key_steps(key_padding_mask, dt: DeviceTable, rows: torch.Tensor, q_t, plan:
     for c in range(max_count):
         has_block = count > c
         entry = torch.where(has_block, first_entry + c, torch.zeros_like(first_entry))
-        k_pos, k_t, k_valid = block_points(start, length, dt.key_block[entry], table.stride, table.block_size,
-                                           plan.key_range)
+        k_pos, k_t, k_valid = block_points(
+            start, length, dt.key_block[entry], table.stride, table.block_size, plan.key_range
+        )
         k_valid &= has_block.unsqueeze(1)
         k_index = local_index(k_pos, k_valid, plan.key_start)
         yield k_index, allowed_slots(key_padding_mask, k_index, k_valid, q_t, k_t, plan.is_causal)
@@ -219,12 +224,19 @@ def partial_backward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int, 
         scale_rows = inverse_mass[:, query_slots].reshape(batch, n, b_q, nh).permute(0, 1, 3, 2)
         probs = probs * scale_rows.unsqueeze(-1)
         dscores = probs * (dprobs + shift.unsqueeze(-1))
-        dq.index_add_(1, query_slots, (torch.einsum("bnhij,bnjhd->bnihd", dscores, k_blocks) * plan.scale)
-                      .reshape(batch, -1, head_dim).double())
-        dk.index_add_(1, key_slots, (torch.einsum("bnhij,bnihd->bnjhd", dscores, q_blocks) * plan.scale)
-                      .reshape(batch, -1, head_dim).double())
-        dv.index_add_(1, key_slots, torch.einsum("bnhij,bnihd->bnjhd", probs, do_blocks)
-                      .reshape(batch, -1, head_dim).double())
+        dq.index_add_(
+            1,
+            query_slots,
+            (torch.einsum("bnhij,bnjhd->bnihd", dscores, k_blocks) * plan.scale).reshape(batch, -1, head_dim).double(),
+        )
+        dk.index_add_(
+            1,
+            key_slots,
+            (torch.einsum("bnhij,bnihd->bnjhd", dscores, q_blocks) * plan.scale).reshape(batch, -1, head_dim).double(),
+        )
+        dv.index_add_(
+            1, key_slots, torch.einsum("bnhij,bnihd->bnjhd", probs, do_blocks).reshape(batch, -1, head_dim).double()
+        )
     return (
         dq.reshape(q.shape).to(q.dtype),
         dk.reshape(k.shape).to(k.dtype),
@@ -245,7 +257,9 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = partial_backward(q, k, v, ctx.key_padding_mask, ctx.plan, ctx.work_size, out, lse, grad_out, grad_lse)
+        dq, dk, dv = partial_backward(
+            q, k, v, ctx.key_padding_mask, ctx.plan, ctx.work_size, out, lse, grad_out, grad_lse
+        )
         return dq, dk, dv, None, None, None
 
 

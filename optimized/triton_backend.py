@@ -198,8 +198,9 @@ def index_mode(mode: str | None = None) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _refusals(block_size: int, head_dim: int, dtype: torch.dtype, device,
-              dtype_label: str = "dtype", device_label: str = "device") -> list[tuple[type[Exception], str]]:
+def _refusals(
+    block_size: int, head_dim: int, dtype: torch.dtype, device, dtype_label: str = "dtype", device_label: str = "device"
+) -> list[tuple[type[Exception], str]]:
     """(exception type, message) for every reason the kernel cannot run a case, in a fixed order.
 
     The labels name where the values come from (the arguments of ``unsupported_reasons``, or q in
@@ -207,15 +208,26 @@ def _refusals(block_size: int, head_dim: int, dtype: torch.dtype, device,
     """
     refusals = []
     if block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1):
-        refusals.append((ValueError, (
-            f"block_size={block_size} is not supported by backend='triton': it needs a power of two "
-            f">= {MIN_BLOCK_SIZE} (16, 32, 64, 128, ...); use backend='torch' or 'flex' for other block sizes"
-        )))
+        refusals.append(
+            (
+                ValueError,
+                (
+                    f"block_size={block_size} is not supported by backend='triton': it needs a power of two "
+                    f">= {MIN_BLOCK_SIZE} (16, 32, 64, 128, ...); use backend='torch' or 'flex' for other block sizes"
+                ),
+            )
+        )
     if head_dim < 1 or head_dim > MAX_HEAD_DIM:
-        refusals.append((ValueError, (
-            f"head_dim={head_dim} is not supported by backend='triton': it needs 1 <= head_dim <= {MAX_HEAD_DIM} "
-            f"(head dims that are not a power of two are padded by masks)"
-        )))
+        refusals.append(
+            (
+                ValueError,
+                (
+                    f"head_dim={head_dim} is not supported by backend='triton': it needs "
+                    f"1 <= head_dim <= {MAX_HEAD_DIM} "
+                    f"(head dims that are not a power of two are padded by masks)"
+                ),
+            )
+        )
     if dtype not in SUPPORTED_DTYPES:
         message = f"{dtype_label}={dtype} is not supported by backend='triton': it needs one of {SUPPORTED_DTYPES}"
         if dtype == torch.float64:
@@ -223,15 +235,25 @@ def _refusals(block_size: int, head_dim: int, dtype: torch.dtype, device,
         refusals.append((TypeError, message))
     off_cuda = device is not None and torch.device(device).type != "cuda"
     if off_cuda and not _interpreting():
-        refusals.append((ValueError, (
-            f"{device_label}={device} is not supported by backend='triton': it needs a CUDA device "
-            f"(or TRITON_INTERPRET=1 set before importing triton, to run the kernel in the CPU interpreter)"
-        )))
+        refusals.append(
+            (
+                ValueError,
+                (
+                    f"{device_label}={device} is not supported by backend='triton': it needs a CUDA device "
+                    f"(or TRITON_INTERPRET=1 set before importing triton, to run the kernel in the CPU interpreter)"
+                ),
+            )
+        )
     if off_cuda and dtype == torch.bfloat16:
-        refusals.append((TypeError, (
-            f"{dtype_label}={dtype} on {device_label}={device} is not supported by backend='triton': tl.dot on "
-            f"bfloat16 is broken in Triton's CPU interpreter; use float16 or float32 there, or a CUDA device"
-        )))
+        refusals.append(
+            (
+                TypeError,
+                (
+                    f"{dtype_label}={dtype} on {device_label}={device} is not supported by backend='triton': tl.dot on "
+                    f"bfloat16 is broken in Triton's CPU interpreter; use float16 or float32 there, or a CUDA device"
+                ),
+            )
+        )
     return refusals
 
 
@@ -246,8 +268,9 @@ def unsupported_reasons(block_size: int, head_dim: int, dtype: torch.dtype, devi
 
 def _check_inputs(q, k, v, plan: CallPlan) -> None:
     """Raise for every case ``unsupported_reasons`` refuses: the first reason's exception, all the messages."""
-    refusals = _refusals(plan.block_size, q.shape[-1], q.dtype, q.device, dtype_label="q.dtype",
-                         device_label="q.device")
+    refusals = _refusals(
+        plan.block_size, q.shape[-1], q.dtype, q.device, dtype_label="q.dtype", device_label="q.device"
+    )
     if refusals:
         raise refusals[0][0]("; ".join(message for _, message in refusals))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
@@ -382,12 +405,20 @@ def _launch_table(tables, device, is_causal: bool, num_heads: int, order_name: s
         segment_start, segment_stop = table.segment_start, table.segment_stop
         entry_start = table.row_ptr[:-1] + entry_base
         fields = _pack(
-            WorkItem, rows,
-            lattice_start=table.lattice_start, lattice_length=table.lattice_length, query_block=table.query_block,
-            entry_start=entry_start, entry_stop=table.row_ptr[1:] + entry_base, stride=table.stride,
+            WorkItem,
+            rows,
+            lattice_start=table.lattice_start,
+            lattice_length=table.lattice_length,
+            query_block=table.query_block,
+            entry_start=entry_start,
+            entry_stop=table.row_ptr[1:] + entry_base,
+            stride=table.stride,
             head=0,  # set per head below
-            full_stop=entry_start + full_count, run_block=run_block, run_count=run_count,
-            segment_start=segment_start, segment_stop=segment_stop,
+            full_stop=entry_start + full_count,
+            run_block=run_block,
+            run_count=run_count,
+            segment_start=segment_start,
+            segment_stop=segment_stop,
         )
         per_head = fields.unsqueeze(1).repeat(1, nh, 1)  # (rows, nh, F): heads of one row side by side
         per_head[:, :, WorkItem.HEAD] = torch.arange(table.heads.start, table.heads.stop)
@@ -403,8 +434,11 @@ def _launch_table(tables, device, is_causal: bool, num_heads: int, order_name: s
         t_end = torch.minimum(t0 + table.block_size, table.lattice_length)
         zone_lo = torch.where(table.query_block == 0, segment_start, table.lattice_start + table.stride * t0)
         zone_hi = torch.minimum(table.lattice_start + table.stride * t_end, segment_stop)
-        zone = torch.clamp(torch.minimum(zone_hi, torch.full_like(zone_hi, q_hi))
-                           - torch.maximum(zone_lo, torch.full_like(zone_lo, q_lo)), min=0)
+        zone = torch.clamp(
+            torch.minimum(zone_hi, torch.full_like(zone_hi, q_hi))
+            - torch.maximum(zone_lo, torch.full_like(zone_lo, q_lo)),
+            min=0,
+        )
         written[table.heads.start : table.heads.stop] += int(zone.sum())
         query_points = q_hi - q_lo
     items = torch.cat(items)
@@ -452,8 +486,7 @@ def device_tables(plan: CallPlan, device, order: str | None = None) -> tuple[Lau
             _table_cache.move_to_end(key)
         return cached
     num_heads = plan.geometry.num_heads
-    launches = tuple(_launch_table(layer, device, plan.is_causal, num_heads, order)
-                     for layer in _layers(plan.tables))
+    launches = tuple(_launch_table(layer, device, plan.is_causal, num_heads, order) for layer in _layers(plan.tables))
     if capturing:
         _pinned_tables[key] = launches
         return launches
@@ -489,8 +522,9 @@ def _softmax_step(s, v, m_i, l_i, acc, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
-def _full_block_step(q, k, v, m_i, l_i, acc, KPM, kpm_base, stride_mn, idx_k, qk_scale,
-                     HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr):
+def _full_block_step(
+    q, k, v, m_i, l_i, acc, KPM, kpm_base, stride_mn, idx_k, qk_scale, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr
+):
     """One key tile of a full block: every point exists and lies in the chunk (only padding can mask)."""
     if FP32_DOT:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -505,18 +539,51 @@ def _full_block_step(q, k, v, m_i, l_i, acc, KPM, kpm_base, stride_mn, idx_k, qk
 
 @triton.jit
 def _forward_kernel(
-    Q, K, V, KPM, Out, Lse, Items, KeyBlock,
-    stride_qb, stride_qn, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_ob, stride_on, stride_oh,
-    stride_mb, stride_mn,
-    num_heads, num_queries, q_lo, q_hi, k_lo, k_hi, kv_group, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, MERGE: tl.constexpr, FP32_DOT: tl.constexpr,
-    EVEN_D: tl.constexpr, REGISTER_INDEX: tl.constexpr, MAX_ENTRIES: tl.constexpr,
-    RUNS: tl.constexpr, TMA: tl.constexpr, ZERO_GAPS: tl.constexpr,
+    Q,
+    K,
+    V,
+    KPM,
+    Out,
+    Lse,
+    Items,
+    KeyBlock,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_ob,
+    stride_on,
+    stride_oh,
+    stride_mb,
+    stride_mn,
+    num_heads,
+    num_queries,
+    q_lo,
+    q_hi,
+    k_lo,
+    k_hi,
+    kv_group,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_PADDING: tl.constexpr,
+    MERGE: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    REGISTER_INDEX: tl.constexpr,
+    MAX_ENTRIES: tl.constexpr,
+    RUNS: tl.constexpr,
+    TMA: tl.constexpr,
+    ZERO_GAPS: tl.constexpr,
 ):
     M_SUB: tl.constexpr = BLOCK // BLOCK_M
     N_SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -565,10 +632,18 @@ def _forward_kernel(
         stop_t = tl.minimum(tl.maximum((k_hi - lattice_start + stride - 1) // stride, 0), lattice_len)
         rows = tl.maximum(stop_t - first_t, 1)
         row0 = (lattice_start - k_lo).to(tl.int64) + stride.to(tl.int64) * first_t
-        k_desc = tl.make_tensor_descriptor(k_base + row0 * stride_kn, shape=[rows, HEAD_DIM],
-                                           strides=[stride * stride_kn, 1], block_shape=[BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(v_base + row0 * stride_vn, shape=[rows, HEAD_DIM],
-                                           strides=[stride * stride_vn, 1], block_shape=[BLOCK_N, BLOCK_D])
+        k_desc = tl.make_tensor_descriptor(
+            k_base + row0 * stride_kn,
+            shape=[rows, HEAD_DIM],
+            strides=[stride * stride_kn, 1],
+            block_shape=[BLOCK_N, BLOCK_D],
+        )
+        v_desc = tl.make_tensor_descriptor(
+            v_base + row0 * stride_vn,
+            shape=[rows, HEAD_DIM],
+            strides=[stride * stride_vn, 1],
+            block_shape=[BLOCK_N, BLOCK_D],
+        )
     if RUNS:
         # The row's run of consecutive full blocks: one pointer tile (or descriptor) walked by a constant step.
         t_run = run_block * BLOCK
@@ -588,8 +663,9 @@ def _forward_kernel(
             else:
                 k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
                 v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-            m_i, l_i, acc = _full_block_step(q, k, v, m_i, l_i, acc, KPM, kpm_base, stride_mn, idx_k, qk_scale,
-                                             HAS_PADDING, FP32_DOT)
+            m_i, l_i, acc = _full_block_step(
+                q, k, v, m_i, l_i, acc, KPM, kpm_base, stride_mn, idx_k, qk_scale, HAS_PADDING, FP32_DOT
+            )
             if not TMA:
                 k_ptrs += k_step
                 v_ptrs += v_step
@@ -618,8 +694,9 @@ def _forward_kernel(
         else:
             k = tl.load(k_base + idx_k[:, None] * stride_kn + d[None, :], mask=d_ok[None, :], other=0.0)
             v = tl.load(v_base + idx_k[:, None] * stride_vn + d[None, :], mask=d_ok[None, :], other=0.0)
-        m_i, l_i, acc = _full_block_step(q, k, v, m_i, l_i, acc, KPM, kpm_base, stride_mn, idx_k, qk_scale,
-                                         HAS_PADDING, FP32_DOT)
+        m_i, l_i, acc = _full_block_step(
+            q, k, v, m_i, l_i, acc, KPM, kpm_base, stride_mn, idx_k, qk_scale, HAS_PADDING, FP32_DOT
+        )
 
     # The other key blocks: the last block of a lattice, chunk edges, the causal diagonal.
     for step in range(0, (entry_stop - full_stop) * N_SUB):
@@ -691,20 +768,45 @@ def _forward_kernel(
                     g_ok = first_row & (pos_g >= segment_start)
                 g_ok = g_ok & (pos_g >= q_lo) & (pos_g < q_hi)
                 idx_g = tl.where(g_ok, pos_g - q_lo, 0).to(tl.int64)
-                tl.store(out_base + idx_g[:, None] * stride_on + d[None, :], zero_tile, mask=g_ok[:, None] & d_ok[None, :])
+                tl.store(
+                    out_base + idx_g[:, None] * stride_on + d[None, :], zero_tile, mask=g_ok[:, None] & d_ok[None, :]
+                )
                 tl.store(lse_base + idx_g, empty_lse, mask=g_ok)
 
 
 @triton.jit
 def _weights_kernel(
-    Q, K, KPM, Lse, Values, Blocks,
-    stride_qb, stride_qn, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_mb, stride_mn,
-    num_heads, num_queries, num_blocks, q_lo, q_hi, k_lo, k_hi, kv_group, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr,
+    Q,
+    K,
+    KPM,
+    Lse,
+    Values,
+    Blocks,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_mb,
+    stride_mn,
+    num_heads,
+    num_queries,
+    num_blocks,
+    q_lo,
+    q_hi,
+    k_lo,
+    k_hi,
+    kv_group,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_PADDING: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
     N_SUB: tl.constexpr = BLOCK // BLOCK_N
     block = tl.program_id(0)
@@ -735,11 +837,13 @@ def _weights_kernel(
     idx_k = tl.where(k_ok, pos_k - k_lo, 0).to(tl.int64)
     q = tl.load(
         Q + batch * stride_qb + head.to(tl.int64) * stride_qh + idx_q[:, None] * stride_qn + d[None, :],
-        mask=q_ok[:, None] & d_ok[None, :], other=0.0,
+        mask=q_ok[:, None] & d_ok[None, :],
+        other=0.0,
     )
     k = tl.load(
         K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh + idx_k[:, None] * stride_kn + d[None, :],
-        mask=k_ok[:, None] & d_ok[None, :], other=0.0,
+        mask=k_ok[:, None] & d_ok[None, :],
+        other=0.0,
     )
     if HAS_PADDING:
         padded = tl.load(KPM + batch * stride_mb + idx_k * stride_mn, mask=k_ok, other=1)
@@ -833,8 +937,17 @@ def _ensure_descriptor_allocator() -> None:
         _allocator_set = True
 
 
-def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, tile: TileConfig | None = None,
-                    variant: str | None = None, order: str | None = None, index: str | None = None):
+def partial_forward(
+    q,
+    k,
+    v,
+    key_padding_mask,
+    plan: CallPlan,
+    tile: TileConfig | None = None,
+    variant: str | None = None,
+    order: str | None = None,
+    index: str | None = None,
+):
     """Partial attention of q (B, Nq, H, D) at plan.query_range against k, v (B, Nk, H_kv, D) at plan.key_range.
 
     Returns (out, lse): out (B, Nq, H, D) in q.dtype when the call covers the whole key range,
@@ -858,8 +971,7 @@ def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, tile: TileConfig 
         out = torch.zeros(batch, num_queries, num_heads, head_dim, dtype=out_dtype, device=q.device)
         lse = torch.full((batch, num_heads, num_queries), float("-inf"), dtype=torch.float32, device=q.device)
         return out, lse
-    out, lse = _allocate_outputs(batch, num_queries, num_heads, head_dim, out_dtype, q.device,
-                                 launches[0].covers_head)
+    out, lse = _allocate_outputs(batch, num_queries, num_heads, head_dim, out_dtype, q.device, launches[0].covers_head)
     tile = tile or default_tile(b, block_d, q.dtype)
     if b % tile.block_m or b % tile.block_n:
         raise ValueError(f"tile {tile} must divide block_size={b}")
@@ -875,21 +987,53 @@ def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, tile: TileConfig 
         listed = launch.max_listed if runs else launch.max_full
         grid = (launch.num_items * (b // tile.block_m), batch)
         _forward_kernel[grid](
-            q, k, v, mask, out, lse, launch.items, launch.key_block,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            mask_sb, mask_sn,
-            num_heads, num_queries, plan.query_range[0], plan.query_range[1],
-            plan.key_range[0], plan.key_range[1], kv_group, plan.scale * _LOG2E,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=b, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-            IS_CAUSAL=plan.is_causal, HAS_PADDING=has_padding, MERGE=layer > 0,
-            FP32_DOT=q.dtype == torch.float32, EVEN_D=block_d == head_dim,
+            q,
+            k,
+            v,
+            mask,
+            out,
+            lse,
+            launch.items,
+            launch.key_block,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            mask_sb,
+            mask_sn,
+            num_heads,
+            num_queries,
+            plan.query_range[0],
+            plan.query_range[1],
+            plan.key_range[0],
+            plan.key_range[1],
+            kv_group,
+            plan.scale * _LOG2E,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK=b,
+            BLOCK_M=tile.block_m,
+            BLOCK_N=tile.block_n,
+            IS_CAUSAL=plan.is_causal,
+            HAS_PADDING=has_padding,
+            MERGE=layer > 0,
+            FP32_DOT=q.dtype == torch.float32,
+            EVEN_D=block_d == head_dim,
             REGISTER_INDEX=register_index and listed <= MAX_REGISTER_ENTRIES,
             MAX_ENTRIES=max(16, triton.next_power_of_2(max(1, listed))),
-            RUNS=runs, TMA=tma, ZERO_GAPS=layer == 0,
-            num_warps=tile.num_warps, num_stages=tile.num_stages,
+            RUNS=runs,
+            TMA=tma,
+            ZERO_GAPS=layer == 0,
+            num_warps=tile.num_warps,
+            num_stages=tile.num_stages,
         )
     return out, lse
 
@@ -904,18 +1048,30 @@ def _weight_blocks(plan: CallPlan):
             continue
         nh = len(table.heads)
         entry_row = table.entry_row
-        start, length, query_block = (table.lattice_start[entry_row], table.lattice_length[entry_row],
-                                      table.query_block[entry_row])
+        start, length, query_block = (
+            table.lattice_start[entry_row],
+            table.lattice_length[entry_row],
+            table.query_block[entry_row],
+        )
         fields = _pack(
-            WeightBlock, table.nnz,
-            lattice_start=start, lattice_length=length, query_block=query_block, key_block=table.key_block,
-            stride=table.stride, head=0, branch=table.branch, pad=0,  # head: set per head below
+            WeightBlock,
+            table.nnz,
+            lattice_start=start,
+            lattice_length=length,
+            query_block=query_block,
+            key_block=table.key_block,
+            stride=table.stride,
+            head=0,
+            branch=table.branch,
+            pad=0,  # head: set per head below
         )
         per_head = fields.unsqueeze(1).repeat(1, nh, 1)
         per_head[:, :, WeightBlock.HEAD] = torch.arange(table.heads.start, table.heads.stop)
         records.append(per_head.reshape(table.nnz * nh, len(WeightBlock)))
-        for positions, block, limits in ((query_positions, query_block, plan.query_range),
-                                         (key_positions, table.key_block, plan.key_range)):
+        for positions, block, limits in (
+            (query_positions, query_block, plan.query_range),
+            (key_positions, table.key_block, plan.key_range),
+        ):
             points, _, valid = block_points(start, length, block, table.stride, table.block_size, limits)
             positions.append(torch.where(valid, points, -1).repeat_interleave(nh, dim=0))
     if not records:
@@ -944,24 +1100,50 @@ def attention_weights(q, k, key_padding_mask, lse, plan: CallPlan):
         mask, mask_sb, mask_sn, has_padding = _padding_view(key_padding_mask, lse)
         grid = (num_blocks, batch, (b // tile_m) * (b // tile_n))
         _weights_kernel[grid](
-            q, k, mask, lse, values, blocks,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            mask_sb, mask_sn,
-            num_heads, num_queries, num_blocks, plan.query_range[0], plan.query_range[1],
-            plan.key_range[0], plan.key_range[1], num_heads // k.shape[2], plan.scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=b, BLOCK_M=tile_m, BLOCK_N=tile_n,
-            IS_CAUSAL=plan.is_causal, HAS_PADDING=has_padding, FP32_DOT=q.dtype == torch.float32,
-            num_warps=4, num_stages=1,
+            q,
+            k,
+            mask,
+            lse,
+            values,
+            blocks,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            mask_sb,
+            mask_sn,
+            num_heads,
+            num_queries,
+            num_blocks,
+            plan.query_range[0],
+            plan.query_range[1],
+            plan.key_range[0],
+            plan.key_range[1],
+            num_heads // k.shape[2],
+            plan.scale,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK=b,
+            BLOCK_M=tile_m,
+            BLOCK_N=tile_n,
+            IS_CAUSAL=plan.is_causal,
+            HAS_PADDING=has_padding,
+            FP32_DOT=q.dtype == torch.float32,
+            num_warps=4,
+            num_stages=1,
         )
     seq_len = plan.geometry.seq_len
-    return SparseAttentionWeights({
-        "block_indices": blocks_cpu[:, [WeightBlock.QUERY_BLOCK, WeightBlock.KEY_BLOCK]].to(device),
-        "block_values": values,
-        "shape": (batch, num_heads, seq_len, seq_len),
-        "block_size": b,
-        "block_heads": blocks_cpu[:, WeightBlock.HEAD].to(device),
-        "block_branches": blocks_cpu[:, WeightBlock.BRANCH].to(device),
-        "query_positions": query_positions.to(device),
-        "key_positions": key_positions.to(device),
-    })
+    return SparseAttentionWeights(
+        {
+            "block_indices": blocks_cpu[:, [WeightBlock.QUERY_BLOCK, WeightBlock.KEY_BLOCK]].to(device),
+            "block_values": values,
+            "shape": (batch, num_heads, seq_len, seq_len),
+            "block_size": b,
+            "block_heads": blocks_cpu[:, WeightBlock.HEAD].to(device),
+            "block_branches": blocks_cpu[:, WeightBlock.BRANCH].to(device),
+            "query_positions": query_positions.to(device),
+            "key_positions": key_positions.to(device),
+        }
+    )

@@ -109,12 +109,21 @@ def _column_launch(table, num_heads: int, num_kv_heads: int, device) -> ColumnLa
     for kv_head in range(kv_first, kv_last + 1):
         # The table's query heads that read this kv head: a contiguous run.
         head_start, head_stop = max(heads.start, kv_head * group), min(heads.stop, (kv_head + 1) * group)
-        records.append(_pack(
-            ColumnItem, columns.num_columns,
-            lattice_start=columns.lattice_start, lattice_length=columns.lattice_length,
-            key_block=columns.key_block, entry_start=columns.col_ptr[:-1], entry_stop=columns.col_ptr[1:],
-            stride=table.stride, kv_head=kv_head, head_start=head_start, head_stop=head_stop,
-        ))
+        records.append(
+            _pack(
+                ColumnItem,
+                columns.num_columns,
+                lattice_start=columns.lattice_start,
+                lattice_length=columns.lattice_length,
+                key_block=columns.key_block,
+                entry_start=columns.col_ptr[:-1],
+                entry_stop=columns.col_ptr[1:],
+                stride=table.stride,
+                kv_head=kv_head,
+                head_start=head_start,
+                head_stop=head_stop,
+            )
+        )
     items = torch.cat(records)
     query_block = table.query_block[table.entry_row[columns.entry]]
     return ColumnLaunch(
@@ -135,8 +144,9 @@ def column_launches(plan: CallPlan, device, num_kv_heads: int) -> tuple[ColumnLa
     if cached is not None:
         _column_cache.move_to_end(key)
         return cached
-    launches = tuple(_column_launch(table, plan.geometry.num_heads, num_kv_heads, device)
-                     for table in plan.tables if table.nnz)
+    launches = tuple(
+        _column_launch(table, plan.geometry.num_heads, num_kv_heads, device) for table in plan.tables if table.nnz
+    )
     _column_cache[key] = launches
     nbytes = lambda entry: sum(4 * (x.items.numel() + x.query_block.numel()) for x in entry)  # noqa: E731
     while len(_column_cache) > 1 and sum(map(nbytes, _column_cache.values())) > COLUMN_CACHE_BYTES:
@@ -166,18 +176,75 @@ def _row_statistics(Lse, RowTerm, row_base, idx_q, q_ok):
 
 
 @triton.jit
+def _points(lattice_start, stride, lattice_len, t, lo, hi):
+    """Lattice points ``t``: whether each exists and lies in the chunk [lo, hi), and its index in the chunk."""
+    position = lattice_start + stride * t
+    ok = (t < lattice_len) & (position >= lo) & (position < hi)
+    return ok, tl.where(ok, position - lo, 0).to(tl.int64)
+
+
+@triton.jit
+def _rows(base, index, stride_n, d, mask):
+    """The (points x BLOCK_D) tile of a tensor at chunk rows ``index`` (0 where masked)."""
+    return tl.load(base + index[:, None] * stride_n + d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _gradient_terms(q, k, v, do, lse, row_term, allowed, qk_scale, FP32_DOT: tl.constexpr):
+    """P = exp(scale q.k - lse) on allowed pairs (0 elsewhere) and dS = P (dO.v - row_term): (BLOCK_M, BLOCK_N)."""
+    s = _dot(q, tl.trans(k), FP32_DOT)
+    p = tl.where(allowed, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+    dp = _dot(do, tl.trans(v), FP32_DOT)
+    return p, p * (dp - row_term[:, None])
+
+
+@triton.jit
 def _dq_kernel(
-    Q, K, V, DO, KPM, Lse, RowTerm, DQ, Items, KeyBlock,
-    stride_qb, stride_qn, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_dob, stride_don, stride_doh,
-    stride_dqb, stride_dqn, stride_dqh,
-    stride_mb, stride_mn,
-    num_heads, num_queries, q_lo, q_hi, k_lo, k_hi, kv_group, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr, ACCUMULATE: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    KPM,
+    Lse,
+    RowTerm,
+    DQ,
+    Items,
+    KeyBlock,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_dob,
+    stride_don,
+    stride_doh,
+    stride_dqb,
+    stride_dqn,
+    stride_dqh,
+    stride_mb,
+    stride_mn,
+    num_heads,
+    num_queries,
+    q_lo,
+    q_hi,
+    k_lo,
+    k_hi,
+    kv_group,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_PADDING: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
     M_SUB: tl.constexpr = BLOCK // BLOCK_M
     N_SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -196,14 +263,10 @@ def _dq_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     t_q = query_block * BLOCK + (pid % M_SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pos_q = lattice_start + stride * t_q
-    q_ok = (t_q < lattice_len) & (pos_q >= q_lo) & (pos_q < q_hi)
-    idx_q = tl.where(q_ok, pos_q - q_lo, 0).to(tl.int64)
+    q_ok, idx_q = _points(lattice_start, stride, lattice_len, t_q, q_lo, q_hi)
     q_mask = q_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + batch * stride_qb + head.to(tl.int64) * stride_qh + idx_q[:, None] * stride_qn + d[None, :],
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + batch * stride_dob + head.to(tl.int64) * stride_doh + idx_q[:, None] * stride_don + d[None, :],
-                 mask=q_mask, other=0.0)
+    q = _rows(Q + batch * stride_qb + head.to(tl.int64) * stride_qh, idx_q, stride_qn, d, q_mask)
+    do = _rows(DO + batch * stride_dob + head.to(tl.int64) * stride_doh, idx_q, stride_don, d, q_mask)
     lse, row_term = _row_statistics(Lse, RowTerm, (batch * num_heads + head) * num_queries, idx_q, q_ok)
 
     k_base = K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh
@@ -212,22 +275,17 @@ def _dq_kernel(
     for step in range(0, (entry_stop - entry_start) * N_SUB):
         key_block = tl.load(KeyBlock + entry_start + step // N_SUB)
         t_k = key_block * BLOCK + (step % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
-        pos_k = lattice_start + stride * t_k
-        k_ok = (t_k < lattice_len) & (pos_k >= k_lo) & (pos_k < k_hi)
-        idx_k = tl.where(k_ok, pos_k - k_lo, 0).to(tl.int64)
+        k_ok, idx_k = _points(lattice_start, stride, lattice_len, t_k, k_lo, k_hi)
         k_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + idx_k[:, None] * stride_kn + d[None, :], mask=k_mask, other=0.0)
-        v = tl.load(v_base + idx_k[:, None] * stride_vn + d[None, :], mask=k_mask, other=0.0)
+        k = _rows(k_base, idx_k, stride_kn, d, k_mask)
+        v = _rows(v_base, idx_k, stride_vn, d, k_mask)
         if HAS_PADDING:
             padded = tl.load(KPM + batch * stride_mb + idx_k * stride_mn, mask=k_ok, other=1)
             k_ok = k_ok & (padded == 0)
         allowed = q_ok[:, None] & k_ok[None, :]
         if IS_CAUSAL:
             allowed = allowed & (t_k[None, :] <= t_q[:, None])
-        s = _dot(q, tl.trans(k), FP32_DOT)
-        p = tl.where(allowed, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), FP32_DOT)
-        ds = p * (dp - row_term[:, None])
+        _, ds = _gradient_terms(q, k, v, do, lse, row_term, allowed, qk_scale, FP32_DOT)
         dq += _dot(ds.to(k.dtype), k, FP32_DOT)
     dq = dq * scale
     dq_ptrs = DQ + batch * stride_dqb + head.to(tl.int64) * stride_dqh + idx_q[:, None] * stride_dqn + d[None, :]
@@ -238,18 +296,54 @@ def _dq_kernel(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, KPM, Lse, RowTerm, DK, DV, Items, QueryBlock,
-    stride_qb, stride_qn, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_dob, stride_don, stride_doh,
-    stride_dkb, stride_dkn, stride_dkh,
-    stride_dvb, stride_dvn, stride_dvh,
-    stride_mb, stride_mn,
-    num_heads, num_queries, q_lo, q_hi, k_lo, k_hi, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr, FP32_DOT: tl.constexpr, ACCUMULATE: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    KPM,
+    Lse,
+    RowTerm,
+    DK,
+    DV,
+    Items,
+    QueryBlock,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_dob,
+    stride_don,
+    stride_doh,
+    stride_dkb,
+    stride_dkn,
+    stride_dkh,
+    stride_dvb,
+    stride_dvn,
+    stride_dvh,
+    stride_mb,
+    stride_mn,
+    num_heads,
+    num_queries,
+    q_lo,
+    q_hi,
+    k_lo,
+    k_hi,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    HAS_PADDING: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
     M_SUB: tl.constexpr = BLOCK // BLOCK_M
     N_SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -269,14 +363,10 @@ def _dkdv_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     t_k = key_block * BLOCK + (pid % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
-    pos_k = lattice_start + stride * t_k
-    k_ok = (t_k < lattice_len) & (pos_k >= k_lo) & (pos_k < k_hi)
-    idx_k = tl.where(k_ok, pos_k - k_lo, 0).to(tl.int64)
+    k_ok, idx_k = _points(lattice_start, stride, lattice_len, t_k, k_lo, k_hi)
     k_mask = k_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh + idx_k[:, None] * stride_kn + d[None, :],
-                mask=k_mask, other=0.0)
-    v = tl.load(V + batch * stride_vb + kv_head.to(tl.int64) * stride_vh + idx_k[:, None] * stride_vn + d[None, :],
-                mask=k_mask, other=0.0)
+    k = _rows(K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh, idx_k, stride_kn, d, k_mask)
+    v = _rows(V + batch * stride_vb + kv_head.to(tl.int64) * stride_vh, idx_k, stride_vn, d, k_mask)
     key_ok = k_ok
     if HAS_PADDING:
         padded = tl.load(KPM + batch * stride_mb + idx_k * stride_mn, mask=k_ok, other=1)
@@ -291,25 +381,16 @@ def _dkdv_kernel(
         slice_index = step // head_count
         query_block = tl.load(QueryBlock + entry_start + slice_index // M_SUB)
         t_q = query_block * BLOCK + (slice_index % M_SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
-        pos_q = lattice_start + stride * t_q
-        q_ok = (t_q < lattice_len) & (pos_q >= q_lo) & (pos_q < q_hi)
-        idx_q = tl.where(q_ok, pos_q - q_lo, 0).to(tl.int64)
+        q_ok, idx_q = _points(lattice_start, stride, lattice_len, t_q, q_lo, q_hi)
         q_mask = q_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + batch * stride_qb + head.to(tl.int64) * stride_qh + idx_q[:, None] * stride_qn + d[None, :],
-                    mask=q_mask, other=0.0)
-        do = tl.load(
-            DO + batch * stride_dob + head.to(tl.int64) * stride_doh + idx_q[:, None] * stride_don + d[None, :],
-            mask=q_mask, other=0.0,
-        )
+        q = _rows(Q + batch * stride_qb + head.to(tl.int64) * stride_qh, idx_q, stride_qn, d, q_mask)
+        do = _rows(DO + batch * stride_dob + head.to(tl.int64) * stride_doh, idx_q, stride_don, d, q_mask)
         lse, row_term = _row_statistics(Lse, RowTerm, (batch * num_heads + head) * num_queries, idx_q, q_ok)
         allowed = q_ok[:, None] & key_ok[None, :]
         if IS_CAUSAL:
             allowed = allowed & (t_k[None, :] <= t_q[:, None])
-        s = _dot(q, tl.trans(k), FP32_DOT)  # (BLOCK_M, BLOCK_N)
-        p = tl.where(allowed, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+        p, ds = _gradient_terms(q, k, v, do, lse, row_term, allowed, qk_scale, FP32_DOT)
         dv += _dot(tl.trans(p.to(do.dtype)), do, FP32_DOT)
-        dp = _dot(do, tl.trans(v), FP32_DOT)
-        ds = p * (dp - row_term[:, None])
         dk += _dot(tl.trans(ds.to(q.dtype)), q, FP32_DOT)
     dk = dk * scale
     dk_ptrs = DK + batch * stride_dkb + kv_head.to(tl.int64) * stride_dkh + idx_k[:, None] * stride_dkn + d[None, :]
@@ -335,7 +416,7 @@ class KernelTile:
     num_warps: int
     num_stages: int
 
-    def fit(self, block_size: int) -> "KernelTile":
+    def fit(self, block_size: int) -> KernelTile:
         """The tile clipped to the block (both sides must divide it)."""
         return KernelTile(min(self.rows, block_size), min(self.step, block_size), self.num_warps, self.num_stages)
 
@@ -381,8 +462,19 @@ def _row_term(grad_out, out, grad_lse):
     return row_term
 
 
-def partial_backward(q, k, v, key_padding_mask, plan: CallPlan, out, lse, grad_out, grad_lse,
-                     tile: BackwardTile | None = None, order: str | None = None):
+def partial_backward(
+    q,
+    k,
+    v,
+    key_padding_mask,
+    plan: CallPlan,
+    out,
+    lse,
+    grad_out,
+    grad_lse,
+    tile: BackwardTile | None = None,
+    order: str | None = None,
+):
     """(dq, dk, dv) of one partial (docs/semantics.md section 5) from its saved out and lse.
 
     ``grad_out`` (B, Nq, H, D) and ``grad_lse`` (B, H, Nq) are the gradients reaching the partial's
@@ -402,8 +494,14 @@ def partial_backward(q, k, v, key_padding_mask, plan: CallPlan, out, lse, grad_o
     b = plan.block_size
     tile = tile or default_backward_tile(b, block_d, q.dtype)
     mask, mask_sb, mask_sn, has_padding = _padding_view(key_padding_mask, lse)
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=b, IS_CAUSAL=plan.is_causal, HAS_PADDING=has_padding,
-                  FP32_DOT=q.dtype == torch.float32)
+    common = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK=b,
+        IS_CAUSAL=plan.is_causal,
+        HAS_PADDING=has_padding,
+        FP32_DOT=q.dtype == torch.float32,
+    )
     limits = (plan.query_range[0], plan.query_range[1], plan.key_range[0], plan.key_range[1])
     qk_scale = plan.scale * _LOG2E
 
@@ -414,13 +512,45 @@ def partial_backward(q, k, v, key_padding_mask, plan: CallPlan, out, lse, grad_o
     for layer, launch in enumerate(layers):
         grid = (launch.num_items * (b // tile.dq.rows), batch)
         _dq_kernel[grid](
-            q, k, v, grad_out, mask, lse, row_term, dq, launch.items, launch.key_block,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2), mask_sb, mask_sn,
-            num_heads, num_queries, *limits, num_heads // num_kv_heads, qk_scale, plan.scale,
-            BLOCK_M=tile.dq.rows, BLOCK_N=tile.dq.step, ACCUMULATE=layer > 0, **common,
-            num_warps=tile.dq.num_warps, num_stages=tile.dq.num_stages,
+            q,
+            k,
+            v,
+            grad_out,
+            mask,
+            lse,
+            row_term,
+            dq,
+            launch.items,
+            launch.key_block,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            grad_out.stride(0),
+            grad_out.stride(1),
+            grad_out.stride(2),
+            dq.stride(0),
+            dq.stride(1),
+            dq.stride(2),
+            mask_sb,
+            mask_sn,
+            num_heads,
+            num_queries,
+            *limits,
+            num_heads // num_kv_heads,
+            qk_scale,
+            plan.scale,
+            BLOCK_M=tile.dq.rows,
+            BLOCK_N=tile.dq.step,
+            ACCUMULATE=layer > 0,
+            **common,
+            num_warps=tile.dq.num_warps,
+            num_stages=tile.dq.num_stages,
         )
 
     # dk, dv: one launch per table. A kv head that several tables reach (its query heads in several
@@ -434,13 +564,48 @@ def partial_backward(q, k, v, key_padding_mask, plan: CallPlan, out, lse, grad_o
     for index, launch in enumerate(launches):
         grid = (launch.num_items * (b // tile.kv.rows), batch)
         _dkdv_kernel[grid](
-            q, k, v, grad_out, mask, lse, row_term, dk, dv, launch.items, launch.query_block,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), mask_sb, mask_sn,
-            num_heads, num_queries, *limits, qk_scale, plan.scale,
-            BLOCK_M=tile.kv.step, BLOCK_N=tile.kv.rows, ACCUMULATE=accumulate and index > 0, **common,
-            num_warps=tile.kv.num_warps, num_stages=tile.kv.num_stages,
+            q,
+            k,
+            v,
+            grad_out,
+            mask,
+            lse,
+            row_term,
+            dk,
+            dv,
+            launch.items,
+            launch.query_block,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            grad_out.stride(0),
+            grad_out.stride(1),
+            grad_out.stride(2),
+            dk.stride(0),
+            dk.stride(1),
+            dk.stride(2),
+            dv.stride(0),
+            dv.stride(1),
+            dv.stride(2),
+            mask_sb,
+            mask_sn,
+            num_heads,
+            num_queries,
+            *limits,
+            qk_scale,
+            plan.scale,
+            BLOCK_M=tile.kv.step,
+            BLOCK_N=tile.kv.rows,
+            ACCUMULATE=accumulate and index > 0,
+            **common,
+            num_warps=tile.kv.num_warps,
+            num_stages=tile.kv.num_stages,
         )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -458,8 +623,9 @@ class _TritonAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = partial_backward(q, k, v, ctx.key_padding_mask, ctx.plan, out, lse, grad_out, grad_lse,
-                                      order=ctx.order)
+        dq, dk, dv = partial_backward(
+            q, k, v, ctx.key_padding_mask, ctx.plan, out, lse, grad_out, grad_lse, order=ctx.order
+        )
         return dq, dk, dv, None, None, None
 
 

@@ -13,7 +13,14 @@ from collections.abc import Mapping
 import torch
 
 from .blocks import (
-    DeviceTable, accumulation_dtype, allowed_slots, block_points, gather_keys, gather_queries, kv_heads_of, local_index,
+    DeviceTable,
+    accumulation_dtype,
+    allowed_slots,
+    block_points,
+    gather_keys,
+    gather_queries,
+    kv_heads_of,
+    local_index,
 )
 from .plan import CallPlan
 
@@ -26,7 +33,8 @@ class SparseAttentionWeights(Mapping):
 
     Keys (the seed's first four, then the ones that locate a block):
     - ``block_indices`` (NBLK, 2) int64: (query block, key block) in its lattice's compacted coordinates;
-    - ``block_values`` (B, NBLK, b, b) float32 (float64 for float64 inputs): probabilities, 0 in masked and padding slots;
+    - ``block_values`` (B, NBLK, b, b) float32 (float64 for float64 inputs): probabilities, 0 in masked
+      and padding slots;
     - ``shape`` (B, H, N, N); ``block_size`` b;
     - ``block_heads`` (NBLK,) int64: query head; ``block_branches`` (NBLK,) int64: dilation branch;
     - ``query_positions``, ``key_positions`` (NBLK, b) int64: global positions, -1 for padding slots.
@@ -143,13 +151,15 @@ def attention_weights(q, k, key_padding_mask, lse, plan: CallPlan, work_size: in
         return torch.cat(parts[name], dim=dim) if parts[name] else torch.zeros(empty_shape, dtype=dtype, device=device)
 
     seq_len = plan.geometry.seq_len
-    return SparseAttentionWeights({
-        "block_indices": cat("indices", (0, 2), torch.long),
-        "block_values": cat("values", (batch, 0, b, b), dtype, dim=1),
-        "shape": (batch, num_heads, seq_len, seq_len),
-        "block_size": b,
-        "block_heads": cat("heads", (0,), torch.long),
-        "block_branches": cat("branches", (0,), torch.long),
-        "query_positions": cat("qpos", (0, b), torch.long),
-        "key_positions": cat("kpos", (0, b), torch.long),
-    })
+    return SparseAttentionWeights(
+        {
+            "block_indices": cat("indices", (0, 2), torch.long),
+            "block_values": cat("values", (batch, 0, b, b), dtype, dim=1),
+            "shape": (batch, num_heads, seq_len, seq_len),
+            "block_size": b,
+            "block_heads": cat("heads", (0,), torch.long),
+            "block_branches": cat("branches", (0,), torch.long),
+            "query_positions": cat("qpos", (0, b), torch.long),
+            "key_positions": cat("kpos", (0, b), torch.long),
+        }
+    )

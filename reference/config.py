@@ -58,7 +58,8 @@ class SparsePatternConfig:
             layout = self.block_layout
             if not isinstance(layout, torch.Tensor):
                 raise TypeError(
-                    f"block_layout must be a bool tensor (NB, NB) for pattern_type='custom', got {type(layout).__name__}"
+                    "block_layout must be a bool tensor (NB, NB) for pattern_type='custom', "
+                    f"got {type(layout).__name__}"
                 )
             if layout.dtype != torch.bool:
                 raise TypeError(f"block_layout must have dtype torch.bool, got {layout.dtype}")

@@ -94,7 +94,9 @@ class BlockSparseRingDilatedAttention(nn.Module):
         if not isinstance(sparse_config, SparsePatternConfig):
             raise TypeError(f"sparse_config must be a SparsePatternConfig or None, got {type(sparse_config).__name__}")
         self.sparse_config = sparse_config
-        if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+        if compute_dtype is not None and not (
+            isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
+        ):
             raise TypeError(f"compute_dtype must be a floating torch.dtype or None, got {compute_dtype!r}")
         self.compute_dtype = compute_dtype
 
@@ -115,8 +117,16 @@ class BlockSparseRingDilatedAttention(nn.Module):
         validate_qkv(q, k, v, key_padding_mask, scale, layout=self.layout)
         seq_len, num_heads = bnhd_view(q, self.layout).shape[1:3]
         out, lse, weights = partial_attention(
-            q, k, v, self.geometry(seq_len, num_heads), self.sparse_config, is_causal=bool(is_causal),
-            key_padding_mask=key_padding_mask, scale=scale, compute_dtype=self.compute_dtype, return_weights=True,
+            q,
+            k,
+            v,
+            self.geometry(seq_len, num_heads),
+            self.sparse_config,
+            is_causal=bool(is_causal),
+            key_padding_mask=key_padding_mask,
+            scale=scale,
+            compute_dtype=self.compute_dtype,
+            return_weights=True,
             layout=self.layout,
         )
         results = (out,)

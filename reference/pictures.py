@@ -35,7 +35,9 @@ from .semantics import AttentionGeometry, block_table, dense_multiplicity, layou
 
 
 def _geometry(segment_lengths, dilation_rates, seq_len: int, num_heads: int, head_mode: str) -> AttentionGeometry:
-    return AttentionGeometry(DilationConfig(tuple(segment_lengths), tuple(dilation_rates), head_mode), seq_len, num_heads)
+    return AttentionGeometry(
+        DilationConfig(tuple(segment_lengths), tuple(dilation_rates), head_mode), seq_len, num_heads
+    )
 
 
 def _heads_text(heads: range) -> str:
@@ -76,10 +78,7 @@ def lattice_picture(segment_lengths, dilation_rates, seq_len: int, num_heads: in
                 for t, position in enumerate(geo.lattice_positions(segment, offset).tolist()):
                     cells[position] = str(t)
             rows.append((f"head {head} o={offset}", cells, separators, ""))
-        title = (
-            f"branch {geo.branch}: segment {geo.segment_length}, rate {geo.dilation_rate}, "
-            f"{_heads_text(geo.heads)}"
-        )
+        title = f"branch {geo.branch}: segment {geo.segment_length}, rate {geo.dilation_rate}, {_heads_text(geo.heads)}"
         lines.append(title + "\n" + _grid("position", range(seq_len), rows))
     return "\n\n".join(lines)
 
@@ -147,7 +146,9 @@ def block_table_picture(
     if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < len(geometry.branches):
         raise ValueError(f"branch must be an int in [0, {len(geometry.branches)}), got {branch!r}")
     if offset not in geometry.branches[branch].offsets:
-        raise ValueError(f"offset must be one of branch {branch}'s offsets {geometry.branches[branch].offsets}, got {offset!r}")
+        raise ValueError(
+            f"offset must be one of branch {branch}'s offsets {geometry.branches[branch].offsets}, got {offset!r}"
+        )
     config = sparse_config if sparse_config is not None else SparsePatternConfig(pattern_type="dense")
     table = block_table(geometry, config, branch, offset, is_causal)
     b = table.block_size
@@ -308,8 +309,10 @@ def main(argv=None) -> int:
     mode.add_argument("--check", action="store_true", help="exit 1 if any picture differs from a fresh drawing")
     mode.add_argument("--write", action="store_true", help="redraw every picture in place")
     mode.add_argument(
-        "--show", metavar="CALL",
-        help=f"print one picture, e.g. \"layout_picture(sparse_config=None, num_blocks=3)\"; functions: {', '.join(PICTURES)}",
+        "--show",
+        metavar="CALL",
+        help='print one picture, e.g. "layout_picture(sparse_config=None, num_blocks=3)"; '
+        f"functions: {', '.join(PICTURES)}",
     )
     parser.add_argument("paths", nargs="*", type=Path, help="markdown files (with --check / --write)")
     args = parser.parse_args(argv)
@@ -330,8 +333,10 @@ def main(argv=None) -> int:
                 fresh = regenerate(text, str(path))
                 if fresh != text:
                     path.write_text(fresh, encoding="utf-8")
-                print(f"{path}: {len(find_markers(fresh, str(path)))} pictures, "
-                      f"{'rewritten' if fresh != text else 'already current'}")
+                print(
+                    f"{path}: {len(find_markers(fresh, str(path)))} pictures, "
+                    f"{'rewritten' if fresh != text else 'already current'}"
+                )
                 continue
             stale = stale_pictures(text, str(path))
             for marker, fresh in stale:

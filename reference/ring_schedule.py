@@ -69,9 +69,7 @@ class RingSchedule:
     def chunk_last_step(self) -> tuple[int, ...]:
         """For every key chunk, the last step at which some rank needs it (0: only its own rank, or none)."""
         P = self.num_chunks
-        return tuple(
-            max((s for s in range(P) if self.active[(c + s) % P][c]), default=0) for c in range(P)
-        )
+        return tuple(max((s for s in range(P) if self.active[(c + s) % P][c]), default=0) for c in range(P))
 
     @property
     def last_step(self) -> int:
@@ -87,9 +85,7 @@ class RingSchedule:
         P = self.num_chunks
         if step < 1:
             return ()
-        return tuple(
-            ((c + step - 1) % P, (c + step) % P, c) for c in range(P) if self.travels(c, step)
-        )
+        return tuple(((c + step - 1) % P, (c + step) % P, c) for c in range(P) if self.travels(c, step))
 
     def receives(self, rank: int, step: int) -> bool:
         """Whether ``rank`` receives the chunk it holds at ``step`` from ``rank - 1``."""
@@ -146,9 +142,7 @@ def _ring_schedule_cached(geometry, config, is_causal, chunk_lengths) -> RingSch
     for length in chunk_lengths:
         bounds.append(bounds[-1] + length)
     ranges = [(bounds[c], bounds[c + 1]) for c in range(len(chunk_lengths))]
-    active = tuple(
-        tuple(pair_is_active(geometry, config, is_causal, qr, kr) for kr in ranges) for qr in ranges
-    )
+    active = tuple(tuple(pair_is_active(geometry, config, is_causal, qr, kr) for kr in ranges) for qr in ranges)
     return RingSchedule(chunk_lengths=chunk_lengths, active=active)
 
 

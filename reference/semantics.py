@@ -263,7 +263,7 @@ class BlockTable:
         return torch.repeat_interleave(torch.arange(self.num_rows), self.row_counts)
 
     @functools.cached_property
-    def columns(self) -> "ColumnList":
+    def columns(self) -> ColumnList:
         """The same entries grouped by key block: which rows attend each (lattice, key block)."""
         return ColumnList.of(self)
 
@@ -286,7 +286,7 @@ class ColumnList:
     entry: torch.Tensor  # (nnz,) row-wise entry indices, grouped by column
 
     @classmethod
-    def of(cls, table: BlockTable) -> "ColumnList":
+    def of(cls, table: BlockTable) -> ColumnList:
         rows = table.entry_row
         lattice = table.lattice_start[rows]
         # Stable sorts, least significant key first: (lattice, key block, query block).
@@ -339,8 +339,13 @@ def block_table(
 ) -> BlockTable:
     """The flattened block list of one (branch, offset), restricted to a query and a key chunk."""
     return _block_table_cached(
-        geometry, config, branch, offset, bool(is_causal),
-        query_range or (0, geometry.seq_len), key_range or (0, geometry.seq_len),
+        geometry,
+        config,
+        branch,
+        offset,
+        bool(is_causal),
+        query_range or (0, geometry.seq_len),
+        key_range or (0, geometry.seq_len),
     )
 
 
@@ -369,8 +374,10 @@ def _block_table_cached(geometry, config, branch, offset, is_causal, query_range
         row_ids = torch.arange(nb)
         row_kept = (row_ids >= q_first[segments, None]) & (row_ids < q_stop[segments, None])  # (S, nb)
         entry_kept = (
-            (entry_rows >= q_first[segments, None]) & (entry_rows < q_stop[segments, None])
-            & (blocks.key_blocks >= k_first[segments, None]) & (blocks.key_blocks < k_stop[segments, None])
+            (entry_rows >= q_first[segments, None])
+            & (entry_rows < q_stop[segments, None])
+            & (blocks.key_blocks >= k_first[segments, None])
+            & (blocks.key_blocks < k_stop[segments, None])
         )  # (S, nnz)
         segment_of_row = segments[:, None].expand(-1, nb)[row_kept]
         segment_of_rows.append(segment_of_row)
@@ -379,9 +386,12 @@ def _block_table_cached(geometry, config, branch, offset, is_causal, query_range
         qblocks.append(row_ids.expand(segments.numel(), -1)[row_kept])
         per_row = torch.zeros(segments.numel(), nb, dtype=torch.long)
         per_row.index_put_(
-            (torch.arange(segments.numel())[:, None].expand_as(entry_kept)[entry_kept],
-             entry_rows.expand_as(entry_kept)[entry_kept]),
-            torch.ones((), dtype=torch.long), accumulate=True,
+            (
+                torch.arange(segments.numel())[:, None].expand_as(entry_kept)[entry_kept],
+                entry_rows.expand_as(entry_kept)[entry_kept],
+            ),
+            torch.ones((), dtype=torch.long),
+            accumulate=True,
         )
         counts.append(per_row[row_kept])
         keys.append(blocks.key_blocks.expand_as(entry_kept)[entry_kept])
@@ -391,11 +401,20 @@ def _block_table_cached(geometry, config, branch, offset, is_causal, query_range
     row_ptr[1:] = torch.cumsum(row_counts, 0)
     segment_of_row = cat(segment_of_rows)
     return BlockTable(
-        branch=branch, offset=offset, stride=rate, block_size=b,
+        branch=branch,
+        offset=offset,
+        stride=rate,
+        block_size=b,
         heads=geo.heads_with_offset(offset),
-        lattice_start=cat(starts), lattice_length=cat(lengths), query_block=cat(qblocks),
-        row_ptr=row_ptr, key_block=cat(keys), query_limits=query_range, key_limits=key_range,
-        segment_start=seg_start[segment_of_row], segment_stop=seg_stop[segment_of_row],
+        lattice_start=cat(starts),
+        lattice_length=cat(lengths),
+        query_block=cat(qblocks),
+        row_ptr=row_ptr,
+        key_block=cat(keys),
+        query_limits=query_range,
+        key_limits=key_range,
+        segment_start=seg_start[segment_of_row],
+        segment_stop=seg_stop[segment_of_row],
     )
 
 

@@ -45,7 +45,9 @@ def layout_rows(config: SparsePatternConfig, nb: int) -> list[list[bool]]:
                 allowed = abs(qb - kb) <= config.local_window_size // (2 * b)
             elif kind == "global_local":
                 global_blocks = ceil_div(config.global_tokens, b)
-                allowed = abs(qb - kb) <= config.local_window_size // (2 * b) or kb < global_blocks or qb < global_blocks
+                allowed = (
+                    abs(qb - kb) <= config.local_window_size // (2 * b) or kb < global_blocks or qb < global_blocks
+                )
             elif kind == "dilated_sparse":
                 sigma = max(1, round(1 / config.sparsity_ratio))
                 allowed = (qb - kb) % sigma == 0
@@ -150,7 +152,7 @@ def attention(q, k, v, dilation, config, is_causal=False, key_padding_mask=None,
     batch, seq_len, num_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = num_heads // kv_heads
-    scale = head_dim ** -0.5 if scale is None else scale
+    scale = head_dim**-0.5 if scale is None else scale
     qs, ks, vs = (t.detach().to(torch.float64).tolist() for t in (q, k, v))
     out = [[[[0.0] * head_dim for _ in range(num_heads)] for _ in range(seq_len)] for _ in range(batch)]
     lse = [[[-math.inf] * seq_len for _ in range(num_heads)] for _ in range(batch)]

@@ -11,8 +11,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("reference", "optimized")
 # What optimized/ may import from reference/: configurations, layouts, lattices, merges, schedules.
-SEMANTICS_MODULES = {"reference.config", "reference.semantics", "reference.inputs", "reference.merge",
-                     "reference.ring_schedule"}
+SEMANTICS_MODULES = {
+    "reference.config",
+    "reference.semantics",
+    "reference.inputs",
+    "reference.merge",
+    "reference.ring_schedule",
+}
 
 
 def _module_name(path: Path) -> str:
@@ -21,8 +26,11 @@ def _module_name(path: Path) -> str:
 
 
 def _modules() -> dict[str, ast.Module]:
-    return {_module_name(path): ast.parse(path.read_text(), str(path))
-            for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))}
+    return {
+        _module_name(path): ast.parse(path.read_text(), str(path))
+        for package in PACKAGES
+        for path in sorted((ROOT / package).rglob("*.py"))
+    }
 
 
 def _resolve(module: str, node: ast.ImportFrom, is_package: bool) -> str:
@@ -73,7 +81,7 @@ def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for target in sorted(graph.get(node, ())):
             if state.get(target) == 1:
-                return stack[stack.index(target):] + [target]
+                return stack[stack.index(target) :] + [target]
             if target not in state:
                 found = visit(target)
                 if found:

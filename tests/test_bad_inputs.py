@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import pytest
 import torch
@@ -74,8 +74,9 @@ CATALOGUE = [
     BadInput("k-batch", ("k", "batch"), call=_with("k", lambda t: t[:1])),
     BadInput("v-batch", ("v", "batch"), call=_with("v", lambda t: t[:1])),
     BadInput("k-length", ("k", "sequence length"), call=_with("k", lambda t: t[:, :-1])),
-    BadInput("k-and-v-length", ("k", "sequence length"),
-             call={"k": lambda a: a["k"][:, :-1], "v": lambda a: a["v"][:, :-1]}),
+    BadInput(
+        "k-and-v-length", ("k", "sequence length"), call={"k": lambda a: a["k"][:, :-1], "v": lambda a: a["v"][:, :-1]}
+    ),
     BadInput("v-length", ("v",), call=_with("v", lambda t: t[:, :-1])),
     BadInput("k-head-dim", ("k", "head dim"), call=_with("k", lambda t: t[..., :-1])),
     BadInput("v-head-dim", ("v", "head dim"), call=_with("v", lambda t: t[..., :-1])),
@@ -84,12 +85,19 @@ CATALOGUE = [
     BadInput("v-dtype", ("v", "dtype"), call=_with("v", lambda t: t.half())),
     BadInput("k-device", ("k", "device"), call=_with("k", lambda t: t.to("meta"))),
     BadInput("v-device", ("v", "device"), call=_with("v", lambda t: t.to("meta"))),
-    BadInput("heads-not-a-multiple-of-kv-heads", ("H_kv",),
-             call={"k": lambda a: a["k"][:, :, :1].expand(-1, -1, 3, -1),
-                   "v": lambda a: a["v"][:, :, :1].expand(-1, -1, 3, -1)}),
-    BadInput("empty-sequence", ("q", "non-empty"),
-             call={name: (lambda a, name=name: a[name][:, :0]) for name in ("q", "k", "v")}
-             | {"key_padding_mask": None}),
+    BadInput(
+        "heads-not-a-multiple-of-kv-heads",
+        ("H_kv",),
+        call={
+            "k": lambda a: a["k"][:, :, :1].expand(-1, -1, 3, -1),
+            "v": lambda a: a["v"][:, :, :1].expand(-1, -1, 3, -1),
+        },
+    ),
+    BadInput(
+        "empty-sequence",
+        ("q", "non-empty"),
+        call={name: (lambda a, name=name: a[name][:, :0]) for name in ("q", "k", "v")} | {"key_padding_mask": None},
+    ),
     # Non-floating inputs.
     BadInput("q-integer", ("q", "floating"), call=_with("q", lambda t: t.long())),
     BadInput("k-bool", ("k", "floating"), call=_with("k", lambda t: t > 0)),
@@ -97,10 +105,12 @@ CATALOGUE = [
     # key_padding_mask.
     BadInput("mask-float", ("key_padding_mask", "dtype"), call=_with("key_padding_mask", lambda t: t.float())),
     BadInput("mask-long", ("key_padding_mask", "dtype"), call=_with("key_padding_mask", lambda t: t.long())),
-    BadInput("mask-too-long", ("key_padding_mask", "shape"),
-             call=_with("key_padding_mask", lambda t: torch.zeros(BATCH, SEQ_LEN + 1, dtype=torch.bool))),
-    BadInput("mask-per-head", ("key_padding_mask", "shape"),
-             call=_with("key_padding_mask", lambda t: t.unsqueeze(1))),
+    BadInput(
+        "mask-too-long",
+        ("key_padding_mask", "shape"),
+        call=_with("key_padding_mask", lambda t: torch.zeros(BATCH, SEQ_LEN + 1, dtype=torch.bool)),
+    ),
+    BadInput("mask-per-head", ("key_padding_mask", "shape"), call=_with("key_padding_mask", lambda t: t.unsqueeze(1))),
     BadInput("mask-batch", ("key_padding_mask", "shape"), call=_with("key_padding_mask", lambda t: t[:1])),
     BadInput("mask-not-a-tensor", ("key_padding_mask",), call=_with("key_padding_mask", lambda t: t.tolist())),
     BadInput("mask-device", ("key_padding_mask", "device"), call=_with("key_padding_mask", lambda t: t.to("meta"))),
@@ -115,13 +125,23 @@ CATALOGUE = [
     BadInput("zero-rate", ("dilation_rates",), module=dict(dilation_rates=[0, 2])),
     BadInput("negative-rate", ("dilation_rates",), module=dict(dilation_rates=[1, -2])),
     BadInput("unknown-head-mode", ("head_mode",), module=dict(head_mode="interleaved")),
-    BadInput("fewer-heads-than-branches-in-split-mode", ("head_mode", "num_heads"),
-             module=dict(segment_lengths=[2, 4, 8, 8, 8], dilation_rates=[1, 1, 1, 2, 2])),
+    BadInput(
+        "fewer-heads-than-branches-in-split-mode",
+        ("head_mode", "num_heads"),
+        module=dict(segment_lengths=[2, 4, 8, 8, 8], dilation_rates=[1, 1, 1, 2, 2]),
+    ),
     # Sparse configuration.
     BadInput("sparse-config-not-a-config", ("sparse_config",), module=dict(sparse_config="dense")),
-    BadInput("custom-layout-smaller-than-a-segment-needs", ("block_layout",),  # segment 8, rate 1: 4 blocks
-             module=dict(dilation_rates=[1, 1], sparse_config=SparsePatternConfig(
-                 pattern_type="custom", block_size=2, block_layout=torch.ones(3, 3, dtype=torch.bool)))),
+    BadInput(
+        "custom-layout-smaller-than-a-segment-needs",
+        ("block_layout",),  # segment 8, rate 1: 4 blocks
+        module=dict(
+            dilation_rates=[1, 1],
+            sparse_config=SparsePatternConfig(
+                pattern_type="custom", block_size=2, block_layout=torch.ones(3, 3, dtype=torch.bool)
+            ),
+        ),
+    ),
 ]
 
 
@@ -178,20 +198,43 @@ CONFIG_CATALOGUE = [
     ("global-negative", SparsePatternConfig, dict(global_tokens=-1), ("global_tokens",)),
     ("seed-negative", SparsePatternConfig, dict(seed=-1), ("seed",)),
     ("custom-without-layout", SparsePatternConfig, dict(pattern_type="custom"), ("block_layout",)),
-    ("custom-layout-not-a-tensor", SparsePatternConfig,
-     dict(pattern_type="custom", block_layout=[[True]]), ("block_layout",)),
-    ("custom-layout-not-bool", SparsePatternConfig,
-     dict(pattern_type="custom", block_layout=torch.ones(3, 3)), ("block_layout",)),
-    ("custom-layout-not-square", SparsePatternConfig,
-     dict(pattern_type="custom", block_layout=_bool(3, 4)), ("block_layout",)),
-    ("custom-layout-3d", SparsePatternConfig,
-     dict(pattern_type="custom", block_layout=torch.ones(2, 2, 2, dtype=torch.bool)), ("block_layout",)),
-    ("custom-layout-empty", SparsePatternConfig,
-     dict(pattern_type="custom", block_layout=_bool(0)), ("block_layout",)),
-    ("layout-without-custom", SparsePatternConfig,
-     dict(pattern_type="dense", block_layout=_bool(2)), ("block_layout",)),
-    ("rates-length", DilationConfig, dict(segment_lengths=(4, 8), dilation_rates=(1,)),
-     ("segment_lengths", "dilation_rates")),
+    (
+        "custom-layout-not-a-tensor",
+        SparsePatternConfig,
+        dict(pattern_type="custom", block_layout=[[True]]),
+        ("block_layout",),
+    ),
+    (
+        "custom-layout-not-bool",
+        SparsePatternConfig,
+        dict(pattern_type="custom", block_layout=torch.ones(3, 3)),
+        ("block_layout",),
+    ),
+    (
+        "custom-layout-not-square",
+        SparsePatternConfig,
+        dict(pattern_type="custom", block_layout=_bool(3, 4)),
+        ("block_layout",),
+    ),
+    (
+        "custom-layout-3d",
+        SparsePatternConfig,
+        dict(pattern_type="custom", block_layout=torch.ones(2, 2, 2, dtype=torch.bool)),
+        ("block_layout",),
+    ),
+    ("custom-layout-empty", SparsePatternConfig, dict(pattern_type="custom", block_layout=_bool(0)), ("block_layout",)),
+    (
+        "layout-without-custom",
+        SparsePatternConfig,
+        dict(pattern_type="dense", block_layout=_bool(2)),
+        ("block_layout",),
+    ),
+    (
+        "rates-length",
+        DilationConfig,
+        dict(segment_lengths=(4, 8), dilation_rates=(1,)),
+        ("segment_lengths", "dilation_rates"),
+    ),
     ("no-branch", DilationConfig, dict(segment_lengths=(), dilation_rates=()), ("segment_lengths",)),
     ("segment-zero", DilationConfig, dict(segment_lengths=(0,), dilation_rates=(1,)), ("segment_lengths",)),
     ("rate-zero", DilationConfig, dict(segment_lengths=(4,), dilation_rates=(0,)), ("dilation_rates",)),
@@ -199,12 +242,24 @@ CONFIG_CATALOGUE = [
     ("rate-bool", DilationConfig, dict(segment_lengths=(4,), dilation_rates=(True,)), ("dilation_rates",)),
     ("segments-a-string", DilationConfig, dict(segment_lengths="48", dilation_rates=(1, 2)), ("segment_lengths",)),
     ("rates-an-int", DilationConfig, dict(segment_lengths=(4,), dilation_rates=2), ("dilation_rates",)),
-    ("unknown-head-mode", DilationConfig, dict(segment_lengths=(4,), dilation_rates=(1,), head_mode="mixed"),
-     ("head_mode",)),
-    ("fewer-heads-than-branches", AttentionGeometry,
-     dict(dilation=DilationConfig((4, 8), (1, 2), "split"), seq_len=8, num_heads=1), ("num_heads", "head_mode")),
-    ("seq-len-zero", AttentionGeometry,
-     dict(dilation=DilationConfig((4,), (1,)), seq_len=0, num_heads=1), ("seq_len",)),
+    (
+        "unknown-head-mode",
+        DilationConfig,
+        dict(segment_lengths=(4,), dilation_rates=(1,), head_mode="mixed"),
+        ("head_mode",),
+    ),
+    (
+        "fewer-heads-than-branches",
+        AttentionGeometry,
+        dict(dilation=DilationConfig((4, 8), (1, 2), "split"), seq_len=8, num_heads=1),
+        ("num_heads", "head_mode"),
+    ),
+    (
+        "seq-len-zero",
+        AttentionGeometry,
+        dict(dilation=DilationConfig((4,), (1,)), seq_len=0, num_heads=1),
+        ("seq_len",),
+    ),
 ]
 
 

@@ -47,8 +47,7 @@ BAD_SETTINGS = [
     ("experiments.sweep_throughput", ("--seq-lens", "1024", "0"), "--seq-lens"),
     ("experiments.sweep_throughput", ("--heads", "2"), "--heads"),
     ("experiments.sweep_ring", ("--seq-len", "32", "--parts", "2", "64"), "--parts"),
-    ("experiments.regression", ("--baseline", "no/such/baseline.json", "--current", "no/such/now.json"),
-     "--baseline"),
+    ("experiments.regression", ("--baseline", "no/such/baseline.json", "--current", "no/such/now.json"), "--baseline"),
     ("experiments.regression", ("--baseline", "README.md", "--current", "README.md"), "--baseline"),
     ("experiments.run_notebooks", ("--size", "huge"), "--size"),
     ("experiments.bench_gpu", ("--only", "main,everything"), "--only"),
@@ -68,8 +67,14 @@ RUNS += [(module, arguments) for module, arguments, _ in BAD_SETTINGS + NO_CUDA_
 
 def _run(module: str, arguments: tuple) -> subprocess.CompletedProcess:
     environment = {name: value for name, value in os.environ.items() if name not in TORCHRUN_VARIABLES}
-    return subprocess.run([sys.executable, "-m", module, *arguments], cwd=ROOT, env=environment,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", module, *arguments],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @cache
@@ -82,8 +87,14 @@ def runs() -> dict:
 
 def test_the_tools_are_discovered():
     # A broken discovery would pass every test below vacuously.
-    expected = {"experiments.demo", "experiments.ring_example", "experiments.sweep_memory", "experiments.regression",
-                "experiments.run_notebooks", "experiments.bench_gpu"}
+    expected = {
+        "experiments.demo",
+        "experiments.ring_example",
+        "experiments.sweep_memory",
+        "experiments.regression",
+        "experiments.run_notebooks",
+        "experiments.bench_gpu",
+    }
     assert expected <= set(CLI_MODULES), CLI_MODULES
     assert not any(".tests." in name or ".benchmarks." in name for name in CLI_MODULES)
 

@@ -121,5 +121,8 @@ def test_an_explicit_backend_runs_the_chosen_object(monkeypatch):
     module(q, q, q)
     # One segment over both chunks, dense, not causal: every one of the 2 x 2 chunk pairs is active.
     assert sorted((plan.query_range, plan.key_range) for plan in calls) == [
-        ((0, 4), (0, 4)), ((0, 4), (4, 8)), ((4, 8), (0, 4)), ((4, 8), (4, 8))
+        ((0, 4), (0, 4)),
+        ((0, 4), (4, 8)),
+        ((4, 8), (0, 4)),
+        ((4, 8), (4, 8)),
     ]

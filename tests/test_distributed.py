@@ -26,8 +26,8 @@ import torch.multiprocessing as mp
 import optimized
 from equivalence_tests.helpers import differentiable_reference
 from equivalence_tests.strategies import AttentionCase, Shape
-from reference import AttentionGeometry, BlockSparseRingDilatedAttention as ReferenceAttention
-from reference import DilationConfig, SparsePatternConfig, assert_within_budget, compare
+from reference import AttentionGeometry, DilationConfig, SparsePatternConfig, assert_within_budget, compare
+from reference import BlockSparseRingDilatedAttention as ReferenceAttention
 from reference.ring_schedule import ring_schedule
 from reference.verification import K_GRADIENT, K_OUTPUT
 
@@ -66,8 +66,12 @@ class Scenario:
         return start, start + self.chunks[group_rank]
 
     def module_kwargs(self) -> dict:
-        return dict(segment_lengths=list(self.segment_lengths), dilation_rates=list(self.dilation_rates),
-                    sparse_config=self.sparse_config, head_mode=self.head_mode)
+        return dict(
+            segment_lengths=list(self.segment_lengths),
+            dilation_rates=list(self.dilation_rates),
+            sparse_config=self.sparse_config,
+            head_mode=self.head_mode,
+        )
 
     def case(self, mask) -> AttentionCase:
         shape = Shape(self.batch, self.seq_len, self.num_heads, self.num_kv_heads, self.head_dim)
@@ -98,19 +102,51 @@ def _loss(out, lse, grads, rows=slice(None)):
 
 SCENARIOS = (
     # Two ranks, a segment that spans both chunks, padding, weights.
-    Scenario("two_ranks", (0, 1), (14, 15), (8, 16), (1, 2),
-             SparsePatternConfig(pattern_type="dilated_sparse", sparsity_ratio=0.5, block_size=4), weights=True),
+    Scenario(
+        "two_ranks",
+        (0, 1),
+        (14, 15),
+        (8, 16),
+        (1, 2),
+        SparsePatternConfig(pattern_type="dilated_sparse", sparsity_ratio=0.5, block_size=4),
+        weights=True,
+    ),
     # Three ranks that are global ranks 1..3, uneven chunks shorter than a block, causal, head_mode "all".
-    Scenario("three_ranks_causal", (1, 2, 3), (5, 2, 22), (6, 29), (1, 3),
-             SparsePatternConfig(pattern_type="local_window", local_window_size=12, block_size=3),
-             head_mode="all", is_causal=True, weights=True, seed=1),
+    Scenario(
+        "three_ranks_causal",
+        (1, 2, 3),
+        (5, 2, 22),
+        (6, 29),
+        (1, 3),
+        SparsePatternConfig(pattern_type="local_window", local_window_size=12, block_size=3),
+        head_mode="all",
+        is_causal=True,
+        weights=True,
+        seed=1,
+    ),
     # Four ranks, grouped-query heads, a random layout.
-    Scenario("four_ranks", (0, 1, 2, 3), (3, 9, 1, 11), (5, 24), (1, 3),
-             SparsePatternConfig(pattern_type="random", sparsity_ratio=0.4, block_size=2, seed=7),
-             num_heads=6, num_kv_heads=3, lse_gradient=True, seed=2),
+    Scenario(
+        "four_ranks",
+        (0, 1, 2, 3),
+        (3, 9, 1, 11),
+        (5, 24),
+        (1, 3),
+        SparsePatternConfig(pattern_type="random", sparsity_ratio=0.4, block_size=2, seed=7),
+        num_heads=6,
+        num_kv_heads=3,
+        lse_gradient=True,
+        seed=2,
+    ),
     # Every segment inside one chunk: nothing may be sent, forward or backward.
-    Scenario("segments_fit_chunks", (0, 1, 2, 3), (8, 8, 16, 8), (4, 8), (1, 2),
-             SparsePatternConfig(pattern_type="dense", block_size=2), seed=3),
+    Scenario(
+        "segments_fit_chunks",
+        (0, 1, 2, 3),
+        (8, 8, 16, 8),
+        (4, 8),
+        (1, 2),
+        SparsePatternConfig(pattern_type="dense", block_size=2),
+        seed=3,
+    ),
 )
 MISMATCH_RANKS = (0, 1, 2)  # rank 1 passes other dilation rates; rank 2 another head dim
 
@@ -125,12 +161,16 @@ def _mismatch_module(global_rank: int, group):
 def _run_scenario(scenario: Scenario, group, group_rank: int) -> dict:
     q, k, v, mask, grad_out = scenario.inputs()
     start, stop = scenario.rows(group_rank)
-    module = optimized.BlockSparseRingDilatedAttention(**scenario.module_kwargs(), backend="torch",
-                                                       process_group=group)
+    module = optimized.BlockSparseRingDilatedAttention(**scenario.module_kwargs(), backend="torch", process_group=group)
     leaves = [t[:, start:stop].clone().requires_grad_(scenario.gradients) for t in (q, k, v)]
     local_mask = None if mask is None else mask[:, start:stop].clone()
-    results = module(*leaves, is_causal=scenario.is_causal, key_padding_mask=local_mask,
-                     return_attention_weights=scenario.weights, return_lse=True)
+    results = module(
+        *leaves,
+        is_causal=scenario.is_causal,
+        key_padding_mask=local_mask,
+        return_attention_weights=scenario.weights,
+        return_lse=True,
+    )
     out, lse = results[0], results[-1]
     record = {"rows": (start, stop), "out": out.detach().clone(), "lse": lse.detach().clone()}
     if scenario.weights:
@@ -139,8 +179,12 @@ def _run_scenario(scenario: Scenario, group, group_rank: int) -> dict:
         _loss(out, lse, grad_out, slice(start, stop)).backward()
         record["grads"] = [leaf.grad.clone() for leaf in leaves]
     stats = module.ring_stats
-    record.update(forward_bytes=list(stats.forward_bytes), backward_bytes=list(stats.backward_bytes),
-                  weights_bytes=list(stats.weights_bytes), computed_steps=list(stats.computed_steps))
+    record.update(
+        forward_bytes=list(stats.forward_bytes),
+        backward_bytes=list(stats.backward_bytes),
+        weights_bytes=list(stats.weights_bytes),
+        computed_steps=list(stats.computed_steps),
+    )
     gathered = [None] * len(scenario.ranks)
     dist.all_gather_object(gathered, out.detach(), group=group)
     if group_rank == 0:
@@ -151,16 +195,20 @@ def _run_scenario(scenario: Scenario, group, group_rank: int) -> dict:
 def _main_worker(rank: int, init_file: str, result_dir: str) -> None:
     results = {}
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                                timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=WORLD,
+            timeout=datetime.timedelta(seconds=TIMEOUT_S),
+        )
         # Every rank creates every group, in the same order (new_group is collective).
         groups = {sc.name: dist.new_group(list(sc.ranks)) for sc in SCENARIOS}
         mismatch_group = dist.new_group(list(MISMATCH_RANKS))
         for scenario in SCENARIOS:
             if rank in scenario.ranks:
                 try:
-                    results[scenario.name] = _run_scenario(scenario, groups[scenario.name],
-                                                           scenario.ranks.index(rank))
+                    results[scenario.name] = _run_scenario(scenario, groups[scenario.name], scenario.ranks.index(rank))
                 except Exception as error:  # recorded, the parent reports it
                     results[scenario.name] = {"error": type(error).__name__, "message": traceback.format_exc()}
         if rank in MISMATCH_RANKS:
@@ -191,8 +239,13 @@ def _fault_worker(rank: int, init_file: str, result_dir: str) -> None:
     started = time.monotonic()
     try:
         # A long timeout to start (children may start seconds apart on a busy machine), a short one for the ring.
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=3,
-                                timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=3,
+            timeout=datetime.timedelta(seconds=TIMEOUT_S),
+        )
         group = dist.new_group([0, 1, 2], timeout=datetime.timedelta(seconds=FAULT_TIMEOUT_S))
         scenario = SCENARIOS[0]
         q, k, v, mask, _ = scenario.inputs()
@@ -200,7 +253,10 @@ def _fault_worker(rank: int, init_file: str, result_dir: str) -> None:
         start = sum(chunks[:rank])
         rows = slice(start, start + chunks[rank])
         module = optimized.BlockSparseRingDilatedAttention(
-            [29], [1], SparsePatternConfig(pattern_type="dense", block_size=4), backend="torch",
+            [29],
+            [1],
+            SparsePatternConfig(pattern_type="dense", block_size=4),
+            backend="torch",
             process_group=group,
         )
         if rank == 1:
@@ -234,8 +290,9 @@ def _spawn(target, world_size: int, tmp_path, wait_for=None) -> dict[int, dict]:
     """
     context = mp.get_context("spawn")
     init_file = str(tmp_path / "init")
-    processes = [context.Process(target=target, args=(rank, init_file, str(tmp_path)), daemon=True)
-                 for rank in range(world_size)]
+    processes = [
+        context.Process(target=target, args=(rank, init_file, str(tmp_path)), daemon=True) for rank in range(world_size)
+    ]
     for process in processes:
         process.start()
     wait_for = range(world_size) if wait_for is None else wait_for
@@ -250,8 +307,11 @@ def _spawn(target, world_size: int, tmp_path, wait_for=None) -> dict[int, dict]:
                 process.terminate()
                 process.join(5)
     assert not hung, f"ranks {hung} did not finish within {JOIN_TIMEOUT_S} s (a ring hung)"
-    return {rank: torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
-            for rank in range(world_size) if (tmp_path / f"rank{rank}.pt").exists()}
+    return {
+        rank: torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for rank in range(world_size)
+        if (tmp_path / f"rank{rank}.pt").exists()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -273,8 +333,7 @@ def _scenario_records(ring_results, scenario: Scenario) -> list[dict]:
 
 def _references(scenario: Scenario):
     q, k, v, mask, _ = scenario.inputs()
-    call = dict(is_causal=scenario.is_causal, key_padding_mask=mask, return_lse=True,
-                return_attention_weights=True)
+    call = dict(is_causal=scenario.is_causal, key_padding_mask=mask, return_lse=True, return_attention_weights=True)
     out64, weights64, lse64 = ReferenceAttention(**scenario.module_kwargs())(q, k, v, **call)
     out32, weights32, lse32 = ReferenceAttention(**scenario.module_kwargs(), compute_dtype=None)(q, k, v, **call)
     return (out64, lse64, weights64), (out32, lse32, weights32)
@@ -289,23 +348,54 @@ def test_every_rank_matches_the_reference(ring_results, scenario):
         assert record["rows"] == (start, stop)
         empty = torch.isneginf(lse64[:, :, start:stop])
         context = f"{scenario}, group rank {group_rank}"
-        assert_within_budget(compare("out", record["out"], out64[:, start:stop], out32[:, start:stop],
-                                     torch.float32, K_OUTPUT, empty=empty.transpose(1, 2).unsqueeze(-1)), context)
-        assert_within_budget(compare("lse", record["lse"], lse64[:, :, start:stop], lse32[:, :, start:stop],
-                                     torch.float32, K_OUTPUT, empty=empty, empty_value=float("-inf")), context)
+        assert_within_budget(
+            compare(
+                "out",
+                record["out"],
+                out64[:, start:stop],
+                out32[:, start:stop],
+                torch.float32,
+                K_OUTPUT,
+                empty=empty.transpose(1, 2).unsqueeze(-1),
+            ),
+            context,
+        )
+        assert_within_budget(
+            compare(
+                "lse",
+                record["lse"],
+                lse64[:, :, start:stop],
+                lse32[:, :, start:stop],
+                torch.float32,
+                K_OUTPUT,
+                empty=empty,
+                empty_value=float("-inf"),
+            ),
+            context,
+        )
         if scenario.weights:
             # Global coordinates, this rank's query rows only: other rows are exactly zero.
             weights = record["weights"]
             assert weights.shape == weights64.shape, context
-            assert_within_budget(compare("weights", weights[:, :, start:stop], weights64[:, :, start:stop],
-                                         weights32[:, :, start:stop], torch.float32), context)
+            assert_within_budget(
+                compare(
+                    "weights",
+                    weights[:, :, start:stop],
+                    weights64[:, :, start:stop],
+                    weights32[:, :, start:stop],
+                    torch.float32,
+                ),
+                context,
+            )
             others = torch.ones(scenario.seq_len, dtype=torch.bool)
             others[start:stop] = False
             assert not bool(weights[:, :, others].any()), f"weights outside this rank's rows; {context}"
     gathered = records[0]["gathered_out"]
     empty = torch.isneginf(lse64).transpose(1, 2).unsqueeze(-1)
-    assert_within_budget(compare("gathered out", gathered, out64, out32, torch.float32, K_OUTPUT, empty=empty),
-                         f"{scenario}, gathered on group rank 0")
+    assert_within_budget(
+        compare("gathered out", gathered, out64, out32, torch.float32, K_OUTPUT, empty=empty),
+        f"{scenario}, gathered on group rank 0",
+    )
 
 
 @pytest.mark.parametrize("scenario", [sc for sc in SCENARIOS if sc.gradients], ids=lambda sc: sc.name)
@@ -321,8 +411,7 @@ def test_gradients_through_the_ring_match_the_reference(ring_results, scenario):
         grads[dtype] = [leaf.grad for leaf in leaves]
     for group_rank, record in enumerate(records):
         start, stop = scenario.rows(group_rank)
-        for name, got, g64, g32 in zip(("dq", "dk", "dv"), record["grads"], grads[torch.float64],
-                                       grads[torch.float32]):
+        for name, got, g64, g32 in zip(("dq", "dk", "dv"), record["grads"], grads[torch.float64], grads[torch.float32]):
             verdict = compare(name, got, g64[:, start:stop], g32[:, start:stop], torch.float32, K_GRADIENT)
             assert_within_budget(verdict, f"{scenario}, group rank {group_rank}")
 
@@ -336,8 +425,11 @@ def _bytes_per_token(scenario: Scenario, element_size: int, with_v: bool = True)
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda sc: sc.name)
 def test_bytes_sent_per_step_match_the_schedule(ring_results, scenario):
     records = _scenario_records(ring_results, scenario)
-    geometry = AttentionGeometry(DilationConfig(scenario.segment_lengths, scenario.dilation_rates,
-                                                scenario.head_mode), scenario.seq_len, scenario.num_heads)
+    geometry = AttentionGeometry(
+        DilationConfig(scenario.segment_lengths, scenario.dilation_rates, scenario.head_mode),
+        scenario.seq_len,
+        scenario.num_heads,
+    )
     schedule = ring_schedule(geometry, scenario.sparse_config, scenario.is_causal, scenario.chunks)
     P = len(scenario.chunks)
     summed = lambda key: [sum(r[key][s] for r in records) for s in range(len(records[0][key]))]  # noqa: E731

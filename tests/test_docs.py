@@ -17,15 +17,17 @@ import torch
 
 from reference import (
     AttentionGeometry,
-    BlockSparseRingDilatedAttention as Reference,
     DilationConfig,
     SparsePatternConfig,
     active_block_count,
     active_pair_count,
     compare,
     dense_multiplicity,
+    pictures,
 )
-from reference import pictures
+from reference import (
+    BlockSparseRingDilatedAttention as Reference,
+)
 from reference.ring_schedule import ring_schedule
 from reference.semantics import branch_heads
 
@@ -61,15 +63,16 @@ def test_pictures_in_semantics_md_are_current():
     markers = pictures.find_markers(text, str(SEMANTICS))
     assert len(markers) >= 10, f"expected the doc's pictures, found {len(markers)} markers"
     stale = pictures.stale_pictures(text, str(SEMANTICS))
-    assert not stale, (
-        "stale pictures (run: python -m reference.pictures --write docs/semantics.md): "
-        + ", ".join(f"line {marker.line}" for marker, _ in stale)
+    assert not stale, "stale pictures (run: python -m reference.pictures --write docs/semantics.md): " + ", ".join(
+        f"line {marker.line}" for marker, _ in stale
     )
 
 
 @pytest.mark.parametrize("head_mode", ["split", "all"])
-@pytest.mark.parametrize("segments, rates, seq_len, heads", [([6], [2], 12, 4), ([4, 12], [1, 2], 12, 4),
-                                                             ([8], [4], 8, 5), ([5, 3], [2, 3], 11, 3)])
+@pytest.mark.parametrize(
+    "segments, rates, seq_len, heads",
+    [([6], [2], 12, 4), ([4, 12], [1, 2], 12, 4), ([8], [4], 8, 5), ([5, 3], [2, 3], 11, 3)],
+)
 def test_lattice_picture_cells_agree_with_compacted_index(segments, rates, seq_len, heads, head_mode):
     """Each cell of lattice_picture holds t from BranchGeometry.compacted_index, '.' off the lattice."""
     drawn = pictures.lattice_picture(segments, rates, seq_len, heads, head_mode)
@@ -79,7 +82,7 @@ def test_lattice_picture_cells_agree_with_compacted_index(segments, rates, seq_l
         if line.startswith("branch "):
             branch = int(line.split(":")[0].split()[1])
         elif line.startswith("head "):
-            label, cells = line[:line.index("=") + 2], line[line.index("=") + 2 :]
+            label, cells = line[: line.index("=") + 2], line[line.index("=") + 2 :]
             rows[(branch, int(label.split()[1]))] = cells.replace("|", " ").split()
     geo_all = geometry(segments, rates, seq_len, heads, head_mode)
     expected_rows = 0
@@ -109,7 +112,9 @@ def test_section1_grouped_query_heads():
     assert torch.equal(grouped, attn(q, k[:, :, kv_of_head], v[:, :, kv_of_head]))
     # A different assignment changes the result: the check above can fail.
     assert not torch.allclose(grouped, attn(q, k[:, :, kv_of_head.flip(0)], v[:, :, kv_of_head.flip(0)]))
-    states("semantics.md", "With `H = 8`, `H_kv = 2`, heads 0-3 read key/value head 0 and heads 4-7 read key/value head 1")
+    states(
+        "semantics.md", "With `H = 8`, `H_kv = 2`, heads 0-3 read key/value head 0 and heads 4-7 read key/value head 1"
+    )
 
 
 def test_section1_layout_option_is_documented():
@@ -130,8 +135,11 @@ def test_section2_segment_longer_than_n_and_head_runs():
     (geo,) = geometry([64], [1], 12, 1).branches
     assert geo.num_segments == 1 and geo.segment_bounds(0) == (0, 12)
     assert [list(branch_heads(5, 2, "split", g)) for g in range(2)] == [[0, 1, 2], [3, 4]]
-    states("semantics.md", "`segment_lengths=[64]` on `N = 12` gives one segment `[0, 12)`",
-           "`H = 5`, `G = 2` gives heads 0-2 and heads 3-4")
+    states(
+        "semantics.md",
+        "`segment_lengths=[64]` on `N = 12` gives one segment `[0, 12)`",
+        "`H = 5`, `G = 2` gives heads 0-2 and heads 3-4",
+    )
 
 
 def test_section2_example_one_branch():
@@ -178,8 +186,12 @@ def test_section2_offset_with_no_head():
     assert [geo.offset_of(h) for h in range(5)] == [0, 0, 1, 1, 2]
     covered = {p for o in geo.offsets for p in geo.lattice_positions(0, o).tolist()}
     assert sorted(set(range(8)) - covered) == [3, 7]
-    states("semantics.md", "the runs have 2 heads, the offsets are 0, 0, 1, 1, 2",
-           "(positions 3 and 7 below)", "No head has offset 3, so positions 3 and 7 are on no lattice")
+    states(
+        "semantics.md",
+        "the runs have 2 heads, the offsets are 0, 0, 1, 1, 2",
+        "(positions 3 and 7 below)",
+        "No head has offset 3, so positions 3 and 7 are on no lattice",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,8 +204,12 @@ def test_section3_layout_parameters():
     glocal = SparsePatternConfig(pattern_type="global_local", block_size=2, local_window_size=4, global_tokens=2)
     assert glocal.local_radius_blocks == 1 and glocal.global_blocks == 1
     assert SparsePatternConfig(pattern_type="dilated_sparse", sparsity_ratio=0.25, block_size=2).dilated_stride == 4
-    states("semantics.md", "(radius `8 // 4 = 2` blocks)", "`local_window_size=4` (radius 1), `global_tokens=2` (`ng = 1`)",
-           "`sparsity_ratio=0.25` (`s = 4`)")
+    states(
+        "semantics.md",
+        "(radius `8 // 4 = 2` blocks)",
+        "`local_window_size=4` (radius 1), `global_tokens=2` (`ng = 1`)",
+        "`sparsity_ratio=0.25` (`s = 4`)",
+    )
 
 
 LOCAL = SparsePatternConfig(pattern_type="local_window", block_size=2, local_window_size=4)
@@ -258,8 +274,9 @@ def test_section4_empty_rows():
     mask[0, [6, 8, 10]] = True
     padded = dense_multiplicity(geo_all, DENSE, key_padding_mask=mask)
     assert sorted(set(_empty_queries(padded, 0)) - set(_empty_queries(counts, 0))) == [6, 8, 10]
-    custom = SparsePatternConfig(pattern_type="custom", block_size=2,
-                                 block_layout=torch.tensor([[False, False], [True, True]]))
+    custom = SparsePatternConfig(
+        pattern_type="custom", block_size=2, block_layout=torch.tensor([[False, False], [True, True]])
+    )
     custom_counts = dense_multiplicity(geometry([4], [1], 4, 1), custom)
     assert _empty_queries(custom_counts, 0) == [0, 1]
     assert keys_of(custom_counts, 0, 2) == keys_of(custom_counts, 0, 3) == [0, 1, 2, 3]
@@ -319,7 +336,9 @@ def test_numerics_worked_budget_and_eps():
     verdict = compare("out", reference64, reference64, reference_lowp, torch.float32)
     assert verdict.budget == pytest.approx(1.077e-6, rel=5e-4)
     assert [f"{torch.finfo(t).eps:.2e}" for t in (torch.float32, torch.float16, torch.bfloat16)] == [
-        "1.19e-07", "9.77e-04", "7.81e-03"
+        "1.19e-07",
+        "9.77e-04",
+        "7.81e-03",
     ]
     states(
         "numerics.md",

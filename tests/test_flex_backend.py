@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from random_inputs import make_inputs
 
 import optimized
 from optimized import flex_backend
 from optimized.blocks import head_layers
 from optimized.flex_backend import _mask_mod
 from optimized.plan import CallPlan
-from random_inputs import make_inputs
 from reference import (
     AttentionGeometry,
-    BlockSparseRingDilatedAttention as ReferenceAttention,
     DilationConfig,
     SparsePatternConfig,
     assert_within_budget,
     compare,
     partial_attention,
+)
+from reference import (
+    BlockSparseRingDilatedAttention as ReferenceAttention,
 )
 from reference.verification import K_GRADIENT
 
@@ -42,8 +44,9 @@ def check_partial(q, k, v, mask, geometry, config, causal, query_range, key_rang
     out_lowp, lse_lowp = partial_attention(qc, kc, vc, geometry, config, compute_dtype=None, **kwargs)
     empty = torch.isneginf(lse64)
     assert_within_budget(compare("lse", lse, lse64, lse_lowp, q.dtype, empty=empty, empty_value=float("-inf")), context)
-    assert_within_budget(compare("out", out, out64, out_lowp, q.dtype, empty=empty.transpose(1, 2).unsqueeze(-1)),
-                         context)
+    assert_within_budget(
+        compare("out", out, out64, out_lowp, q.dtype, empty=empty.transpose(1, 2).unsqueeze(-1)), context
+    )
     return empty, out
 
 
@@ -112,8 +115,9 @@ def test_module_end_to_end():
     args = ([16, 32], [1, 2])
     q, k, v, mask = make_inputs(31, 2, 45, 4, 2, 8, torch.float32, 0.1, pad_first=True)
     module = optimized.BlockSparseRingDilatedAttention(*args, sparse_config=config, backend="flex")
-    out, weights, lse = module(q, k, v, is_causal=True, key_padding_mask=mask, return_attention_weights=True,
-                               return_lse=True)
+    out, weights, lse = module(
+        q, k, v, is_causal=True, key_padding_mask=mask, return_attention_weights=True, return_lse=True
+    )
     assert module.last_backend == "flex"
     kwargs = dict(is_causal=True, key_padding_mask=mask, return_lse=True, return_attention_weights=True)
     out64, w64, lse64 = ReferenceAttention(*args, sparse_config=config)(q, k, v, **kwargs)
@@ -181,7 +185,7 @@ CACHE_N = CACHE_GEOMETRY.seq_len
 
 
 def cache_plan(causal=True, query_range=(0, CACHE_N)):
-    return CallPlan(CACHE_GEOMETRY, CACHE_CONFIG, causal, 8 ** -0.5, query_range, (0, CACHE_N))
+    return CallPlan(CACHE_GEOMETRY, CACHE_CONFIG, causal, 8**-0.5, query_range, (0, CACHE_N))
 
 
 def test_repeated_call_builds_no_layout_or_block_mask(fresh_cache, monkeypatch):
@@ -212,8 +216,9 @@ def test_padding_changes_on_one_cached_entry_match_the_reference(fresh_cache):
     outs = []
     for mask in (first_mask, second_mask, None):
         context = f"padding change {len(outs)} on a cached entry"
-        outs.append(check_partial(q, k, v, mask, CACHE_GEOMETRY, CACHE_CONFIG, True, (0, CACHE_N), (0, CACHE_N),
-                                  context)[1])
+        outs.append(
+            check_partial(q, k, v, mask, CACHE_GEOMETRY, CACHE_CONFIG, True, (0, CACHE_N), (0, CACHE_N), context)[1]
+        )
     # One entry for the padded calls (the padding is never part of it), one for the unpadded call.
     assert len(cache) == 2 and built["tables"] == built["block_masks"] == 2 * tables_with_rows(cache_plan())
     # The masks change the result (so the comparisons above would see a stale mask), and the first
@@ -241,10 +246,12 @@ def test_module_calls_with_changing_padding_match_the_reference(fresh_cache):
         out32, lse32 = reference32(q, k, v, **call)
         empty = torch.isneginf(lse64)
         context = f"module call with padding seed {seed}"
-        assert_within_budget(compare("out", out, out64, out32, torch.float32,
-                                     empty=empty.transpose(1, 2).unsqueeze(-1)), context)
-        assert_within_budget(compare("lse", lse, lse64, lse32, torch.float32, empty=empty,
-                                     empty_value=float("-inf")), context)
+        assert_within_budget(
+            compare("out", out, out64, out32, torch.float32, empty=empty.transpose(1, 2).unsqueeze(-1)), context
+        )
+        assert_within_budget(
+            compare("lse", lse, lse64, lse32, torch.float32, empty=empty, empty_value=float("-inf")), context
+        )
     assert builds[0]["tables"] > 0 and builds[1] == builds[0] and len(cache) == 1
 
 
@@ -279,9 +286,15 @@ def listed_blocks(num_blocks, indices, shape):
     return listed
 
 
-@pytest.mark.parametrize("causal, query_range, padded", [
-    (True, (0, CACHE_N), False), (False, (0, CACHE_N), False), (True, (5, 19), False), (True, (0, CACHE_N), True),
-])
+@pytest.mark.parametrize(
+    "causal, query_range, padded",
+    [
+        (True, (0, CACHE_N), False),
+        (False, (0, CACHE_N), False),
+        (True, (5, 19), False),
+        (True, (0, CACHE_N), True),
+    ],
+)
 def test_listed_blocks_and_compiled_mask_give_the_exact_mask(fresh_cache, causal, query_range, padded):
     """What compiled flex evaluates (the mask_mod on listed partial blocks, everything on full blocks,
     nothing elsewhere) is the exact mask that eager flex evaluates, and every block the exact mask
@@ -313,8 +326,18 @@ def test_batch_size_and_dtype_share_an_entry_kv_heads_do_not(fresh_cache):
     cache, built = fresh_cache
     for batch, dtype, kv_heads in ((2, torch.float32, 1), (3, torch.bfloat16, 1), (1, torch.float32, 2)):
         q, k, v, mask = make_inputs(batch, batch, CACHE_N, 2, kv_heads, 8, dtype, 0.2)
-        check_partial(q, k, v, mask, CACHE_GEOMETRY, CACHE_CONFIG, False, (0, CACHE_N), (0, CACHE_N),
-                      f"batch {batch} dtype {dtype} kv heads {kv_heads}")
+        check_partial(
+            q,
+            k,
+            v,
+            mask,
+            CACHE_GEOMETRY,
+            CACHE_CONFIG,
+            False,
+            (0, CACHE_N),
+            (0, CACHE_N),
+            f"batch {batch} dtype {dtype} kv heads {kv_heads}",
+        )
         if kv_heads == 1:
             assert len(cache) == 1 and built["tables"] == tables_with_rows(cache_plan(causal=False))
     assert len(cache) == 2 and built["tables"] == 2 * tables_with_rows(cache_plan(causal=False))
@@ -369,7 +392,8 @@ def test_entry_built_in_inference_mode_holds_normal_constant_tensors(fresh_cache
 # ---------------------------------------------------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(
-    not CUDA, reason="needs CUDA (compiled FlexAttention; the CPU runs the same comparisons eagerly above)")
+    not CUDA, reason="needs CUDA (compiled FlexAttention; the CPU runs the same comparisons eagerly above)"
+)
 
 
 def gradients(forward, q, k, v, out_weight, lse_weight, dtype):
@@ -390,19 +414,50 @@ def test_cuda_gradients_match_float64_formula(dtype):
     config = SparsePatternConfig(pattern_type="global_local", block_size=16, local_window_size=32, global_tokens=16)
     geometry = AttentionGeometry(DilationConfig((64, 128), (1, 2), "all"), 150, 4)
     q, k, v, mask = make_inputs(41, 2, 150, 4, 2, 16, dtype, 0.15, pad_first=True, device="cuda")
-    scale = 16 ** -0.5
+    scale = 16**-0.5
     generator = torch.Generator().manual_seed(5)
     out_weight = torch.randn(2, 150, 4, 16, generator=generator)
     lse_weight = torch.randn(2, 4, 150, generator=generator)
     plan = CallPlan.whole(geometry, config, True, scale)
-    actual = gradients(lambda a, b, c: flex_backend.partial_forward(a, b, c, mask, plan),
-                       q, k, v, out_weight, lse_weight, torch.float32)
-    exact = gradients(lambda a, b, c: partial_attention(a, b, c, geometry, config, is_causal=True,
-                                      key_padding_mask=mask.cpu(), scale=scale, compute_dtype=torch.float64),
-                      q, k, v, out_weight, lse_weight, torch.float64)
-    lowp = gradients(lambda a, b, c: partial_attention(a, b, c, geometry, config, is_causal=True,
-                                      key_padding_mask=mask.cpu(), scale=scale, compute_dtype=dtype),
-                     q, k, v, out_weight, lse_weight, dtype)
+    actual = gradients(
+        lambda a, b, c: flex_backend.partial_forward(a, b, c, mask, plan),
+        q,
+        k,
+        v,
+        out_weight,
+        lse_weight,
+        torch.float32,
+    )
+    exact = gradients(
+        lambda a, b, c: partial_attention(
+            a,
+            b,
+            c,
+            geometry,
+            config,
+            is_causal=True,
+            key_padding_mask=mask.cpu(),
+            scale=scale,
+            compute_dtype=torch.float64,
+        ),
+        q,
+        k,
+        v,
+        out_weight,
+        lse_weight,
+        torch.float64,
+    )
+    lowp = gradients(
+        lambda a, b, c: partial_attention(
+            a, b, c, geometry, config, is_causal=True, key_padding_mask=mask.cpu(), scale=scale, compute_dtype=dtype
+        ),
+        q,
+        k,
+        v,
+        out_weight,
+        lse_weight,
+        dtype,
+    )
     for name, got, want, base in zip(("dq", "dk", "dv"), actual, exact, lowp):
         assert_within_budget(compare(name, got, want, base, dtype, k=K_GRADIENT), f"flex cuda {dtype}")
 
@@ -427,16 +482,25 @@ def test_cuda_block_size_rule_is_checked_before_running(monkeypatch):
         is_cuda = True
         requires_grad = False
         device = torch.device("cpu")
+        dtype = torch.float32
 
     with pytest.raises(ValueError, match="block_size=3"):
         flex_backend._check_inputs(FakeCuda(), FakeCuda(), FakeCuda(), plan)
+
+    class FakeCudaFloat64(FakeCuda):
+        dtype = torch.float64
+
+    # Compiled flex computes in float32 at most: float64 is refused, never rounded silently.
+    with pytest.raises(TypeError, match=r"q\.dtype=torch\.float64.*backend='torch'"):
+        flex_backend._check_inputs(FakeCudaFloat64(), FakeCudaFloat64(), FakeCudaFloat64(), plan)
 
 
 def test_head_dim_padding_for_compiled_flex_changes_nothing():
     """Compiled flex (CUDA) pads head dims below 16 with zeros; the same padding on eager flex (CPU) gives
     the unpadded result in the first D columns, zeros after, and the same lse."""
-    from optimized import flex_backend
     from torch.nn.attention.flex_attention import create_block_mask
+
+    from optimized import flex_backend
 
     generator = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(2, 3, 32, 3, generator=generator, dtype=torch.float64) for _ in range(3))
@@ -451,7 +515,9 @@ def test_head_dim_padding_for_compiled_flex_changes_nothing():
     torch.testing.assert_close(lse_p, lse, rtol=1e-12, atol=1e-12)
 
 
-CUDA_CACHE_CONFIG = SparsePatternConfig(pattern_type="global_local", block_size=16, local_window_size=32, global_tokens=16)
+CUDA_CACHE_CONFIG = SparsePatternConfig(
+    pattern_type="global_local", block_size=16, local_window_size=32, global_tokens=16
+)
 CUDA_CACHE_GEOMETRY = AttentionGeometry(DilationConfig((64, 128), (1, 2), "all"), 150, 4)
 
 
@@ -463,10 +529,21 @@ def test_cuda_new_padding_compiles_nothing_new(fresh_cache):
     check_partial(q, k, v, None, CUDA_CACHE_GEOMETRY, CUDA_CACHE_CONFIG, True, (0, 150), (0, 150), "no padding")
     other = torch.rand(2, 150, generator=torch.Generator().manual_seed(72)).lt(0.4).cuda()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        check_partial(q, k, v, other, CUDA_CACHE_GEOMETRY, CUDA_CACHE_CONFIG, True, (0, 150), (0, 150),
-                      "second padding, cached entry, no recompile")
-        check_partial(q, k, v, None, CUDA_CACHE_GEOMETRY, CUDA_CACHE_CONFIG, True, (0, 150), (0, 150),
-                      "no padding again")
+        check_partial(
+            q,
+            k,
+            v,
+            other,
+            CUDA_CACHE_GEOMETRY,
+            CUDA_CACHE_CONFIG,
+            True,
+            (0, 150),
+            (0, 150),
+            "second padding, cached entry, no recompile",
+        )
+        check_partial(
+            q, k, v, None, CUDA_CACHE_GEOMETRY, CUDA_CACHE_CONFIG, True, (0, 150), (0, 150), "no padding again"
+        )
 
 
 @pytest.mark.gpu
@@ -479,7 +556,7 @@ def test_cuda_two_calls_then_one_backward(fresh_cache, dtype):
     geometry, config = CUDA_CACHE_GEOMETRY, CUDA_CACHE_CONFIG
     q, k, v, first = make_inputs(73, 2, 150, 4, 2, 16, dtype, 0.2, pad_first=True, device="cuda")
     second = torch.rand(2, 150, generator=torch.Generator().manual_seed(74)).lt(0.4).cuda()
-    scale = 16 ** -0.5
+    scale = 16**-0.5
     plan = CallPlan.whole(geometry, config, True, scale)
     generator = torch.Generator().manual_seed(75)
     out_weight = torch.randn(4, 150, 4, 16, generator=generator)
@@ -489,14 +566,23 @@ def test_cuda_two_calls_then_one_backward(fresh_cache, dtype):
         def run(a, b, c):
             (out1, lse1), (out2, lse2) = forward(a, b, c, first), forward(a, b, c, second)
             return torch.cat([out1, out2]), torch.cat([lse1, lse2])
+
         return run
 
     def reference(compute_dtype):
-        return lambda a, b, c, mask: partial_attention(a, b, c, geometry, config, is_causal=True, key_padding_mask=mask,
-                                                       scale=scale, compute_dtype=compute_dtype)
+        return lambda a, b, c, mask: partial_attention(
+            a, b, c, geometry, config, is_causal=True, key_padding_mask=mask, scale=scale, compute_dtype=compute_dtype
+        )
 
-    actual = gradients(both(lambda a, b, c, mask: flex_backend.partial_forward(a, b, c, mask, plan)),
-                       q, k, v, out_weight, lse_weight, torch.float32)
+    actual = gradients(
+        both(lambda a, b, c, mask: flex_backend.partial_forward(a, b, c, mask, plan)),
+        q,
+        k,
+        v,
+        out_weight,
+        lse_weight,
+        torch.float32,
+    )
     assert len(cache) == 1 and built["tables"] == tables_with_rows(plan)
     exact = gradients(both(reference(torch.float64)), q, k, v, out_weight, lse_weight, torch.float64)
     lowp = gradients(both(reference(dtype)), q, k, v, out_weight, lse_weight, dtype)

@@ -21,8 +21,14 @@ CONFIG = SparsePatternConfig("local_window", block_size=2, local_window_size=4)
 def test_torch_backend_and_ring_are_exact_in_float64(case, data):
     """The budget in float64 is 2 eps max|ref|: a float32 step anywhere (1e-7) fails it by 10^8."""
     chunks = data.draw(st.none() | s.ring_splits(case.shape.seq_len), label="chunks")
-    verdicts = check_backend(case, "torch", torch.float64, "cpu", ring_chunk_lengths=chunks,
-                             check_weights=data.draw(st.booleans(), label="weights"))
+    verdicts = check_backend(
+        case,
+        "torch",
+        torch.float64,
+        "cpu",
+        ring_chunk_lengths=chunks,
+        check_weights=data.draw(st.booleans(), label="weights"),
+    )
     assert verdicts["out"].budget < 1e-13
 
 
@@ -30,8 +36,10 @@ def _inputs(seed, heads=2, kv_heads=1, seq_len=8, head_dim=2):
     # Small: gradcheck runs two forwards per input element, gradgradcheck many more.
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn(1, seq_len, heads, head_dim, generator=generator, dtype=torch.float64, requires_grad=True)
-    k, v = (torch.randn(1, seq_len, kv_heads, head_dim, generator=generator, dtype=torch.float64,
-                        requires_grad=True) for _ in range(2))
+    k, v = (
+        torch.randn(1, seq_len, kv_heads, head_dim, generator=generator, dtype=torch.float64, requires_grad=True)
+        for _ in range(2)
+    )
     mask = torch.zeros(1, seq_len, dtype=torch.bool)
     mask[0, 3] = True
     return q, k, v, mask
@@ -43,8 +51,9 @@ def _inputs(seed, heads=2, kv_heads=1, seq_len=8, head_dim=2):
     ids=["unsplit split", "ring 3+5 split", "ring 3+5 all", "ring 0+2+6 all"],
 )
 def test_gradcheck_and_gradgradcheck_pass(ring, head_mode, second_order):
-    module = optimized.BlockSparseRingDilatedAttention([4, 8], [1, 2], CONFIG, backend="torch",
-                                                       ring_chunk_lengths=ring, head_mode=head_mode)
+    module = optimized.BlockSparseRingDilatedAttention(
+        [4, 8], [1, 2], CONFIG, backend="torch", ring_chunk_lengths=ring, head_mode=head_mode
+    )
     q, k, v, mask = _inputs(1)
 
     def attention(q_, k_, v_):

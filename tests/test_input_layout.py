@@ -55,8 +55,9 @@ def test_optimized_bhnd_equals_bnhd_and_reads_the_callers_memory(monkeypatch, ri
     seen.clear()
     module = optimized.BlockSparseRingDilatedAttention(SEGMENTS, RATES, layout="bhnd", **kwargs)
     out_t, lse_t = module(q_t, k_t, v_t, is_causal=True, return_lse=True)
-    assert seen and all(pointers == (q_t.untyped_storage().data_ptr(), k_t.untyped_storage().data_ptr())
-                        for pointers in seen)
+    assert seen and all(
+        pointers == (q_t.untyped_storage().data_ptr(), k_t.untyped_storage().data_ptr()) for pointers in seen
+    )
     assert out_t.shape == q_t.shape and torch.equal(out_t, out.transpose(1, 2))
     assert lse_t.shape == (2, 4, 16)
 
@@ -65,9 +66,11 @@ def test_weights_and_multihead_do_not_depend_on_the_layout():
     q, k, v = _bnhd(4)
     config = dict(sparse_config=CONFIG, backend="torch")
     _, weights = optimized.BlockSparseRingDilatedAttention(SEGMENTS, RATES, **config)(
-        q, k, v, return_attention_weights=True)
+        q, k, v, return_attention_weights=True
+    )
     _, weights_t = optimized.BlockSparseRingDilatedAttention(SEGMENTS, RATES, layout="bhnd", **config)(
-        *_as_bhnd(q, k, v), return_attention_weights=True)
+        *_as_bhnd(q, k, v), return_attention_weights=True
+    )
     assert torch.equal(weights.to_dense(), weights_t.to_dense())
 
 

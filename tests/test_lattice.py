@@ -63,11 +63,15 @@ def test_every_position_is_on_exactly_one_lattice_when_every_offset_is_used(geom
 
 
 @given(
-    rate=st.integers(1, 4), heads_per_offset=st.integers(1, 3), num_branches=st.integers(1, 3),
-    seq_len=st.integers(1, 40), segment_length=st.integers(1, 50),
+    rate=st.integers(1, 4),
+    heads_per_offset=st.integers(1, 3),
+    num_branches=st.integers(1, 3),
+    seq_len=st.integers(1, 40),
+    segment_length=st.integers(1, 50),
 )
-def test_heads_divisible_by_the_rate_cover_every_position_once(rate, heads_per_offset, num_branches, seq_len,
-                                                                 segment_length):
+def test_heads_divisible_by_the_rate_cover_every_position_once(
+    rate, heads_per_offset, num_branches, seq_len, segment_length
+):
     dilation = DilationConfig((segment_length,) * num_branches, (rate,) * num_branches, "split")
     geometry = AttentionGeometry(dilation, seq_len, num_heads=num_branches * rate * heads_per_offset)
     for geo in geometry.branches:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import brute_force
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import brute_force
 from equivalence_tests import strategies as s
 from reference import (
     AttentionGeometry,
@@ -68,8 +68,9 @@ def test_random_layout_is_identical_for_the_same_seed(seed, ratio, nb):
 
 
 def test_random_layout_depends_on_the_seed():
-    masks = [layout_mask(SparsePatternConfig(pattern_type="random", sparsity_ratio=0.5, seed=seed), 16)
-             for seed in (0, 1)]
+    masks = [
+        layout_mask(SparsePatternConfig(pattern_type="random", sparsity_ratio=0.5, seed=seed), 16) for seed in (0, 1)
+    ]
     assert not torch.equal(masks[0], masks[1])
 
 
@@ -102,7 +103,7 @@ def test_block_list_is_the_layout_in_csr_form(config_nb, is_causal):
     assert blocks.num_blocks == nb
     assert blocks.row_ptr.tolist() == [0, *torch.cumsum(mask.sum(1), 0).tolist()]
     for qb in range(nb):
-        row = blocks.key_blocks[blocks.row_ptr[qb]:blocks.row_ptr[qb + 1]].tolist()
+        row = blocks.key_blocks[blocks.row_ptr[qb] : blocks.row_ptr[qb + 1]].tolist()
         assert row == mask[qb].nonzero().flatten().tolist()  # ascending, exactly the allowed blocks
     assert torch.equal(blocks.to_dense(), mask)
 
@@ -153,8 +154,11 @@ def test_block_tables_list_exactly_the_blocks_of_allowed_pairs(geometry_config, 
     for table in block_tables(geometry, config, is_causal, query_range, key_range):
         assert table.stride == geometry.branches[table.branch].dilation_rate
         assert table.block_size == config.block_size
-        assert list(table.heads) == [h for h in geometry.branches[table.branch].heads
-                                     if geometry.branches[table.branch].offset_of(h) == table.offset]
+        assert list(table.heads) == [
+            h
+            for h in geometry.branches[table.branch].heads
+            if geometry.branches[table.branch].offset_of(h) == table.offset
+        ]
         heads = torch.tensor(list(table.heads), dtype=torch.long)
         for row in range(table.num_rows):
             qb = int(table.query_block[row])
@@ -186,12 +190,15 @@ def test_block_tables_keep_every_query_point_of_every_lattice(geometry_config, i
         for offset in geo.offsets:
             table = tables.pop((geo.branch, offset))
             listed = sorted(
-                int(p) for row in range(table.num_rows)
+                int(p)
+                for row in range(table.num_rows)
                 for p in _points(table, row, int(table.query_block[row]), q0, q1)
             )
             expected = sorted(
-                int(p) for segment in range(geo.num_segments)
-                for p in geo.lattice_positions(segment, offset) if q0 <= int(p) < q1
+                int(p)
+                for segment in range(geo.num_segments)
+                for p in geo.lattice_positions(segment, offset)
+                if q0 <= int(p) < q1
             )
             assert listed == expected
     assert not tables, f"tables for offsets no head uses: {list(tables)}"
@@ -231,19 +238,21 @@ def test_column_lists_hold_every_entry_once_grouped_by_key_block(geometry_config
     for table in block_tables(geometry, config, is_causal, query_range, key_range):
         columns = table.columns
         rows = table.entry_row
-        row_wise = sorted(zip(table.lattice_start[rows].tolist(), table.query_block[rows].tolist(),
-                              table.key_block.tolist()))
+        row_wise = sorted(
+            zip(table.lattice_start[rows].tolist(), table.query_block[rows].tolist(), table.key_block.tolist())
+        )
         column_wise = []
         for c in range(columns.num_columns):
-            entries = columns.entry[columns.col_ptr[c]:columns.col_ptr[c + 1]]
+            entries = columns.entry[columns.col_ptr[c] : columns.col_ptr[c + 1]]
             assert entries.numel() > 0, "a column exists only where some row attends it"
             assert torch.equal(table.key_block[entries], columns.key_block[c].expand(entries.numel()))
             assert torch.equal(table.lattice_start[rows[entries]], columns.lattice_start[c].expand(entries.numel()))
-            assert torch.equal(table.lattice_length[rows[entries]],
-                               columns.lattice_length[c].expand(entries.numel()))
+            assert torch.equal(table.lattice_length[rows[entries]], columns.lattice_length[c].expand(entries.numel()))
             query_blocks = table.query_block[rows[entries]]
             assert bool((query_blocks[1:] > query_blocks[:-1]).all()), "ascending query blocks, each once"
-            column_wise += [(int(columns.lattice_start[c]), qb, int(columns.key_block[c])) for qb in query_blocks.tolist()]
+            column_wise += [
+                (int(columns.lattice_start[c]), qb, int(columns.key_block[c])) for qb in query_blocks.tolist()
+            ]
         assert sorted(column_wise) == row_wise
         keys = list(zip(columns.lattice_start.tolist(), columns.key_block.tolist()))
         assert keys == sorted(set(keys)), "one column per (lattice, key block), in that order"

@@ -72,7 +72,11 @@ def test_torch_backend_runs_n65536_under_an_address_space_limit():
         pytest.skip("needs /proc/self/status to measure the address space")
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
-        [sys.executable, "-c", CHILD], cwd=root, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", CHILD],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(root)},
     )
     assert result.returncode == 0, f"child failed:\n{result.stdout}\n{result.stderr[-4000:]}"

@@ -87,15 +87,15 @@ def test_sparse_config_none_means_dense():
     attention = BlockSparseRingDilatedAttention(SEGMENTS, RATES, sparse_config=None, backend="torch")
     assert attention.sparse_config.pattern_type == "dense"
     out = attention(q, k, v, is_causal=True)
-    _assert_matches_reference("out", out, (q, k, v), SparsePatternConfig(pattern_type="dense", block_size=5),
-                              call={"is_causal": True})
+    _assert_matches_reference(
+        "out", out, (q, k, v), SparsePatternConfig(pattern_type="dense", block_size=5), call={"is_causal": True}
+    )
 
 
 def test_head_mode_all_and_key_padding_pass_through():
     q, k, v = _qkv()
     mask = _padding()
-    attention = BlockSparseRingDilatedAttention(SEGMENTS, RATES, sparse_config=LOCAL, head_mode="all",
-                                                backend="torch")
+    attention = BlockSparseRingDilatedAttention(SEGMENTS, RATES, sparse_config=LOCAL, head_mode="all", backend="torch")
     out = attention(q, k, v, key_padding_mask=mask)
     _assert_matches_reference("out", out, (q, k, v), LOCAL, call={"key_padding_mask": mask}, head_mode="all")
 
@@ -104,9 +104,13 @@ def test_seed_aliases_are_exported():
     assert optimized.BlockSparseRingDilatedAttentionV2 is optimized.BlockSparseRingDilatedAttention
     assert optimized.BlockSparseRingMultiheadDilatedAttentionV2 is optimized.BlockSparseRingMultiheadDilatedAttention
     assert optimized.SparsePatternConfig is reference.SparsePatternConfig
-    for name in ("BlockSparseRingDilatedAttentionV2", "BlockSparseRingMultiheadDilatedAttentionV2",
-                 "SparsePatternConfig", "BlockSparseRingDilatedAttention",
-                 "BlockSparseRingMultiheadDilatedAttention"):
+    for name in (
+        "BlockSparseRingDilatedAttentionV2",
+        "BlockSparseRingMultiheadDilatedAttentionV2",
+        "SparsePatternConfig",
+        "BlockSparseRingDilatedAttention",
+        "BlockSparseRingMultiheadDilatedAttention",
+    ):
         assert name in optimized.__all__
 
 
@@ -185,8 +189,14 @@ EMBED, HEADS = 32, 4
 
 def _multihead(**overrides) -> BlockSparseRingMultiheadDilatedAttention:
     torch.manual_seed(5)
-    options = dict(embed_dim=EMBED, num_heads=HEADS, segment_lengths=SEGMENTS, dilation_rates=RATES,
-                   sparse_config=LOCAL, backend="torch")
+    options = dict(
+        embed_dim=EMBED,
+        num_heads=HEADS,
+        segment_lengths=SEGMENTS,
+        dilation_rates=RATES,
+        sparse_config=LOCAL,
+        backend="torch",
+    )
     options.update(overrides)
     return BlockSparseRingMultiheadDilatedAttention(**options)
 
@@ -273,8 +283,9 @@ def test_multihead_without_layer_norm_or_bias():
     batch, seq_len, _ = query.shape
     heads = lambda x: x.reshape(batch, seq_len, HEADS, EMBED // HEADS)  # noqa: E731
     attention = BlockSparseRingDilatedAttention(SEGMENTS, RATES, sparse_config=LOCAL, backend="torch")
-    inner = attention(heads(query @ mha.q_proj.weight.T), heads(key @ mha.k_proj.weight.T),
-                      heads(value @ mha.v_proj.weight.T))
+    inner = attention(
+        heads(query @ mha.q_proj.weight.T), heads(key @ mha.k_proj.weight.T), heads(value @ mha.v_proj.weight.T)
+    )
     assert torch.equal(out, inner.reshape(batch, seq_len, EMBED) @ mha.out_proj.weight.T)
 
 
@@ -312,6 +323,7 @@ def test_multihead_bad_inputs_name_the_argument(which, value, match):
 # Bad inputs: ValueError / TypeError naming the argument (checked on the optimized module)
 # --------------------------------------------------------------------------------------------
 
+
 def _load_bad_input_catalogue():
     """tests/test_bad_inputs.py's catalogue, loaded by path (tests/ is not a package)."""
     path = Path(__file__).with_name("test_bad_inputs.py")
@@ -326,10 +338,13 @@ _BAD = _load_bad_input_catalogue()
 OPTIMIZED_FACTORIES = [
     pytest.param(BlockSparseRingDilatedAttention, id="optimized-auto"),
     pytest.param(functools.partial(BlockSparseRingDilatedAttention, backend="torch"), id="optimized-torch"),
-    pytest.param(functools.partial(BlockSparseRingDilatedAttention, backend="torch", ring_size=3),
-                 id="optimized-torch-ring3",
-                 marks=pytest.mark.skipif(importlib.util.find_spec("optimized.ring") is None,
-                                          reason="optimized/ring.py is not there")),
+    pytest.param(
+        functools.partial(BlockSparseRingDilatedAttention, backend="torch", ring_size=3),
+        id="optimized-torch-ring3",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("optimized.ring") is None, reason="optimized/ring.py is not there"
+        ),
+    ),
 ]
 
 
@@ -362,8 +377,9 @@ BAD_CONSTRUCTIONS = [
 ]
 
 
-@pytest.mark.parametrize("changes, error, match", [case[1:] for case in BAD_CONSTRUCTIONS],
-                         ids=[case[0] for case in BAD_CONSTRUCTIONS])
+@pytest.mark.parametrize(
+    "changes, error, match", [case[1:] for case in BAD_CONSTRUCTIONS], ids=[case[0] for case in BAD_CONSTRUCTIONS]
+)
 def test_optimized_module_rejects_bad_construction(changes, error, match):
     kwargs = dict(segment_lengths=SEGMENTS, dilation_rates=RATES, sparse_config=LOCAL)
     kwargs.update(changes)

@@ -39,10 +39,17 @@ DENSE = SparsePatternConfig(pattern_type="dense")
 F64 = torch.float64
 
 
-def _config(batch, seq_len, heads, head_dim, segments, rates, head_mode, is_causal=False, mask=None, seed=0,
-            gradients=False):
-    case = s.AttentionCase(s.Shape(batch, seq_len, heads, heads, head_dim),
-                           DilationConfig(tuple(segments), tuple(rates), head_mode), DENSE, is_causal, mask, seed)
+def _config(
+    batch, seq_len, heads, head_dim, segments, rates, head_mode, is_causal=False, mask=None, seed=0, gradients=False
+):
+    case = s.AttentionCase(
+        s.Shape(batch, seq_len, heads, heads, head_dim),
+        DilationConfig(tuple(segments), tuple(rates), head_mode),
+        DENSE,
+        is_causal,
+        mask,
+        seed,
+    )
     return verify.VerifyCase("pinned", case, F64, "cpu", None, gradients)
 
 
@@ -65,13 +72,17 @@ def _reference(config, dtype=F64, q=None, k=None, v=None, **overrides):
     if q is None:
         q, k, v, _ = _inputs(config, torch.float32)
     module = reference.BlockSparseRingDilatedAttention(**kwargs, compute_dtype=None)
-    return module(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=config.case.is_causal,
-                  key_padding_mask=config.case.key_padding_mask)
+    return module(
+        q.to(dtype),
+        k.to(dtype),
+        v.to(dtype),
+        is_causal=config.case.is_causal,
+        key_padding_mask=config.case.key_padding_mask,
+    )
 
 
 def assert_float64_agreement(actual, expected64, expected32, k=K_OUTPUT, what=""):
-    verdict = verify.judge_quantity("out", actual, expected64, verify.float64_baseline(expected64, expected32),
-                                    F64, k)
+    verdict = verify.judge_quantity("out", actual, expected64, verify.float64_baseline(expected64, expected32), F64, k)
     assert verdict.passed, f"{what}: {verdict.describe()}"
     return verdict
 
@@ -107,11 +118,25 @@ def test_torchscale_agrees_to_float64_precision_on_whole_segments(geometry, is_c
 
 def test_torchscale_verify_search_agrees_on_whole_segments():
     """verify's own search (whole segments, head_mode all): every area passes, nothing unsupported."""
-    options = verify.VerifyOptions(patterns=("dense",), head_modes=("all",), padding=False, gqa=False, ring=False,
-                                   gradients=False, whole_segments=True, dtype=F64, examples=8, max_seq_len=24)
+    options = verify.VerifyOptions(
+        patterns=("dense",),
+        head_modes=("all",),
+        padding=False,
+        gqa=False,
+        ring=False,
+        gradients=False,
+        whole_segments=True,
+        dtype=F64,
+        examples=8,
+        max_seq_len=24,
+    )
     report = verify.verify(torchscale.factory, options)
     assert [(a.name, a.status) for a in report.areas] == [
-        ("pattern dense", "pass"), ("head_mode all", "pass"), ("causal", "pass"), ("combined", "pass")]
+        ("pattern dense", "pass"),
+        ("head_mode all", "pass"),
+        ("causal", "pass"),
+        ("combined", "pass"),
+    ]
     assert all(area.judged == area.examples > 0 for area in report.areas)
 
 
@@ -124,8 +149,8 @@ def _pad_segments(t, segment, rate):
     padded_length = -(-length // rate) * rate
     padded = t.new_zeros(batch, count, padded_length, heads, dim)
     for index in range(count):
-        chunk = t[:, index * length:(index + 1) * length]
-        padded[:, index, :chunk.shape[1]] = chunk
+        chunk = t[:, index * length : (index + 1) * length]
+        padded[:, index, : chunk.shape[1]] = chunk
     return padded.reshape(batch, count * padded_length, heads, dim), padded_length
 
 
@@ -140,24 +165,32 @@ def _torchscale_one_branch_model(config, dtype):
     padded = [_pad_segments(t, segment, rate) for t in (q, k, v)]
     padded_length = padded[0][1]
     out = _reference(config, dtype, *(p for p, _ in padded), segment_lengths=[padded_length])
-    return out[:, :config.case.shape.seq_len]
+    return out[:, : config.case.shape.seq_len]
 
 
 @pytest.mark.parametrize("is_causal", [False, True], ids=["noncausal", "causal"])
-@pytest.mark.parametrize("geometry", [
-    (10, 2, 4, 1),  # short last segment (N % w != 0)
-    (12, 4, 5, 1),  # short last segment, rate 1
-    (12, 4, 6, 4),  # rate does not divide the segment (6 -> 8), two segments
-    (9, 3, 4, 3),  # both
-    (7, 2, 20, 2),  # one segment (w > N acts as N = 7), padded to 8
-], ids=str)
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        (10, 2, 4, 1),  # short last segment (N % w != 0)
+        (12, 4, 5, 1),  # short last segment, rate 1
+        (12, 4, 6, 4),  # rate does not divide the segment (6 -> 8), two segments
+        (9, 3, 4, 3),  # both
+        (7, 2, 20, 2),  # one segment (w > N acts as N = 7), padded to 8
+    ],
+    ids=str,
+)
 def test_torchscale_is_the_reference_on_its_zero_padded_sequence(geometry, is_causal):
     """One branch: torchscale == crop(reference(zero-padded segments)) to float64 precision."""
     n, heads, segment, rate = geometry
     config = _config(1, n, heads, 4, (segment,), (rate,), "all", is_causal, seed=3)
     out, _ = _run(torchscale, config)
-    assert_float64_agreement(out, _torchscale_one_branch_model(config, F64),
-                             _torchscale_one_branch_model(config, torch.float32), what=str(geometry))
+    assert_float64_agreement(
+        out,
+        _torchscale_one_branch_model(config, F64),
+        _torchscale_one_branch_model(config, torch.float32),
+        what=str(geometry),
+    )
 
 
 def test_torchscale_attends_zero_padded_keys_without_causal_masking():
@@ -179,12 +212,16 @@ def test_torchscale_attends_zero_padded_keys_without_causal_masking():
     assert_float64_agreement(out_causal, _reference(causal), _reference(causal, torch.float32))
 
 
-@pytest.mark.parametrize("geometry", [
-    (10, (4,), (1,)),  # short last segment
-    (10, (4,), (2,)),  # short last segment, rate dividing the segment
-    (7, (20,), (2,)),  # one segment (w > N acts as N = 7), the rate not dividing it
-    (10, (4, 20), (2, 2)),  # two branches, both of the kinds above
-], ids=str)
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        (10, (4,), (1,)),  # short last segment
+        (10, (4,), (2,)),  # short last segment, rate dividing the segment
+        (7, (20,), (2,)),  # one segment (w > N acts as N = 7), the rate not dividing it
+        (10, (4, 20), (2, 2)),  # two branches, both of the kinds above
+    ],
+    ids=str,
+)
 def test_torchscale_causal_agrees_wherever_no_output_is_misplaced(geometry):
     """Under causal masking the zero keys torchscale pads with come after every real query of their
     lattice, so it agrees with the reference to float64 precision whenever no output is misplaced:
@@ -247,8 +284,9 @@ def _detached_merge_model(q, k, v, config):
     outs, lses = [], []
     for segment, rate in zip(config.case.dilation.segment_lengths, config.case.dilation.dilation_rates):
         geometry = reference.AttentionGeometry(DilationConfig((segment,), (rate,), "all"), n, heads)
-        out, lse = reference.partial_attention(q, k, v, geometry, DENSE, is_causal=config.case.is_causal,
-                                               compute_dtype=None)
+        out, lse = reference.partial_attention(
+            q, k, v, geometry, DENSE, is_causal=config.case.is_causal, compute_dtype=None
+        )
         outs.append(out)
         lses.append(lse)
     with torch.no_grad():
@@ -281,11 +319,22 @@ def test_torchscale_gradients_hold_the_merge_weights_constant(geometry):
 
 
 def test_torchscale_gradients_agree_with_one_branch():
-    options = verify.VerifyOptions(patterns=("dense",), head_modes=("all",), causal=False, padding=False, gqa=False,
-                                   ring=False, whole_segments=True, dtype=F64, examples=4, max_seq_len=40,
-                                   max_branches=1)
-    area = verify.search_area(torchscale.factory, verify.FeatureArea("gradients", ("dense",), ("all",),
-                                                                     gradients=True), options)
+    options = verify.VerifyOptions(
+        patterns=("dense",),
+        head_modes=("all",),
+        causal=False,
+        padding=False,
+        gqa=False,
+        ring=False,
+        whole_segments=True,
+        dtype=F64,
+        examples=4,
+        max_seq_len=40,
+        max_branches=1,
+    )
+    area = verify.search_area(
+        torchscale.factory, verify.FeatureArea("gradients", ("dense",), ("all",), gradients=True), options
+    )
     assert area.status == "pass" and area.passed > 0, area
 
 
@@ -293,13 +342,27 @@ def test_torchscale_unsupported_configurations_say_why():
     config = _config(1, 8, 4, 4, (4, 8), (1, 2), "split")
     with pytest.raises(NotImplementedError, match="head_mode 'all'"):
         torchscale.factory(config)
-    gqa = verify.VerifyCase("x", s.AttentionCase(s.Shape(1, 8, 4, 2, 4), DilationConfig((8,), (1,), "all"), DENSE,
-                                                 False, None, 0), F64, "cpu")
+    gqa = verify.VerifyCase(
+        "x",
+        s.AttentionCase(s.Shape(1, 8, 4, 2, 4), DilationConfig((8,), (1,), "all"), DENSE, False, None, 0),
+        F64,
+        "cpu",
+    )
     with pytest.raises(NotImplementedError, match="grouped-query"):
         torchscale.factory(gqa)
-    layout = verify.VerifyCase("x", s.AttentionCase(s.Shape(1, 8, 2, 2, 4), DilationConfig((8,), (1,), "all"),
-                                                    SparsePatternConfig(pattern_type="local_window", block_size=2),
-                                                    False, None, 0), F64, "cpu")
+    layout = verify.VerifyCase(
+        "x",
+        s.AttentionCase(
+            s.Shape(1, 8, 2, 2, 4),
+            DilationConfig((8,), (1,), "all"),
+            SparsePatternConfig(pattern_type="local_window", block_size=2),
+            False,
+            None,
+            0,
+        ),
+        F64,
+        "cpu",
+    )
     for peer in (torchscale, fkodom):
         with pytest.raises(NotImplementedError, match="block layout 'local_window' is not supported"):
             peer.factory(layout)
@@ -340,20 +403,24 @@ def _fkodom_model(config, dtype):
         # head_mode "all" with `rate` copies of one head: copy j sits on lattice j // ceil(rate / rate) = j.
         module = reference.BlockSparseRingDilatedAttention([segment], [rate], head_mode="all", compute_dtype=None)
         for head in range(i * size, min((i + 1) * size, heads)):
-            copies = [t[:, :, head:head + 1].expand(batch, n, rate, dim) for t in (q, k, v)]
+            copies = [t[:, :, head : head + 1].expand(batch, n, rate, dim) for t in (q, k, v)]
             attention = module(*copies, is_causal=config.case.is_causal)[:, :, offset]
             out[:, :, head] += attention / attention.sum(dim=1, keepdim=True)
     return out / groups
 
 
 @pytest.mark.parametrize("is_causal", [False, True], ids=["noncausal", "causal"])
-@pytest.mark.parametrize("geometry", [
-    (8, 1, (8,), (1,)),  # plain attention, normalised
-    (8, 2, (8,), (2,)),  # both heads on lattice 0
-    (12, 4, (4, 12), (1, 2)),  # branch 1 on lattice 1
-    (12, 3, (6, 12), (2, 3)),  # H % G != 0: groups [0, 1] and [1]; head 2 never written
-    (24, 5, (4, 8, 24), (1, 2, 4)),  # three groups of sizes 2, 2, 1 -> heads [0, 1], [2, 3], [2]; head 4 empty
-], ids=str)
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        (8, 1, (8,), (1,)),  # plain attention, normalised
+        (8, 2, (8,), (2,)),  # both heads on lattice 0
+        (12, 4, (4, 12), (1, 2)),  # branch 1 on lattice 1
+        (12, 3, (6, 12), (2, 3)),  # H % G != 0: groups [0, 1] and [1]; head 2 never written
+        (24, 5, (4, 8, 24), (1, 2, 4)),  # three groups of sizes 2, 2, 1 -> heads [0, 1], [2, 3], [2]; head 4 empty
+    ],
+    ids=str,
+)
 def test_fkodom_is_its_model_to_float64_precision(geometry, is_causal):
     """Its per-lattice attention (softmax, D ** -0.5, causal on the lattice) is right to float64
     precision; what it does with it is the model above."""
@@ -407,19 +474,38 @@ def test_fkodom_has_no_key_padding_mask():
     from equivalence_tests.peers.dilated_attention_pytorch_peer import peer_module
 
     assert list(inspect.signature(peer_module().DilatedAttention.forward).parameters) == [
-        "self", "query", "key", "value", "is_causal"]
+        "self",
+        "query",
+        "key",
+        "value",
+        "is_causal",
+    ]
     config = _config(1, 4, 1, 2, (4,), (1,), "split", mask=torch.tensor([[False, True, False, False]]))
     with pytest.raises(NotImplementedError, match="no key_padding_mask"):
         _run(fkodom, config)
 
 
 def test_fkodom_verify_search_fails_every_area_it_runs():
-    options = verify.VerifyOptions(patterns=("dense",), head_modes=("split",), padding=False, gradients=False,
-                                   whole_segments=True, dtype=F64, examples=6, max_seq_len=16)
+    options = verify.VerifyOptions(
+        patterns=("dense",),
+        head_modes=("split",),
+        padding=False,
+        gradients=False,
+        whole_segments=True,
+        dtype=F64,
+        examples=6,
+        max_seq_len=16,
+    )
     report = verify.verify(fkodom.factory, options)
     statuses = {area.name: area.status for area in report.areas}
-    assert statuses == {"pattern dense": "fail", "head_mode split": "fail", "causal": "fail",
-                        "grouped-query heads": "unsupported", "ring split": "unsupported", "combined": "fail"}
+    assert statuses == {
+        "pattern dense": "fail",
+        "head_mode split": "fail",
+        "causal": "fail",
+        "grouped-query heads": "unsupported",
+        "ring split": "unsupported",
+        "combined": "fail",
+    }
     minimal = report.area("pattern dense").counterexample["fields"]
     assert minimal["shape"] == {"batch": 1, "seq_len": 2, "num_heads": 1, "num_kv_heads": 1, "head_dim": 1}
     assert minimal["segment_lengths"] == [1] and minimal["dilation_rates"] == [1]
@@ -436,7 +522,8 @@ def test_stand_in_kernels_are_softmax_attention():
     for is_causal in (False, True):
         mask = torch.ones(5, 5, dtype=torch.bool).tril() if is_causal else None
         expected = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask).transpose(1, 2)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+        ).transpose(1, 2)
         out, lse = kernels.flash_attn_func(q, k, v, is_causal=is_causal)
         assert torch.allclose(out, expected, rtol=0, atol=1e-14) and not lse.requires_grad
         bias = kernels.LowerTriangularMask() if is_causal else None

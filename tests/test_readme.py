@@ -70,11 +70,15 @@ def run_blocks(blocks: list[tuple[int, str]]) -> subprocess.CompletedProcess:
     One intra-op thread: with two threads on two busy cores (CI runs other work beside it) every
     op waits for its partner thread, and the blocks took 12 s instead of 3.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(
-        [sys.executable, "-c", RUNNER], input=json.dumps(named_sources(blocks)), capture_output=True,
-        text=True, cwd=ROOT, env=env, timeout=300,
+        [sys.executable, "-c", RUNNER],
+        input=json.dumps(named_sources(blocks)),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
     )
 
 

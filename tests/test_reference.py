@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
+import brute_force
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import brute_force
 from equivalence_tests import strategies as s
 from reference import (
     AttentionGeometry,
@@ -56,8 +56,14 @@ def geometry_of(case):
 def run_reference(case, q, k, v, mask, scale=None):
     """(out, lse, weights) of the reference module in float64."""
     out, weights, lse = reference_module(case)(
-        q, k, v, is_causal=case.is_causal, key_padding_mask=mask, return_attention_weights=True,
-        return_lse=True, scale=scale,
+        q,
+        k,
+        v,
+        is_causal=case.is_causal,
+        key_padding_mask=mask,
+        return_attention_weights=True,
+        return_lse=True,
+        scale=scale,
     )
     return out, lse, weights
 
@@ -75,7 +81,8 @@ def sdpa(q, k, v, attend=None, is_causal=False):
         q.to(torch.float64).transpose(1, 2),
         expand_kv(k.to(torch.float64), num_heads),
         expand_kv(v.to(torch.float64), num_heads),
-        attn_mask=attend, is_causal=is_causal,
+        attn_mask=attend,
+        is_causal=is_causal,
     ).transpose(1, 2)
     if attend is not None:
         out = out.masked_fill(~attend.any(-1).transpose(1, 2).unsqueeze(-1), 0.0)
@@ -108,11 +115,20 @@ def test_a_key_allowed_in_two_branches_counts_twice():
     # "all" mode, two identical dense branches: every key is allowed twice, so the probabilities
     # are unchanged, lse grows by log 2, and each weight is the sum of its two equal terms.
     case_one = s.AttentionCase(
-        s.Shape(1, 7, 2, 1, 3), DilationConfig((7,), (1,), "all"), SparsePatternConfig(pattern_type="dense"),
-        False, None, 5,
+        s.Shape(1, 7, 2, 1, 3),
+        DilationConfig((7,), (1,), "all"),
+        SparsePatternConfig(pattern_type="dense"),
+        False,
+        None,
+        5,
     )
     case_two = s.AttentionCase(
-        case_one.shape, DilationConfig((7, 7), (1, 1), "all"), case_one.sparse_config, False, None, 5,
+        case_one.shape,
+        DilationConfig((7, 7), (1, 1), "all"),
+        case_one.sparse_config,
+        False,
+        None,
+        5,
     )
     q, k, v, _ = s.make_inputs(case_one, torch.float64)
     out_one, lse_one, weights_one = run_reference(case_one, q, k, v, None)
@@ -145,10 +161,14 @@ def test_reference_matches_sdpa_with_a_boolean_mask(is_causal, data):
     q, k, v, mask = s.make_inputs(case, torch.float64)
     shape = case.shape
     padded_rows = [None] * shape.batch if mask is None else [row.tolist() for row in mask]
-    counts = torch.tensor([
-        brute_force.multiplicity(shape.seq_len, shape.num_heads, case.dilation, case.sparse_config, is_causal, padded)
-        for padded in padded_rows
-    ])
+    counts = torch.tensor(
+        [
+            brute_force.multiplicity(
+                shape.seq_len, shape.num_heads, case.dilation, case.sparse_config, is_causal, padded
+            )
+            for padded in padded_rows
+        ]
+    )
     assert int(counts.max()) <= 1, "premise: no key counts twice in split mode or with one branch"
     attend = counts > 0
     out, lse, _ = run_reference(case, q, k, v, mask)
@@ -205,8 +225,10 @@ def test_degenerate_configurations_are_plain_attention(gqa, is_causal, data):
 def _empty_partial(q):
     """The partial of a chunk with no keys: out 0, lse -inf (the identity of merge_partials)."""
     batch, length, heads, dim = q.shape
-    return (torch.zeros(batch, length, heads, dim, dtype=q.dtype),
-            torch.full((batch, heads, length), float("-inf"), dtype=q.dtype))
+    return (
+        torch.zeros(batch, length, heads, dim, dtype=q.dtype),
+        torch.full((batch, heads, length), float("-inf"), dtype=q.dtype),
+    )
 
 
 def _chunk_bounds(lengths):
@@ -234,8 +256,15 @@ def test_chunked_partials_merge_to_the_unsplit_result(case, data):
         for k0, k1 in key_chunks:
             chunk_mask = None if mask is None else mask[:, k0:k1]
             partial = partial_attention(
-                q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], geometry, case.sparse_config,
-                query_start=q0, key_start=k0, key_padding_mask=chunk_mask, **common,
+                q[:, q0:q1],
+                k[:, k0:k1],
+                v[:, k0:k1],
+                geometry,
+                case.sparse_config,
+                query_start=q0,
+                key_start=k0,
+                key_padding_mask=chunk_mask,
+                **common,
             )
             merged = merge_partials(*merged, *partial)
         outs.append(merged[0])
@@ -248,8 +277,12 @@ def test_chunked_partials_merge_to_the_unsplit_result(case, data):
 
 def test_a_key_chunk_without_allowed_keys_gives_an_empty_partial_that_changes_nothing():
     case = s.AttentionCase(
-        s.Shape(1, 10, 2, 2, 4), DilationConfig((10,), (1,), "split"), SparsePatternConfig(pattern_type="dense"),
-        True, None, 3,
+        s.Shape(1, 10, 2, 2, 4),
+        DilationConfig((10,), (1,), "split"),
+        SparsePatternConfig(pattern_type="dense"),
+        True,
+        None,
+        3,
     )
     q, k, v, _ = s.make_inputs(case, torch.float64)
     geometry = geometry_of(case)
@@ -293,19 +326,25 @@ def _assert_empty_rows(out, lse, weights, empty_rows):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fully_padded_keys_give_empty_rows(compute_dtype, dtype):
     case = s.AttentionCase(
-        s.Shape(2, 9, 4, 2, 4), DilationConfig((4, 9), (1, 2), "split"),
+        s.Shape(2, 9, 4, 2, 4),
+        DilationConfig((4, 9), (1, 2), "split"),
         SparsePatternConfig(pattern_type="local_window", block_size=2, local_window_size=4),
-        False, torch.tensor([[True] * 9, [False] * 8 + [True]]), 11,
+        False,
+        torch.tensor([[True] * 9, [False] * 8 + [True]]),
+        11,
     )
     q, k, v, mask = s.make_inputs(case, dtype)
     module = BlockSparseRingDilatedAttention(**s.module_kwargs(case), compute_dtype=compute_dtype)
     out, weights, lse = module(q, k, v, key_padding_mask=mask, return_attention_weights=True, return_lse=True)
     shape = case.shape
-    counts = torch.tensor([
-        brute_force.multiplicity(shape.seq_len, shape.num_heads, case.dilation, case.sparse_config, False,
-                                 padded.tolist())
-        for padded in mask
-    ])
+    counts = torch.tensor(
+        [
+            brute_force.multiplicity(
+                shape.seq_len, shape.num_heads, case.dilation, case.sparse_config, False, padded.tolist()
+            )
+            for padded in mask
+        ]
+    )
     empty_rows = counts.sum(-1) == 0
     assert bool(empty_rows[0].all())  # every key of batch element 0 is padding
     # Batch element 1: query 8 of branch 0 (segment [8, 9)) sees only the padded key 8, and each
@@ -318,8 +357,12 @@ def test_fully_padded_keys_give_empty_rows(compute_dtype, dtype):
 def test_positions_on_no_lattice_give_empty_rows(compute_dtype):
     # One head, rate 3: only positions with u % 3 == 0 are on the head's lattice (H_g < r).
     case = s.AttentionCase(
-        s.Shape(1, 11, 1, 1, 4), DilationConfig((6,), (3,), "split"), SparsePatternConfig(pattern_type="dense"),
-        False, None, 2,
+        s.Shape(1, 11, 1, 1, 4),
+        DilationConfig((6,), (3,), "split"),
+        SparsePatternConfig(pattern_type="dense"),
+        False,
+        None,
+        2,
     )
     q, k, v, _ = s.make_inputs(case, torch.float32)
     module = BlockSparseRingDilatedAttention(**s.module_kwargs(case), compute_dtype=compute_dtype)
@@ -331,8 +374,12 @@ def test_positions_on_no_lattice_give_empty_rows(compute_dtype):
 def test_custom_layout_with_an_empty_block_row_gives_empty_rows():
     layout = torch.tensor([[True, False, False], [False, False, False], [True, True, True]])
     case = s.AttentionCase(
-        s.Shape(1, 6, 1, 1, 2), DilationConfig((6,), (1,), "split"),
-        SparsePatternConfig(pattern_type="custom", block_size=2, block_layout=layout), False, None, 4,
+        s.Shape(1, 6, 1, 1, 2),
+        DilationConfig((6,), (1,), "split"),
+        SparsePatternConfig(pattern_type="custom", block_size=2, block_layout=layout),
+        False,
+        None,
+        4,
     )
     q, k, v, _ = s.make_inputs(case, torch.float64)
     out, lse, weights = run_reference(case, q, k, v, None)
@@ -368,17 +415,26 @@ def test_input_dtype_mode_runs_in_the_input_dtype_near_float64(dtype, case):
     geometry, n = geometry_of(case), case.shape.seq_len
     halves = []
     for k0, k1 in ((0, n // 2), (n // 2, n)):
-        halves.append(partial_attention(
-            q, k[:, k0:k1], v[:, k0:k1], geometry, case.sparse_config, key_start=k0, is_causal=case.is_causal,
-            key_padding_mask=None if mask is None else mask[:, k0:k1], compute_dtype=None,
-        ))
+        halves.append(
+            partial_attention(
+                q,
+                k[:, k0:k1],
+                v[:, k0:k1],
+                geometry,
+                case.sparse_config,
+                key_start=k0,
+                is_causal=case.is_causal,
+                key_padding_mask=None if mask is None else mask[:, k0:k1],
+                compute_dtype=None,
+            )
+        )
     other_out, other_lse = merge_partials(*halves[0], *halves[1])
     empty = torch.isneginf(lse64)
     context = f"{case.describe()}, dtype {dtype}"
-    assert_within_budget(compare("out", out, out64, other_out, dtype, empty=empty.transpose(1, 2).unsqueeze(-1)),
-                         context)
-    assert_within_budget(compare("lse", lse, lse64, other_lse, dtype, empty=empty, empty_value=float("-inf")),
-                         context)
+    assert_within_budget(
+        compare("out", out, out64, other_out, dtype, empty=empty.transpose(1, 2).unsqueeze(-1)), context
+    )
+    assert_within_budget(compare("lse", lse, lse64, other_lse, dtype, empty=empty, empty_value=float("-inf")), context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,11 +460,11 @@ def test_weights_budget_covers_an_lse_within_budget_and_catches_a_wrong_normalis
     # A path whose lse sits a whole budget off (either side) computes p * exp(-shift).
     shift = data.draw(st.sampled_from([-1.0, 1.0]), label="sign") * lse_verdict.budget
     shifted = (probs64 * torch.exp(torch.tensor(-shift, dtype=torch.float64))).to(torch.float32)
-    verdict = compare("weights", shifted, probs64, probs32, torch.float32, empty=empty.unsqueeze(-1),
-                      inherited=inherited)
+    verdict = compare(
+        "weights", shifted, probs64, probs32, torch.float32, empty=empty.unsqueeze(-1), inherited=inherited
+    )
     assert_within_budget(verdict, case.describe())
     # The old V2's kind of bug (a normalisation off by a factor) stays far outside the budget.
     wrong = (probs64 * 1.001).to(torch.float32)
-    verdict = compare("weights", wrong, probs64, probs32, torch.float32, empty=empty.unsqueeze(-1),
-                      inherited=inherited)
+    verdict = compare("weights", wrong, probs64, probs32, torch.float32, empty=empty.unsqueeze(-1), inherited=inherited)
     assert not verdict.passed, f"a 0.1% wrong normalisation passed: {verdict.describe()}; {case.describe()}"

@@ -15,9 +15,14 @@ from hypothesis import strategies as st
 import optimized
 from equivalence_tests import strategies as s
 from equivalence_tests.helpers import (
-    case_sizes, check_backend, check_gradients, example_count, gradient_case_kwargs, some_row_has_two_keys,
+    case_sizes,
+    check_backend,
+    check_gradients,
+    example_count,
+    gradient_case_kwargs,
+    some_row_has_two_keys,
 )
-from reference import AttentionGeometry, DilationConfig, SparsePatternConfig, compare, assert_within_budget
+from reference import AttentionGeometry, DilationConfig, SparsePatternConfig, assert_within_budget, compare
 from reference import BlockSparseRingDilatedAttention as ReferenceAttention
 from reference.ring_schedule import RingSchedule, pair_is_active, ring_schedule
 from reference.semantics import dense_multiplicity
@@ -57,11 +62,30 @@ def test_in_process_ring_matches_reference_and_unsplit(case_and_chunks):
     context = f"{case.describe()}, chunks={chunks}"
     assert torch.equal(torch.isneginf(ring_lse), empty), context
     assert_within_budget(
-        compare("out vs unsplit", ring_out, whole_out.double(), low_out, torch.float32, K_OUTPUT,
-                empty=empty.transpose(1, 2).unsqueeze(-1)), context)
+        compare(
+            "out vs unsplit",
+            ring_out,
+            whole_out.double(),
+            low_out,
+            torch.float32,
+            K_OUTPUT,
+            empty=empty.transpose(1, 2).unsqueeze(-1),
+        ),
+        context,
+    )
     assert_within_budget(
-        compare("lse vs unsplit", ring_lse, whole_lse.double(), low_lse, torch.float32, K_OUTPUT,
-                empty=empty, empty_value=float("-inf")), context)
+        compare(
+            "lse vs unsplit",
+            ring_lse,
+            whole_lse.double(),
+            low_lse,
+            torch.float32,
+            K_OUTPUT,
+            empty=empty,
+            empty_value=float("-inf"),
+        ),
+        context,
+    )
 
 
 @settings(max_examples=example_count(6))
@@ -133,7 +157,9 @@ def _check_schedule_delivers_exactly_what_is_needed(schedule: RingSchedule, byte
         if step > 0:
             moved = {}
             for source, destination, chunk in schedule.transfers(step):
-                assert location[chunk] == source, f"step {step}: chunk {chunk} sent by {source}, held by {location[chunk]}"
+                assert location[chunk] == source, (
+                    f"step {step}: chunk {chunk} sent by {source}, held by {location[chunk]}"
+                )
                 assert destination == (source + 1) % P
                 moved[chunk] = destination
                 sent[step] += schedule.chunk_lengths[chunk] * bytes_per_token

@@ -21,16 +21,13 @@ def _fresh(*shape: int, seed: int) -> torch.Tensor:
 
 def _run_basic_usage(q, k, v) -> dict:
     # ---- seed: Basic Usage (imports changed) ----
-    from optimized import (
-        BlockSparseRingDilatedAttentionV2,
-        SparsePatternConfig
-    )
+    from optimized import BlockSparseRingDilatedAttentionV2, SparsePatternConfig
 
     # Configure sparsity
     sparse_config = SparsePatternConfig(
-        pattern_type='dilated_sparse',  # or 'local_window', 'global_local'
-        sparsity_ratio=0.1,             # Keep only 10% of blocks
-        block_size=128,                 # Size of each block
+        pattern_type="dilated_sparse",  # or 'local_window', 'global_local'
+        sparsity_ratio=0.1,  # Keep only 10% of blocks
+        block_size=128,  # Size of each block
     )
 
     # Create module
@@ -52,9 +49,7 @@ def _run_basic_usage(q, k, v) -> dict:
 
 def _run_multihead_usage(query, key, value, sparse_config) -> dict:
     # ---- seed: Multihead Usage (imports changed) ----
-    from optimized import (
-        BlockSparseRingMultiheadDilatedAttentionV2
-    )
+    from optimized import BlockSparseRingMultiheadDilatedAttentionV2
 
     multihead_attention = BlockSparseRingMultiheadDilatedAttentionV2(
         embed_dim=768,
@@ -92,7 +87,7 @@ def test_seed_multihead_usage_runs():
     # The seed's multihead block reuses the basic block's sparse_config.
     from optimized import SparsePatternConfig
 
-    sparse_config = SparsePatternConfig(pattern_type='dilated_sparse', sparsity_ratio=0.1, block_size=128)
+    sparse_config = SparsePatternConfig(pattern_type="dilated_sparse", sparsity_ratio=0.1, block_size=128)
     result = _run_multihead_usage(query, key, value, sparse_config)
     output = result["output"]
     # Called like nn.MultiheadAttention: (out, weights or None).

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from random_inputs import make_inputs
 
 import optimized
 from optimized import torch_backend
 from optimized.plan import CallPlan
-from random_inputs import make_inputs
 from reference import (
     AttentionGeometry,
-    BlockSparseRingDilatedAttention as ReferenceAttention,
     DilationConfig,
     SparsePatternConfig,
     assert_within_budget,
     compare,
     partial_attention,
+)
+from reference import (
+    BlockSparseRingDilatedAttention as ReferenceAttention,
 )
 from reference.verification import K_GRADIENT
 
@@ -72,8 +74,19 @@ def test_every_layout_matches_reference(pattern, head_mode, causal):
     # Partial last segments (N not a multiple of 16 or 24) and partial last blocks.
     geometry = AttentionGeometry(DilationConfig((16, 24), (1, 2), head_mode), 53, 4)
     q, k, v, mask = make_inputs(hash((pattern, head_mode, causal)) % 1000, 2, 53, 4, 2, 8, torch.float32, 0.15, True)
-    check_partial(torch_forward(7), q, k, v, mask, geometry, config, causal, (0, 53), (0, 53),
-                  f"{pattern} {head_mode} causal={causal}")
+    check_partial(
+        torch_forward(7),
+        q,
+        k,
+        v,
+        mask,
+        geometry,
+        config,
+        causal,
+        (0, 53),
+        (0, 53),
+        f"{pattern} {head_mode} causal={causal}",
+    )
 
 
 @pytest.mark.parametrize("block_size", [1, 3, 4, 16])
@@ -82,8 +95,19 @@ def test_block_sizes_and_dtypes(block_size, dtype):
     config = SparsePatternConfig(pattern_type="local_window", block_size=block_size, local_window_size=4 * block_size)
     geometry = AttentionGeometry(DilationConfig((32, 64), (1, 3), "split"), 70, 3)
     q, k, v, mask = make_inputs(block_size, 1, 70, 3, 3, 16, dtype, 0.1)
-    check_partial(torch_forward(4096), q, k, v, mask, geometry, config, True, (0, 70), (0, 70),
-                  f"block_size={block_size} dtype={dtype}")
+    check_partial(
+        torch_forward(4096),
+        q,
+        k,
+        v,
+        mask,
+        geometry,
+        config,
+        True,
+        (0, 70),
+        (0, 70),
+        f"block_size={block_size} dtype={dtype}",
+    )
 
 
 def test_float16_inputs_accumulate_in_float32():
@@ -102,8 +126,19 @@ def test_chunked_query_and_key_ranges(query_range, key_range, head_mode):
     config = SparsePatternConfig(pattern_type="global_local", block_size=3, local_window_size=9, global_tokens=4)
     geometry = AttentionGeometry(DilationConfig((12, 30), (1, 3), head_mode), 61, 4)
     q, k, v, mask = make_inputs(sum(query_range + key_range), 2, 61, 4, 2, 8, torch.float32, 0.1)
-    check_partial(torch_forward(5), q, k, v, mask, geometry, config, True, query_range, key_range,
-                  f"chunks q={query_range} k={key_range} {head_mode}")
+    check_partial(
+        torch_forward(5),
+        q,
+        k,
+        v,
+        mask,
+        geometry,
+        config,
+        True,
+        query_range,
+        key_range,
+        f"chunks q={query_range} k={key_range} {head_mode}",
+    )
 
 
 def test_chunks_merge_to_the_whole_result():
@@ -113,7 +148,7 @@ def test_chunks_merge_to_the_whole_result():
     config = SparsePatternConfig(pattern_type="random", block_size=4, sparsity_ratio=0.4)
     geometry = AttentionGeometry(DilationConfig((16, 32), (1, 2), "all"), 48, 2)
     q, k, v, mask = make_inputs(21, 1, 48, 2, 2, 8, torch.float32, 0.1)
-    scale = 8 ** -0.5
+    scale = 8**-0.5
     whole = torch_backend.partial_forward(q, k, v, mask, CallPlan.whole(geometry, config, True, scale))
     out, lse = None, None
     for k0, k1 in ((0, 13), (13, 30), (30, 48)):
@@ -121,8 +156,17 @@ def test_chunks_merge_to_the_whole_result():
         part = torch_backend.partial_forward(q, k[:, k0:k1], v[:, k0:k1], mask[:, k0:k1], plan)
         out, lse = part if out is None else merge_partials(out, lse, *part)
     assert_within_budget(compare("merged out", out, whole[0].double(), whole[0], torch.float32))
-    assert_within_budget(compare("merged lse", lse, whole[1].double(), whole[1], torch.float32,
-                                 empty=torch.isneginf(whole[1]), empty_value=float("-inf")))
+    assert_within_budget(
+        compare(
+            "merged lse",
+            lse,
+            whole[1].double(),
+            whole[1],
+            torch.float32,
+            empty=torch.isneginf(whole[1]),
+            empty_value=float("-inf"),
+        )
+    )
 
 
 def test_empty_rows_are_exact_and_present():
@@ -132,7 +176,7 @@ def test_empty_rows_are_exact_and_present():
     geometry = AttentionGeometry(DilationConfig((16,), (2,), "split"), 33, 2)
     q, k, v, mask = make_inputs(8, 2, 33, 2, 2, 8, torch.float32, 0.2)
     mask[0] = True
-    plan = CallPlan.whole(geometry, config, False, 8 ** -0.5)
+    plan = CallPlan.whole(geometry, config, False, 8**-0.5)
     out, lse = torch_backend.partial_forward(q, k, v, mask, plan)
     assert bool(torch.isneginf(lse[0]).all()) and bool((out[0] == 0).all())
     on_lattice = torch.isfinite(lse[1])
@@ -162,7 +206,7 @@ def test_work_size_does_not_change_the_result():
     config = SparsePatternConfig(pattern_type="dense", block_size=4)
     geometry = AttentionGeometry(DilationConfig((32,), (1,), "split"), 64, 2)
     q, k, v, _ = make_inputs(2, 1, 64, 2, 2, 8, torch.float32)
-    plan = CallPlan.whole(geometry, config, True, 8 ** -0.5)
+    plan = CallPlan.whole(geometry, config, True, 8**-0.5)
     big = torch_backend.partial_forward(q, k, v, None, plan, work_size=4096)
     small = torch_backend.partial_forward(q, k, v, None, plan, work_size=1)
     assert_within_budget(compare("out", small[0], big[0].double(), big[0], torch.float32))
@@ -194,13 +238,17 @@ def gradients(forward, q, k, v, out_weight, lse_weight, dtype):
 
 @pytest.mark.parametrize(
     "pattern, head_mode, dtype",
-    [("local_window", "split", torch.float32), ("random", "all", torch.float32), ("global_local", "all", torch.bfloat16)],
+    [
+        ("local_window", "split", torch.float32),
+        ("random", "all", torch.float32),
+        ("global_local", "all", torch.bfloat16),
+    ],
 )
 def test_gradients_match_float64_formula(pattern, head_mode, dtype):
     config = make_config(LAYOUT_CASES[pattern])
     geometry = AttentionGeometry(DilationConfig((16, 24), (1, 2), head_mode), 37, 4)
     q, k, v, mask = make_inputs(41, 2, 37, 4, 2, 8, dtype, 0.15, True)
-    scale = 8 ** -0.5
+    scale = 8**-0.5
     out64, lse64 = partial_attention(q, k, v, geometry, config, is_causal=True, key_padding_mask=mask, scale=scale)
     assert bool(torch.isneginf(lse64).any()), "the case should hold an empty row"
 
@@ -208,14 +256,37 @@ def test_gradients_match_float64_formula(pattern, head_mode, dtype):
     out_weight = torch.randn(out64.shape, generator=generator)
     lse_weight = torch.randn(lse64.shape, generator=generator)
     plan = CallPlan.whole(geometry, config, True, scale)
-    actual = gradients(lambda a, b, c: torch_backend.partial_forward(a, b, c, mask, plan, work_size=5),
-                       q, k, v, out_weight, lse_weight, torch.float32)
-    exact = gradients(lambda a, b, c: partial_attention(a, b, c, geometry, config, is_causal=True,
-                                      key_padding_mask=mask, scale=scale, compute_dtype=torch.float64),
-                      q, k, v, out_weight, lse_weight, torch.float64)
-    lowp = gradients(lambda a, b, c: partial_attention(a, b, c, geometry, config, is_causal=True,
-                                      key_padding_mask=mask, scale=scale, compute_dtype=dtype),
-                     q, k, v, out_weight, lse_weight, dtype)
+    actual = gradients(
+        lambda a, b, c: torch_backend.partial_forward(a, b, c, mask, plan, work_size=5),
+        q,
+        k,
+        v,
+        out_weight,
+        lse_weight,
+        torch.float32,
+    )
+    exact = gradients(
+        lambda a, b, c: partial_attention(
+            a, b, c, geometry, config, is_causal=True, key_padding_mask=mask, scale=scale, compute_dtype=torch.float64
+        ),
+        q,
+        k,
+        v,
+        out_weight,
+        lse_weight,
+        torch.float64,
+    )
+    lowp = gradients(
+        lambda a, b, c: partial_attention(
+            a, b, c, geometry, config, is_causal=True, key_padding_mask=mask, scale=scale, compute_dtype=dtype
+        ),
+        q,
+        k,
+        v,
+        out_weight,
+        lse_weight,
+        dtype,
+    )
     for name, got, want, base in zip(("dq", "dk", "dv"), actual, exact, lowp):
         assert got.dtype == dtype
         assert_within_budget(compare(name, got, want, base, dtype, k=K_GRADIENT), f"{pattern} {head_mode} {dtype}")
@@ -231,8 +302,9 @@ def test_row_groups_cover_every_row_once(pattern, group_size):
         layout = torch.tril(torch.ones(8, 8, dtype=torch.bool), diagonal=-1)
         config = SparsePatternConfig(pattern_type="custom", block_size=4, block_layout=layout)
     else:
-        config = SparsePatternConfig(pattern_type=pattern, block_size=4, local_window_size=8, global_tokens=4,
-                                     sparsity_ratio=0.3)
+        config = SparsePatternConfig(
+            pattern_type=pattern, block_size=4, local_window_size=8, global_tokens=4, sparsity_ratio=0.3
+        )
     geometry = AttentionGeometry(DilationConfig((32, 64), (1, 2), "all"), 70, 2)
     for table in block_tables(geometry, config):
         counts = table.row_counts[rows_by_count(table)]
@@ -274,8 +346,9 @@ def test_collector_assembles_untracked_pieces_in_place_exactly_as_tracked_ones(l
     for layer in range(layers):
         for heads in (range(0, 1), range(1, 4)):
             # Each layer writes a random subset of the queries of its heads, as tables do; the rest stay empty.
-            index = torch.randperm(num_queries, generator=generator)[: int(torch.randint(1, num_queries, (1,),
-                                                                                       generator=generator))]
+            index = torch.randperm(num_queries, generator=generator)[
+                : int(torch.randint(1, num_queries, (1,), generator=generator))
+            ]
             out = torch.randn(batch, index.numel(), len(heads), head_dim, generator=generator)
             lse = torch.randn(batch, index.numel(), len(heads), generator=generator)
             pieces.append((layer, heads, index, out, lse))
@@ -304,11 +377,15 @@ def test_backward_is_exactly_zero_where_a_query_sees_one_key_through_three_branc
     generator = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(1, 37, 4, 16, generator=generator, requires_grad=True) for _ in range(3))
     module = optimized.BlockSparseRingDilatedAttention(
-        [1, 1, 1], [1, 1, 1], head_mode="all", backend="torch",
+        [1, 1, 1],
+        [1, 1, 1],
+        head_mode="all",
+        backend="torch",
         sparse_config=SparsePatternConfig(pattern_type="dense", block_size=1),
     )
     out = module(q, k, v)
     out.backward(torch.randn(out.shape, generator=generator))
     assert torch.equal(q.grad, torch.zeros_like(q)) and torch.equal(k.grad, torch.zeros_like(k))
-    assert torch.allclose(out.detach(), v.detach(), rtol=0,
-                          atol=4 * torch.finfo(torch.float32).eps * float(v.detach().abs().max()))
+    assert torch.allclose(
+        out.detach(), v.detach(), rtol=0, atol=4 * torch.finfo(torch.float32).eps * float(v.detach().abs().max())
+    )

@@ -18,10 +18,11 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
+from random_inputs import make_inputs  # noqa: E402 - after the interpreter switch above
+
 import optimized  # noqa: E402
 from optimized import triton_backend  # noqa: E402
 from optimized.plan import CallPlan  # noqa: E402
-from random_inputs import make_inputs
 from reference import (  # noqa: E402
     AttentionGeometry,
     DilationConfig,
@@ -41,7 +42,9 @@ DTYPES = [
     torch.float16,
     pytest.param(
         torch.bfloat16,
-        marks=pytest.mark.skipif(INTERPRETED, reason="bfloat16 only on CUDA: tl.dot on bf16 is broken in the interpreter"),
+        marks=pytest.mark.skipif(
+            INTERPRETED, reason="bfloat16 only on CUDA: tl.dot on bf16 is broken in the interpreter"
+        ),
     ),
 ]
 
@@ -124,14 +127,14 @@ def test_empty_rows_are_exact_when_every_key_is_padding():
     assert bool(empty[1].all())
 
 
-@pytest.mark.parametrize(
-    "query_range, key_range", [((0, 20), (0, 61)), ((17, 45), (0, 30)), ((30, 61), (13, 44))]
-)
+@pytest.mark.parametrize("query_range, key_range", [((0, 20), (0, 61)), ((17, 45), (0, 30)), ((30, 61), (13, 44))])
 def test_chunked_query_and_key_ranges(query_range, key_range):
     config = SparsePatternConfig(pattern_type="global_local", block_size=16, local_window_size=32, global_tokens=16)
     geometry = AttentionGeometry(DilationConfig((32, 61), (1, 2), "all"), 61, 4)
     q, k, v, mask = make_inputs(sum(query_range + key_range), 1, 61, 4, 2, 16, torch.float32, 0.1)
-    check_partial(q, k, v, mask, geometry, config, True, query_range, key_range, f"chunks q={query_range} k={key_range}")
+    check_partial(
+        q, k, v, mask, geometry, config, True, query_range, key_range, f"chunks q={query_range} k={key_range}"
+    )
 
 
 def test_sub_tiles_and_padded_head_dim():
@@ -182,7 +185,9 @@ def test_module_runs_triton_backend():
 
 # Every read variant with the default order and index, and each other order / index mode once.
 KERNEL_CHOICES = [(variant, None, None) for variant in triton_backend.VARIANTS] + [
-    ("v3", "by_lattice", "load"), ("v2", "by_lattice", "registers"), ("v2", "longest_first", "load"),
+    ("v3", "by_lattice", "load"),
+    ("v2", "by_lattice", "registers"),
+    ("v2", "longest_first", "load"),
 ]
 
 
@@ -195,8 +200,9 @@ KERNEL_CHOICES = [(variant, None, None) for variant in triton_backend.VARIANTS] 
         ("dilated_sparse", "split", False, 16, torch.float32, (7, 61), (0, 61)),
     ],
 )
-def test_kernel_variants_match_reference(variant, order, index, pattern, head_mode, causal, D, dtype, query_range,
-                                        key_range):
+def test_kernel_variants_match_reference(
+    variant, order, index, pattern, head_mode, causal, D, dtype, query_range, key_range
+):
     """Every way of reading full key blocks (address tile, pointer runs, tensor descriptors), of ordering the
     work items and of finding listed blocks gives the same function.
 
@@ -212,8 +218,14 @@ def test_kernel_variants_match_reference(variant, order, index, pattern, head_mo
     plan = CallPlan(geometry, config, causal, scale, (q0, q1), (k0, k1))
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     out, lse = triton_backend.partial_forward(
-        dev(q[:, q0:q1]), dev(k[:, k0:k1]), dev(v[:, k0:k1]), dev(mask[:, k0:k1]), plan, variant=variant,
-        order=order, index=index,
+        dev(q[:, q0:q1]),
+        dev(k[:, k0:k1]),
+        dev(v[:, k0:k1]),
+        dev(mask[:, k0:k1]),
+        plan,
+        variant=variant,
+        order=order,
+        index=index,
     )
     launch = triton_backend.device_tables(plan, DEVICE, order)[0]
     run_count = launch.items[:, triton_backend.WorkItem.RUN_COUNT]
@@ -262,7 +274,7 @@ def test_first_launch_zeroes_the_lattice_gaps(seq_len, segments, rates, heads, q
 
 @pytest.mark.parametrize("pattern, expected", [("dense", "v3tma"), ("local_window", "v3"), ("dilated_sparse", "v2")])
 def test_auto_variant_follows_the_runs_of_full_blocks(pattern, expected):
-    """"auto" reads long runs of consecutive full blocks through descriptors, short ones by pointer steps, and
+    """ "auto" reads long runs of consecutive full blocks through descriptors, short ones by pointer steps, and
     scattered blocks from the list (the H200 A/B, NOTES_gpu.md); the result is the same (test above)."""
     geometry = AttentionGeometry(DilationConfig((256,), (1,), "split"), 256, 2)
     config = make_config(pattern, block_size=16, max_blocks=16)
@@ -274,9 +286,14 @@ def test_auto_variant_follows_the_runs_of_full_blocks(pattern, expected):
     assert triton_backend._auto_variant(launch) == expected, launch.mean_run
 
 
-@pytest.mark.parametrize("argument, value, allowed", [
-    ("variant", "v9", "v2"), ("order", "shortest_first", "by_lattice"), ("index", "guess", "registers"),
-])
+@pytest.mark.parametrize(
+    "argument, value, allowed",
+    [
+        ("variant", "v9", "v2"),
+        ("order", "shortest_first", "by_lattice"),
+        ("index", "guess", "registers"),
+    ],
+)
 def test_unknown_kernel_choice_is_a_value_error(argument, value, allowed):
     q, k, v, _ = make_inputs(1, 1, 32, 2, 2, 16, torch.float32)
     with pytest.raises(ValueError, match=f"={value!r}.*{allowed}"):
@@ -343,10 +360,13 @@ def test_unsupported_reasons_lists_every_reason(monkeypatch):
         triton_backend.partial_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, _plan(24))
 
 
-@pytest.mark.parametrize("layout, prefix, host_only", [
-    (triton_backend.WorkItem, "ITEM_", set()),
-    (triton_backend.WeightBlock, "WEIGHT_", {"BRANCH", "PAD"}),
-])
+@pytest.mark.parametrize(
+    "layout, prefix, host_only",
+    [
+        (triton_backend.WorkItem, "ITEM_", set()),
+        (triton_backend.WeightBlock, "WEIGHT_", {"BRANCH", "PAD"}),
+    ],
+)
 def test_kernel_constants_follow_the_record_layouts(layout, prefix, host_only):
     """Each column the kernels read is the layout's column, and a record has no gap and no spare column."""
     assert [column.value for column in layout] == list(range(len(layout)))

@@ -85,8 +85,16 @@ def test_own_module_passes_every_area():
     report = verify.verify(own.torch_factory, verify.VerifyOptions(**{**SMALL, "examples": 4}))
     names = [area.name for area in report.areas]
     assert names[:6] == [f"pattern {p}" for p in reference.PATTERN_TYPES]
-    assert {"head_mode split", "head_mode all", "causal", "key padding", "grouped-query heads", "ring split",
-            "gradients", "combined"} <= set(names)
+    assert {
+        "head_mode split",
+        "head_mode all",
+        "causal",
+        "key padding",
+        "grouped-query heads",
+        "ring split",
+        "gradients",
+        "combined",
+    } <= set(names)
     for area in report.areas:
         assert area.status == "pass", (area.name, area.counterexample)
         assert area.judged > 0 and area.passed == area.judged, area
@@ -168,17 +176,23 @@ def test_an_unsupported_configuration_is_reported_not_failed():
 
 def test_a_target_returning_something_else_fails_with_a_reason():
     config = verify.VerifyCase("x", _case(), torch.float32, "cpu")
-    outcome = verify.judge(lambda config: (lambda q, k, v, **kwargs: "not a tensor"), config)
+    outcome = verify.judge(lambda config: lambda q, k, v, **kwargs: "not a tensor", config)
     assert outcome.status == "fail" and "returned str" in outcome.message
-    outcome = verify.judge(lambda config: (lambda q, k, v, **kwargs: q.double()), config)
+    outcome = verify.judge(lambda config: lambda q, k, v, **kwargs: q.double(), config)
     assert outcome.status == "fail" and "out dtype" in outcome.verdicts
 
 
 def _case():
     from equivalence_tests import strategies as s
 
-    return s.AttentionCase(s.Shape(1, 8, 2, 2, 4), reference.DilationConfig((4,), (2,), "split"),
-                           reference.SparsePatternConfig(pattern_type="dense"), False, None, 5)
+    return s.AttentionCase(
+        s.Shape(1, 8, 2, 2, 4),
+        reference.DilationConfig((4,), (2,), "split"),
+        reference.SparsePatternConfig(pattern_type="dense"),
+        False,
+        None,
+        5,
+    )
 
 
 def test_float64_budget_counts_the_references_own_error():
@@ -200,21 +214,25 @@ def test_float64_budget_counts_the_references_own_error():
 
 
 def test_help_exits_zero():
-    result = subprocess.run([sys.executable, "-m", "equivalence_tests.verify", "--help"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "equivalence_tests.verify", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "TARGET" in result.stdout and "--examples" in result.stdout and "--json" in result.stdout
 
 
-@pytest.mark.parametrize("arguments, named", [
-    (["--dtype", "float8"], "--dtype"),
-    (["--patterns", "dense,bogus"], "--patterns"),
-    (["--head-modes", "some"], "--head-modes"),
-    (["--examples", "0"], "--examples"),
-    (["--seed", "-1"], "--seed"),
-    (["--max-seq-len", "x"], "--max-seq-len"),
-    (["--frobnicate"], "--frobnicate"),
-])
+@pytest.mark.parametrize(
+    "arguments, named",
+    [
+        (["--dtype", "float8"], "--dtype"),
+        (["--patterns", "dense,bogus"], "--patterns"),
+        (["--head-modes", "some"], "--head-modes"),
+        (["--examples", "0"], "--examples"),
+        (["--seed", "-1"], "--seed"),
+        (["--max-seq-len", "x"], "--max-seq-len"),
+        (["--frobnicate"], "--frobnicate"),
+    ],
+)
 def test_bad_options_give_one_argparse_error_naming_the_option(arguments, named, capsys):
     with pytest.raises(SystemExit) as exit_info:
         verify.main(["equivalence_tests.peers.own:factory", *arguments])
@@ -223,11 +241,14 @@ def test_bad_options_give_one_argparse_error_naming_the_option(arguments, named,
     assert error_line.startswith("python -m equivalence_tests.verify: error:") and named in error_line
 
 
-@pytest.mark.parametrize("target, says", [
-    ("no_colon", "package.module:factory"),
-    ("no_such_module_here:factory", "cannot import"),
-    ("equivalence_tests.peers.own:no_such_factory", "has no attribute"),
-])
+@pytest.mark.parametrize(
+    "target, says",
+    [
+        ("no_colon", "package.module:factory"),
+        ("no_such_module_here:factory", "cannot import"),
+        ("equivalence_tests.peers.own:no_such_factory", "has no attribute"),
+    ],
+)
 def test_bad_target_is_an_argparse_error(target, says, capsys):
     with pytest.raises(SystemExit) as exit_info:
         verify.main([target])
@@ -240,8 +261,23 @@ def test_cli_exit_status_table_and_json(tmp_path, monkeypatch, capsys):
     planted = types.ModuleType("planted_bugs")
     planted.wrong_scale = wrong_scale_factory
     monkeypatch.setitem(sys.modules, "planted_bugs", planted)
-    small = ["--patterns", "dense", "--no-gqa", "--no-ring", "--no-gradients", "--no-padding", "--examples", "5",
-             "--max-seq-len", "12", "--max-heads", "3", "--max-head-dim", "4", "--no-progress"]
+    small = [
+        "--patterns",
+        "dense",
+        "--no-gqa",
+        "--no-ring",
+        "--no-gradients",
+        "--no-padding",
+        "--examples",
+        "5",
+        "--max-seq-len",
+        "12",
+        "--max-heads",
+        "3",
+        "--max-head-dim",
+        "4",
+        "--no-progress",
+    ]
 
     assert verify.main(["equivalence_tests.peers.own:torch_factory", *small, "--json", str(tmp_path / "own.json")]) == 0
     printed = capsys.readouterr().out

@@ -1,32 +1,38 @@
-"""Sparse attention weights (docs/semantics.md section 6) of the torch / flex path against the reference's dense weights."""
+"""Sparse attention weights (docs/semantics.md section 6) of the torch / flex path against the reference's
+dense weights."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from random_inputs import make_inputs
 
 import optimized
 from optimized import torch_backend
 from optimized import weights as sparse_weights
 from optimized.plan import CallPlan
-from random_inputs import make_inputs
 from reference import (
     AttentionGeometry,
-    BlockSparseRingDilatedAttention as ReferenceAttention,
     DilationConfig,
     SparsePatternConfig,
     active_block_count,
     assert_within_budget,
     compare,
 )
-
+from reference import (
+    BlockSparseRingDilatedAttention as ReferenceAttention,
+)
 
 CASES = [
     ("local_window", "split", True, dict(pattern_type="local_window", block_size=3, local_window_size=12)),
     ("dense-all", "all", False, dict(pattern_type="dense", block_size=4)),
     ("random-all", "all", True, dict(pattern_type="random", block_size=4, sparsity_ratio=0.3)),
-    ("global_local", "split", False, dict(pattern_type="global_local", block_size=5, global_tokens=3,
-                                          local_window_size=10)),
+    (
+        "global_local",
+        "split",
+        False,
+        dict(pattern_type="global_local", block_size=5, global_tokens=3, local_window_size=10),
+    ),
     ("dilated_sparse-all", "all", True, dict(pattern_type="dilated_sparse", block_size=1, sparsity_ratio=0.5)),
 ]
 
@@ -37,14 +43,17 @@ def test_weights_match_reference(name, head_mode, causal, config_kwargs, dtype):
     config = SparsePatternConfig(**config_kwargs)
     args = ([16, 24], [1, 2])
     q, k, v, mask = make_inputs(len(name), 2, 43, 4, 2, 8, dtype, pad_fraction=0.1, pad_first=True)
-    module = optimized.BlockSparseRingDilatedAttention(*args, sparse_config=config, head_mode=head_mode,
-                                                       backend="torch")
-    out, weights, lse = module(q, k, v, is_causal=causal, key_padding_mask=mask, return_attention_weights=True,
-                               return_lse=True)
+    module = optimized.BlockSparseRingDilatedAttention(
+        *args, sparse_config=config, head_mode=head_mode, backend="torch"
+    )
+    out, weights, lse = module(
+        q, k, v, is_causal=causal, key_padding_mask=mask, return_attention_weights=True, return_lse=True
+    )
     kwargs = dict(is_causal=causal, key_padding_mask=mask, return_attention_weights=True)
     _, w64 = ReferenceAttention(*args, sparse_config=config, head_mode=head_mode)(q, k, v, **kwargs)
     _, w_lowp = ReferenceAttention(*args, sparse_config=config, head_mode=head_mode, compute_dtype=None)(
-        q, k, v, **kwargs)
+        q, k, v, **kwargs
+    )
 
     for key in ("block_indices", "block_values", "shape", "block_size"):
         assert key in weights  # the seed's keys
@@ -68,7 +77,7 @@ def test_weights_are_sparse_at_moderate_length(monkeypatch):
     config = SparsePatternConfig(pattern_type="local_window", block_size=16, local_window_size=64)
     geometry = AttentionGeometry(DilationConfig((512, 1024), (1, 2), "split"), 2048, 2)
     q, k, _, mask = make_inputs(3, 1, 2048, 2, 2, 8, pad_fraction=0.1, pad_first=True)
-    plan = CallPlan.whole(geometry, config, False, 8 ** -0.5)
+    plan = CallPlan.whole(geometry, config, False, 8**-0.5)
     lse = torch_backend.partial_forward(q, k, k, mask, plan)[1]
     weights = sparse_weights.attention_weights(q, k, mask, lse, plan)
     blocks = active_block_count(geometry, config)
@@ -105,7 +114,9 @@ def test_chunk_of_coo_matches_rows_of_the_whole():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CPU run is test_weights_match_reference)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (the CPU run is test_weights_match_reference)"
+)
 def test_weights_stay_on_the_cuda_device():
     config = SparsePatternConfig(pattern_type="local_window", block_size=16, local_window_size=64)
     q, k, v, mask = (t.cuda() for t in make_inputs(4, 1, 96, 2, 2, 16, pad_fraction=0.1, pad_first=True))
@@ -113,8 +124,10 @@ def test_weights_stay_on_the_cuda_device():
     out, weights = module(q, k, v, key_padding_mask=mask, return_attention_weights=True)
     for key in ("block_values", "query_positions", "key_positions", "block_heads"):
         assert weights[key].device == out.device
-    _, w64 = ReferenceAttention([32, 64], [1, 2], sparse_config=config)(q, k, v, key_padding_mask=mask,
-                                                                         return_attention_weights=True)
+    _, w64 = ReferenceAttention([32, 64], [1, 2], sparse_config=config)(
+        q, k, v, key_padding_mask=mask, return_attention_weights=True
+    )
     _, w32 = ReferenceAttention([32, 64], [1, 2], sparse_config=config, compute_dtype=None)(
-        q, k, v, key_padding_mask=mask, return_attention_weights=True)
+        q, k, v, key_padding_mask=mask, return_attention_weights=True
+    )
     assert_within_budget(compare("weights", weights.to_dense(), w64, w32, torch.float32))

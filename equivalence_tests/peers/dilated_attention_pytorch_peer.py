@@ -37,9 +37,11 @@ def factory(config):
     """A callable ``(q, k, v, is_causal=False, key_padding_mask=None) -> out`` for ``config``."""
     require_plain_dilated_attention(config, PEER, HEAD_MODE)
     dilation = config.case.dilation
-    module = peer_module().DilatedAttention(
-        segment_lengths=list(dilation.segment_lengths), dilation_rates=list(dilation.dilation_rates)
-    ).to(config.device)
+    module = (
+        peer_module()
+        .DilatedAttention(segment_lengths=list(dilation.segment_lengths), dilation_rates=list(dilation.dilation_rates))
+        .to(config.device)
+    )
 
     def attention(q, k, v, is_causal=False, key_padding_mask=None):
         if key_padding_mask is not None and bool(key_padding_mask.any()):
@@ -56,5 +58,5 @@ factory.peer_info = {
     "version": distribution_version("dilated-attention-pytorch"),
     "head_mode": HEAD_MODE,
     "substituted": "xformers.ops (memory_efficient_attention, LowerTriangularMask, AttentionOp) -> "
-                   "equivalence_tests.peers.kernels",
+    "equivalence_tests.peers.kernels",
 }

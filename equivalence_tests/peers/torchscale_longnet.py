@@ -82,8 +82,13 @@ def factory(config):
         batch, seq_len, heads, head_dim = q.shape
         as_embedding = lambda t: t.reshape(batch, seq_len, heads * head_dim)  # noqa: E731
         with flash_kernel_stand_in():
-            out, _ = module(as_embedding(q), as_embedding(k), as_embedding(v),
-                            key_padding_mask=key_padding_mask, is_causal=is_causal)
+            out, _ = module(
+                as_embedding(q),
+                as_embedding(k),
+                as_embedding(v),
+                key_padding_mask=key_padding_mask,
+                is_causal=is_causal,
+            )
         return out.reshape(batch, seq_len, heads, head_dim)
 
     return attention
@@ -96,5 +101,5 @@ factory.peer_info = {
     "version": distribution_version("torchscale-gml"),
     "head_mode": HEAD_MODE,
     "substituted": "torchscale.component.multihead_attention.flash_attn_func -> "
-                   "equivalence_tests.peers.kernels.flash_attn_func",
+    "equivalence_tests.peers.kernels.flash_attn_func",
 }

@@ -36,8 +36,9 @@ def one_thread():
 
 
 def pattern(name: str) -> SparsePatternConfig:
-    return SparsePatternConfig(name, sparsity_ratio=0.1, block_size=BLOCK, local_window_size=4 * BLOCK,
-                               global_tokens=BLOCK)
+    return SparsePatternConfig(
+        name, sparsity_ratio=0.1, block_size=BLOCK, local_window_size=4 * BLOCK, global_tokens=BLOCK
+    )
 
 
 def inputs(seq_len: int, dtype=torch.float32):
@@ -81,8 +82,12 @@ def test_torch_backend_with_weights(benchmark):
     benchmark.group = f"cpu N={SEQ_LEN}"
     q, k, v = inputs(SEQ_LEN)
     attention = Optimized(SEGMENTS, RATES, sparse_config=pattern("local_window"), backend="torch")
-    out = run(benchmark, lambda: attention(q, k, v, return_attention_weights=True),
-              f"torch+weights/local_window/N{SEQ_LEN}", f"sdpa/N{SEQ_LEN}")
+    out = run(
+        benchmark,
+        lambda: attention(q, k, v, return_attention_weights=True),
+        f"torch+weights/local_window/N{SEQ_LEN}",
+        f"sdpa/N{SEQ_LEN}",
+    )
     assert out.shape == q.shape
 
 
@@ -91,6 +96,11 @@ def test_reference(benchmark, name):
     benchmark.group = f"cpu N={REFERENCE_SEQ_LEN}"
     q, k, v = inputs(REFERENCE_SEQ_LEN)
     attention = Reference(SEGMENTS, RATES, sparse_config=pattern(name))
-    out = run(benchmark, lambda: attention(q, k, v), f"reference/{name}/N{REFERENCE_SEQ_LEN}",
-              f"sdpa/N{REFERENCE_SEQ_LEN}", rounds=7)
+    out = run(
+        benchmark,
+        lambda: attention(q, k, v),
+        f"reference/{name}/N{REFERENCE_SEQ_LEN}",
+        f"sdpa/N{REFERENCE_SEQ_LEN}",
+        rounds=7,
+    )
     assert out.shape == q.shape and out.dtype == torch.float64

@@ -30,15 +30,14 @@ needs_cuda = pytest.mark.skipif(
 
 
 def pattern(name: str, block: int = BLOCK) -> SparsePatternConfig:
-    return SparsePatternConfig(name, sparsity_ratio=0.1, block_size=block, local_window_size=4 * block,
-                               global_tokens=block)
+    return SparsePatternConfig(
+        name, sparsity_ratio=0.1, block_size=block, local_window_size=4 * block, global_tokens=block
+    )
 
 
 def inputs(seq_len: int, device, dtype, heads=HEADS, head_dim=HEAD_DIM):
     generator = torch.Generator().manual_seed(seq_len)
-    return tuple(
-        torch.randn(BATCH, seq_len, heads, head_dim, generator=generator).to(device, dtype) for _ in range(3)
-    )
+    return tuple(torch.randn(BATCH, seq_len, heads, head_dim, generator=generator).to(device, dtype) for _ in range(3))
 
 
 def check_output(out: torch.Tensor, q: torch.Tensor, case: str) -> None:
@@ -54,8 +53,13 @@ def run(benchmark, fn, case: str, anchor: str | None):
 
     import triton
 
-    benchmark.extra_info.update(case=case, anchor=anchor, device=torch.cuda.get_device_name(),
-                                torch=torch.__version__, triton=triton.__version__)
+    benchmark.extra_info.update(
+        case=case,
+        anchor=anchor,
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+    )
     with torch.no_grad():
         return benchmark.pedantic(synchronized, rounds=20, warmup_rounds=3, iterations=1)
 

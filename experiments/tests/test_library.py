@@ -29,8 +29,10 @@ def test_loglog_slope_leaves_out_missing_values_and_needs_two_points():
 
 
 def test_slopes_fit_the_largest_n_of_each_line():
-    rows = [{"method": "m", "pattern": None, "seq_len": n, "peak_bytes": v}
-            for n, v in [(512, 1e9), (1024, 1024.0), (2048, 2048.0), (4096, 4096.0)]]  # a flat start, then linear
+    rows = [
+        {"method": "m", "pattern": None, "seq_len": n, "peak_bytes": v}
+        for n, v in [(512, 1e9), (1024, 1024.0), (2048, 2048.0), (4096, 4096.0)]
+    ]  # a flat start, then linear
     fitted = analysis.slopes(rows, last=3)
     assert [(f["from_N"], f["to_N"], f["points"]) for f in fitted] == [(1024, 4096, 3)]
     assert fitted[0]["slope"] == pytest.approx(1.0)
@@ -73,7 +75,8 @@ def test_analytic_weights_bytes_match_the_stored_weights():
     generator = torch.Generator().manual_seed(random.getrandbits(31))
     q, k, v = (torch.randn(1, 128, 4, 8, generator=generator) for _ in range(3))
     for pattern in ("local_window", "dilated_sparse"):
-        module = BlockSparseRingDilatedAttention(setting.segment_lengths, setting.dilation_rates,
-                                                 pattern_config(pattern, setting), backend="torch")
+        module = BlockSparseRingDilatedAttention(
+            setting.segment_lengths, setting.dilation_rates, pattern_config(pattern, setting), backend="torch"
+        )
         _, weights = module(q, k, v, return_attention_weights=True)
         assert weights.nbytes == analytic.sparse_weights_bytes(128, setting, pattern)

@@ -27,10 +27,20 @@ def test_suite_record_from_two_processes_is_whole(tmp_path):
     record = tmp_path / "verdicts.jsonl"
     env_vars = dict(os.environ, EQUIVALENCE_RECORD=str(record), PYTHONPATH=ROOT, HYPOTHESIS_PROFILE="ci")
     selection = ["-k", "test_torch_backend_float32 or test_torch_backend_small_work_size"]
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection,
-               os.path.join(ROOT, "equivalence_tests", "test_equivalence.py")]
-    workers = [subprocess.Popen(command, env=env_vars, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-               for _ in range(2)]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        *selection,
+        os.path.join(ROOT, "equivalence_tests", "test_equivalence.py"),
+    ]
+    workers = [
+        subprocess.Popen(command, env=env_vars, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
     outputs = [worker.communicate(timeout=600)[0].decode() for worker in workers]
     assert all(worker.returncode == 0 for worker in workers), "\n".join(outputs)
     with open(record) as handle:

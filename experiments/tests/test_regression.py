@@ -11,8 +11,9 @@ import pytest
 from experiments import regression
 
 BASELINE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "baselines")
-BASELINES = sorted(name for name in os.listdir(BASELINE_DIR) if name.endswith(".json")) if os.path.isdir(
-    BASELINE_DIR) else []
+BASELINES = (
+    sorted(name for name in os.listdir(BASELINE_DIR) if name.endswith(".json")) if os.path.isdir(BASELINE_DIR) else []
+)
 
 
 def load(name: str) -> dict:
