@@ -66,8 +66,7 @@ class TorchOptions:
     work_size: int = 4096
 
     def __post_init__(self) -> None:
-        if isinstance(self.work_size, bool) or not isinstance(self.work_size, int) or self.work_size < 1:
-            raise ValueError(f"work_size must be an int >= 1, got {self.work_size!r}")
+        torch_backend.check_work_size(self.work_size)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ from .plan import CallPlan
 NEG_INF = float("-inf")
 
 
-def _check_work_size(work_size) -> int:
+def check_work_size(work_size) -> int:
+    """``work_size`` if it is an int >= 1 (the torch backend's one knob), else a ValueError naming it."""
     if isinstance(work_size, bool) or not isinstance(work_size, int) or work_size < 1:
         raise ValueError(f"work_size must be an int >= 1, got {work_size!r}")
     return work_size
@@ -270,7 +271,7 @@ def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int = 
     empty rows 0 / -inf.
     Differentiable in q, k, v (backward recomputes blocks; extra memory O(work_size x b x b)).
     """
-    work_size = _check_work_size(work_size)
+    work_size = check_work_size(work_size)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _BlockSparseAttention.apply(q, k, v, key_padding_mask, plan, work_size)
     return _forward(q, k, v, key_padding_mask, plan, work_size)
