@@ -1,6 +1,6 @@
 """Execute the notebooks (notebooks/*.ipynb) with papermill; at full size, save them with their outputs.
 
-    python -m experiments.run_notebooks                        # all three at full size, saved in place
+    python -m experiments.run_notebooks                        # all four at full size, saved in place
     python -m experiments.run_notebooks patterns ring_splits   # only these
     python -m experiments.run_notebooks --size ci --output-dir /tmp/notebooks   # CI's small sizes, elsewhere
 
@@ -8,7 +8,7 @@ Each notebook has a cell tagged "parameters" holding ``SIZE = "full"``; for anot
 injects ``SIZE = ...`` after it. Execution runs in notebooks/ with the ``python3`` kernel (the
 venv's ipykernel). A notebook saves only once every cell ran: a failing cell leaves the committed
 file untouched and ends with papermill's error naming the cell. experiments/tests/test_notebooks.py
-runs all three at ``--size ci`` without saving.
+runs all four at ``--size ci`` without saving.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 from . import cli
 
 NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
-NOTEBOOKS = ("memory_scaling", "patterns", "ring_splits")
+NOTEBOOKS = ("memory_scaling", "patterns", "ring_splits", "training")
 SIZES = ("full", "ci")
 DEFAULT_SIZE = "full"  # the value of SIZE in each notebook's parameters cell
 

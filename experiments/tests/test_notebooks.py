@@ -1,4 +1,4 @@
-"""The three notebooks execute top to bottom at CI's small sizes (papermill injects SIZE = "ci").
+"""The notebooks execute top to bottom at CI's small sizes (papermill injects SIZE = "ci").
 
 A notebook's own checks (fitted slopes, analytic bytes equal to the stored bytes) raise inside
 it, so a failing cell fails the test. The committed notebooks (with outputs from a full-size
