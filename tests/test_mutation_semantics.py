@@ -99,8 +99,17 @@ def _geometry(case):
 
 
 def _chunks(n: int):
-    """(query range, key range) pairs: the whole sequence, overlapping chunks, disjoint ones, reversed ones."""
-    return [(None, None), ((1, n - 2), (2, n)), ((0, n // 2), (n // 2, n)), ((n - 3, n), (0, 4)), ((2, 5), None)]
+    """(query range, key range) pairs: the whole sequence, overlapping chunks, disjoint ones, reversed ones, and a
+    chunk that falls between two lattice points."""
+    # (1, 3) lies between two points of a lattice of rate >= 3, inside one of its blocks: a chunk with no point
+    return [
+        (None, None),
+        ((1, n - 2), (2, n)),
+        ((0, n // 2), (n // 2, n)),
+        ((n - 3, n), (0, 4)),
+        ((2, 5), None),
+        ((1, 3), (1, 3)),
+    ]
 
 
 edge_cases = pytest.mark.parametrize("case", EDGES, ids=[case[0] for case in EDGES])
@@ -298,7 +307,8 @@ def test_geometry_records_are_frozen():
 @pytest.mark.parametrize("field", ["seq_len", "num_heads"])
 @pytest.mark.parametrize("value", [True, False, 2.0, 0, -1], ids=repr)
 def test_geometry_refuses_a_length_or_head_count_that_is_not_a_positive_int(field, value):
-    arguments = dict(dilation=DilationConfig((4,), (1,)), seq_len=8, num_heads=2)
+    # head_mode "all": no branch count to compare num_heads with, so only the field's own check can refuse it
+    arguments = dict(dilation=DilationConfig((4,), (1,), "all"), seq_len=8, num_heads=2)
     arguments[field] = value
     with pytest.raises(ValueError, match=field):
         AttentionGeometry(**arguments)

@@ -1,0 +1,965 @@
+"""Mutation score of the fast tests (``make mutation``): cosmic-ray's mutants, each run against the tests of its module.
+
+Not part of ``make test``: a full run takes hours on 2 cores. The settings live in pyproject.toml's
+``[tool.cosmic-ray]``: the operator filter (cosmic-ray's ``filters.operators-filter`` keys), the
+per-mutant timeout and, in ``[tool.cosmic-ray.modules]``, each mutated module with the fast test files
+that cover it (tests with their own definition of the semantics first, tests/test_mutation_*.py last).
+
+For every module: cosmic-ray enumerates the mutants (``cosmic_ray.commands.init`` into a session
+database under --sessions, which ``cr-report`` reads), the operator filter marks the excluded ones
+skipped, and each remaining mutant is applied to a scratch copy of the tree (never this one: other
+work goes on here) and the module's tests run with ``pytest -x``. The tests run in a child forked from
+this process, which has imported torch, pytest and hypothesis once but never the project: each child
+imports the mutated module fresh (no bytecode is written). A non-zero exit or the timeout kills the
+mutant, as cosmic-ray's own runner counts it. Hypothesis draws the examples of the chosen profile
+(HYPOTHESIS_PROFILE, ``ci``: derandomized) without its shrink phase: a failure stops the run as soon
+as an example fails.
+
+A surviving mutant that no test can kill (it computes the same results) is listed in ``EQUIVALENT``
+below with the reason; every other survivor counts against the score:
+
+    score = killed / (mutants run - equivalent)
+
+Results go to --out (experiments/results/mutation.json), one entry per module with the sha256 of the
+source it mutated; a run over some modules keeps the other modules' entries (marked stale when their
+source has changed since). --survivors-only re-runs just the previous survivors of an unchanged
+module (after new tests were added; the tests that killed the others are unchanged).
+
+    python -m experiments.mutation                                   # every module of the config
+    python -m experiments.mutation --modules reference/merge.py --budget 1800
+    python -m experiments.mutation --modules reference/semantics.py --survivors-only
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import datetime
+import difflib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import tomllib
+import torch
+
+from experiments import cli
+from experiments.env import environment
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "experiments" / "results" / "mutation.json"
+DEFAULT_SESSIONS = ROOT / "build" / "mutation"
+# What the scratch copy leaves out: nothing a test of the fast selection reads.
+COPY_IGNORED = (
+    ".git",
+    ".venv",
+    "build",
+    "__pycache__",
+    "*.egg-info",
+    ".hypothesis",
+    ".benchmarks",
+    "notebooks",
+    "*.ncu-rep",
+    ".ipynb_checkpoints",
+)
+NEW_TESTS_PREFIX = "tests/test_mutation_"
+
+
+@dataclasses.dataclass(frozen=True)
+class Equivalent:
+    """A mutant that computes what the original computes, with the reason (matched on module, operator and line)."""
+
+    module: str
+    operator: str  # cosmic-ray's operator name
+    original: str  # the mutated source line, stripped
+    mutated: str  # the line after the mutation, stripped
+    reason: str
+
+
+def _same(module: str, reason: str, *mutants: tuple[str, str, str]) -> tuple[Equivalent, ...]:
+    """Equivalent mutants of ``module`` sharing one reason: (operator without "core/", original, mutated)."""
+    return tuple(Equivalent(module, f"core/{op}", original, mutated, reason) for op, original, mutated in mutants)
+
+
+ANNOTATION = (
+    "a type annotation: the module has `from __future__ import annotations`, so it is a string nothing evaluates"
+)
+CACHE = (
+    "a cache of a pure function of hashable arguments whose callers copy or only read the result: "
+    "without it, or with another size, every call returns equal values"
+)
+ONE_DIMENSIONAL = "a cumulative sum over a 1-D tensor: dimension -1 is dimension 0"
+SQUARE = (
+    "shape[1] and shape[-1] equal shape[0] wherever they are read: a layout that is not square was refused before "
+    "(earlier in the same condition, or by SparsePatternConfig)"
+)
+
+LATTICE = (
+    "for an offset below the rate (head_offset's range, where the count's definition holds) segment_length - offset "
+    "> -rate, so the ceiling is >= 0 and a floor of -1 never binds"
+)
+EMPTY_RANGE = "range(-1) and range(0) are both empty, and equal"
+UNIQUE_ORDER = (
+    "the later stable sorts order the entries by (lattice, key block, query block), unique per entry: the order of "
+    "ties the first sort leaves is overwritten"
+)
+CHUNK_CLAMP = (
+    "a first or stop point clamped to -1 instead of 0 lies before the lattice either way: the block ranges gain no "
+    "block id >= 0, so the same rows and key blocks are listed"
+)
+LENGTH_CLAMP = (
+    "segment length - offset + rate - 1 >= 0 for every offset below the rate; a length of -1 (offsets >= rate) fails "
+    "length > 0 as 0 does, and its block count (0, or -1 for blocks of 1) equals no kept segment's"
+)
+KEPT_LENGTH = "q_stop > q_first already needs a query point, hence a lattice of length >= 1"
+KEPT_QUERY = (
+    "a segment with no query block in the chunk (q_stop == q_first) has no row and no entry in that empty range"
+)
+GROUP_ORDER = (
+    "the segments before the last all have the full length, so at most two block counts occur (the full one at "
+    "segments 0..S-2, the last one's at S-1): first and last occurrences order them alike"
+)
+EMPTY_LATTICE = (
+    "lattice lengths never grow along the segments (full ones, then a shorter last one), so after an empty lattice "
+    "every later one is empty too; an empty lattice adds nothing to the counts"
+)
+
+LENGTH = 'length = torch.clamp(torch.div(seg_stop - seg_start - offset + rate - 1, rate, rounding_mode="floor"), min=0)'
+TUNING = (
+    "performance-only: a constant of the row grouping's cost model; every grouping gives the same attention "
+    "(tests/test_mutation_blocks.py checks the search at set overheads) and experiments/ab_row_groups.py measures "
+    "the speed"
+)
+SAME_AXIS = "inserting the size-1 axis at 2 or at 3 of (B, n, 1, b) gives the same (B, n, 1, 1, b)"
+MERGE_SLICE = (
+    "performance-only: the untracked merge runs a slice of queries at a time and merges every query on its own, so "
+    "the slice length changes the peak memory only"
+)
+ASSEMBLY = (
+    "performance-only: the choice between assembling in place piece by piece and out of place in one concatenation "
+    "(and between the sliced and the whole merge); both give the same values and gradients, only the peak memory "
+    "differs, which experiments/memory.py measures (tests measure no memory, by the team's rule)"
+)
+ONE_PART = (
+    "one part through merge_all takes merge_all's own shortcut for one partial (and the float64 round trip of the "
+    "part is exact); index -1 of one part is index 0"
+)
+TRITON_INSTALLED = (
+    "unreachable where the suite runs: `make install` installs triton (the gpu extra), so the import never fails "
+    "and the handler's exception type is never consulted"
+)
+GRAD_FACT = (
+    "needs_grad changes only flex's reasons, auto never considers flex (AUTO_PREFERENCE is triton, torch) and an "
+    "explicit name comes back unchanged: the name returned is the same either way"
+)
+
+TRITON_IMPORT = "except ImportError as error:  # pragma: no cover - exercised only where triton is not installed"
+RESOLVE = (
+    "def resolve_backend(backend: str, device, *, sparse_config=None, head_dim=None, dtype=None, needs_grad=False) "
+    "-> str:"
+)
+BUCKET = "bucket = torch.where(counts > 0, torch.floor(torch.log2(counts.clamp(min=1).double())).long(), -1)"
+EMPTY_LABEL = (
+    "rows without key blocks keep a bucket of their own: -2 (like -1) is the label of no row with a key block, and "
+    "the logarithm clamped at 0 instead of 1 is read only where counts > 0"
+)
+BEST = 'best = [(0.0, 0)] + [(float("inf"), 0)] * (len(cuts) - 1)'  # optimized/blocks.py, the cover search
+
+EQUIVALENT: tuple[Equivalent, ...] = (
+    *_same(
+        "optimized/triton_backend.py",
+        TRITON_INSTALLED,
+        (
+            "ExceptionReplacer",
+            "except ImportError as error:  # pragma: no cover - triton is a dependency of the gpu extra",
+            "except CosmicRayTestingException as error:  # pragma: no cover - triton is a dependency of the gpu extra",
+        ),
+    ),
+    *_same(
+        "optimized/blocks.py",
+        EMPTY_LABEL,
+        ("ReplaceUnaryOperator_USub_Invert", BUCKET, BUCKET.replace("long(), -1)", "long(), ~1)")),
+        ("NumberReplacer", BUCKET, BUCKET.replace("long(), -1)", "long(), - 2)")),
+        ("NumberReplacer", BUCKET, BUCKET.replace("clamp(min=1)", "clamp(min= 0)")),
+    ),
+    *_same(
+        "optimized/blocks.py",
+        TUNING,
+        ("NumberReplacer", "STEP_OVERHEAD_BLOCKS = 256", "STEP_OVERHEAD_BLOCKS = 257"),
+        ("NumberReplacer", "STEP_OVERHEAD_BLOCKS = 256", "STEP_OVERHEAD_BLOCKS = 255"),
+    ),
+    *_same(
+        "optimized/blocks.py",
+        SAME_AXIS,
+        (
+            "NumberReplacer",
+            "allowed = gather_key_padding(key_padding_mask, k_index, k_valid).unsqueeze(2).unsqueeze(3)",
+            "allowed = gather_key_padding(key_padding_mask, k_index, k_valid).unsqueeze(2).unsqueeze( 2)",
+        ),
+    ),
+    *_same(
+        "optimized/blocks.py",
+        MERGE_SLICE,
+        ("NumberReplacer", "MERGE_QUERIES = 4096", "MERGE_QUERIES = 4097"),
+        ("NumberReplacer", "MERGE_QUERIES = 4096", "MERGE_QUERIES = 4095"),
+    ),
+    *_same(
+        "optimized/blocks.py",
+        ASSEMBLY,
+        ("ReplaceUnaryOperator_Delete_Not", "if not tracked:", "if  tracked:"),
+        ("AddNot", "if not tracked:", "if not not tracked:"),
+        ("ReplaceAndWithOr", "tracked = torch.is_grad_enabled() and any(", "tracked = torch.is_grad_enabled() or any("),
+        (
+            "ReplaceOrWithAnd",
+            "piece[2].requires_grad or piece[3].requires_grad for pieces in self.layers.values() for piece in pieces",
+            "piece[2].requires_grad and piece[3].requires_grad for pieces in self.layers.values() for piece in pieces",
+        ),
+        (
+            "NumberReplacer",
+            "piece[2].requires_grad or piece[3].requires_grad for pieces in self.layers.values() for piece in pieces",
+            "piece[ 3].requires_grad or piece[3].requires_grad for pieces in self.layers.values() for piece in pieces",
+        ),
+        (
+            "NumberReplacer",
+            "piece[2].requires_grad or piece[3].requires_grad for pieces in self.layers.values() for piece in pieces",
+            "piece[ 1].requires_grad or piece[3].requires_grad for pieces in self.layers.values() for piece in pieces",
+        ),
+        (
+            "NumberReplacer",
+            "piece[2].requires_grad or piece[3].requires_grad for pieces in self.layers.values() for piece in pieces",
+            "piece[2].requires_grad or piece[ 2].requires_grad for pieces in self.layers.values() for piece in pieces",
+        ),
+        ("AddNot", "if tracked:", "if not tracked:"),
+    ),
+    *_same(
+        "optimized/blocks.py",
+        ONE_PART,
+        ("NumberReplacer", "if len(parts) == 1:", "if len(parts) == 0:"),
+        ("NumberReplacer", "return parts[0]", "return parts[ -1]"),
+    ),
+    *_same(
+        "optimized/dispatch.py",
+        TRITON_INSTALLED,
+        (
+            "ExceptionReplacer",
+            TRITON_IMPORT,
+            TRITON_IMPORT.replace("ImportError", "CosmicRayTestingException"),
+        ),
+    ),
+    *_same(
+        "optimized/dispatch.py",
+        GRAD_FACT,
+        (
+            "ReplaceFalseWithTrue",
+            RESOLVE,
+            RESOLVE.replace("needs_grad=False", "needs_grad=True"),
+        ),
+    ),
+    *_same(
+        "reference/semantics.py",
+        LATTICE,
+        (
+            "NumberReplacer",
+            "return max(0, cdiv(segment_length - offset, dilation_rate))",
+            "return max( -1, cdiv(segment_length - offset, dilation_rate))",
+        ),
+    ),
+    *_same(
+        "reference/semantics.py",
+        EMPTY_RANGE,
+        (
+            "NumberReplacer",
+            "return range(members[0], members[-1] + 1) if members else range(0)",
+            "return range(members[0], members[-1] + 1) if members else range( -1)",
+        ),
+    ),
+    *_same(
+        "reference/semantics.py",
+        CACHE,
+        ("RemoveDecorator", "@functools.lru_cache(maxsize=256)", ""),
+        ("RemoveDecorator", "@functools.lru_cache(maxsize=256)", ""),
+        ("RemoveDecorator", "@functools.lru_cache(maxsize=1024)", ""),
+        ("NumberReplacer", "@functools.lru_cache(maxsize=256)", "@functools.lru_cache(maxsize= 257)"),
+        ("NumberReplacer", "@functools.lru_cache(maxsize=256)", "@functools.lru_cache(maxsize= 255)"),
+        ("NumberReplacer", "@functools.lru_cache(maxsize=256)", "@functools.lru_cache(maxsize= 257)"),
+        ("NumberReplacer", "@functools.lru_cache(maxsize=256)", "@functools.lru_cache(maxsize= 255)"),
+        ("NumberReplacer", "@functools.lru_cache(maxsize=1024)", "@functools.lru_cache(maxsize= 1025)"),
+        ("NumberReplacer", "@functools.lru_cache(maxsize=1024)", "@functools.lru_cache(maxsize= 1023)"),
+    ),
+    *_same(
+        "reference/semantics.py",
+        SQUARE,
+        ("NumberReplacer", "if layout.shape[0] < nb:", "if layout.shape[ 1] < nb:"),
+        ("NumberReplacer", "if layout.shape[0] < nb:", "if layout.shape[ -1] < nb:"),
+    ),
+    *_same(
+        "reference/semantics.py",
+        ONE_DIMENSIONAL,
+        ("NumberReplacer", "row_ptr[1:] = torch.cumsum(counts, 0)", "row_ptr[1:] = torch.cumsum(counts, -1)"),
+        ("NumberReplacer", "row_ptr[1:] = torch.cumsum(row_counts, 0)", "row_ptr[1:] = torch.cumsum(row_counts, -1)"),
+    ),
+    *_same(
+        "reference/semantics.py",
+        UNIQUE_ORDER,
+        (
+            "ReplaceTrueWithFalse",
+            "order = torch.sort(table.query_block[rows], stable=True).indices",
+            "order = torch.sort(table.query_block[rows], stable=False).indices",
+        ),
+    ),
+    *_same(
+        "reference/semantics.py",
+        CHUNK_CLAMP,
+        (
+            "NumberReplacer",
+            'first_t = torch.clamp(torch.div(lo - lattice_start + stride - 1, stride, rounding_mode="floor"), min=0)',
+            'first_t = torch.clamp(torch.div(lo - lattice_start + stride - 1, stride, rounding_mode="floor"), min= -1)',
+        ),
+        (
+            "NumberReplacer",
+            'torch.clamp(torch.div(hi - lattice_start + stride - 1, stride, rounding_mode="floor"), min=0),',
+            'torch.clamp(torch.div(hi - lattice_start + stride - 1, stride, rounding_mode="floor"), min= -1),',
+        ),
+    ),
+    *_same(
+        "reference/semantics.py",
+        LENGTH_CLAMP,
+        (
+            "NumberReplacer",
+            LENGTH,
+            LENGTH.replace("min=0)", "min= -1)"),
+        ),
+    ),
+    *_same(
+        "reference/semantics.py",
+        KEPT_LENGTH,
+        (
+            "ReplaceComparisonOperator_Gt_GtE",
+            "kept = (length > 0) & (q_stop > q_first) & (seg_stop > overlap_lo) & (seg_start < overlap_hi)",
+            "kept = (length >= 0) & (q_stop > q_first) & (seg_stop > overlap_lo) & (seg_start < overlap_hi)",
+        ),
+        (
+            "NumberReplacer",
+            "kept = (length > 0) & (q_stop > q_first) & (seg_stop > overlap_lo) & (seg_start < overlap_hi)",
+            "kept = (length > -1) & (q_stop > q_first) & (seg_stop > overlap_lo) & (seg_start < overlap_hi)",
+        ),
+    ),
+    *_same(
+        "reference/semantics.py",
+        KEPT_QUERY,
+        (
+            "ReplaceComparisonOperator_Gt_GtE",
+            "kept = (length > 0) & (q_stop > q_first) & (seg_stop > overlap_lo) & (seg_start < overlap_hi)",
+            "kept = (length > 0) & (q_stop >= q_first) & (seg_stop > overlap_lo) & (seg_start < overlap_hi)",
+        ),
+    ),
+    *_same(
+        "reference/semantics.py",
+        GROUP_ORDER,
+        (
+            "NumberReplacer",
+            "for nb in sorted(set(num_blocks[kept].tolist()), key=lambda n: int((num_blocks == n).nonzero()[0])):",
+            "for nb in sorted(set(num_blocks[kept].tolist()), key=lambda n: int((num_blocks == n).nonzero()[ -1])):",
+        ),
+    ),
+    *_same(
+        "reference/semantics.py",
+        EMPTY_LATTICE,
+        ("NumberReplacer", "if length == 0:", "if length == -1:"),
+        ("ReplaceContinueWithBreak", "continue", "break"),
+    ),
+    *_same(
+        "optimized/blocks.py",
+        "every cover's cost starts from best[0]'s: a constant added to every candidate, whose costs are exact integers "
+        "in floating point, never changes the cheapest",
+        ("NumberReplacer", BEST, BEST.replace("[(0.0, 0)]", "[( 1.0, 0)]")),
+        ("NumberReplacer", BEST, BEST.replace("[(0.0, 0)]", "[( -1.0, 0)]")),
+    ),
+    *_same(
+        "optimized/blocks.py",
+        "the walk back through best stops at index 0, so best[0]'s start index is never read",
+        ("NumberReplacer", BEST, BEST.replace("[(0.0, 0)]", "[(0.0, 1)]")),
+        ("NumberReplacer", BEST, BEST.replace("[(0.0, 0)]", "[(0.0, -1)]")),
+    ),
+    *_same(
+        "optimized/blocks.py",
+        "a placeholder (inf, start) is overwritten for every index >= 1 before it is read",
+        ("NumberReplacer", BEST, BEST.replace('[(float("inf"), 0)]', '[(float("inf"), 1)]')),
+        ("NumberReplacer", BEST, BEST.replace('[(float("inf"), 0)]', '[(float("inf"), -1)]')),
+    ),
+    *_same(
+        "optimized/blocks.py",
+        "entries of best past the last cut are never written or read",
+        ("ReplaceBinaryOperator_Sub_Add", BEST, BEST.replace("(len(cuts) - 1)", "(len(cuts) + 1)")),
+        ("NumberReplacer", BEST, BEST.replace("(len(cuts) - 1)", "(len(cuts) - 0)")),
+    ),
+    *_same(
+        "reference/config.py",
+        SQUARE,
+        (
+            "NumberReplacer",
+            "if layout.dim() != 2 or layout.shape[0] != layout.shape[1] or layout.shape[0] == 0:",
+            "if layout.dim() != 2 or layout.shape[0] != layout.shape[1] or layout.shape[ 1] == 0:",
+        ),
+        (
+            "NumberReplacer",
+            "if layout.dim() != 2 or layout.shape[0] != layout.shape[1] or layout.shape[0] == 0:",
+            "if layout.dim() != 2 or layout.shape[0] != layout.shape[1] or layout.shape[ -1] == 0:",
+        ),
+        (
+            "NumberReplacer",
+            'object.__setattr__(self, "layout_fingerprint", f"{layout.shape[0]}:{digest}")',
+            'object.__setattr__(self, "layout_fingerprint", f"{layout.shape[ 1]}:{digest}")',
+        ),
+        (
+            "NumberReplacer",
+            'object.__setattr__(self, "layout_fingerprint", f"{layout.shape[0]}:{digest}")',
+            'object.__setattr__(self, "layout_fingerprint", f"{layout.shape[ -1]}:{digest}")',
+        ),
+    ),
+    *_same(
+        "reference/config.py",
+        "sparsity_ratio <= 1 is validated, so 1 / ratio >= 1 and round(1 / ratio) >= 1: a floor of 0 never binds",
+        (
+            "NumberReplacer",
+            "return max(1, round(1.0 / float(self.sparsity_ratio)))",
+            "return max( 0, round(1.0 / float(self.sparsity_ratio)))",
+        ),
+    ),
+    *_same(
+        "reference/merge.py",
+        "one partial through the general merge: its weight exp(lse - lse) is exactly 1 (an empty row's out is 0), "
+        "the total 1 and lse + log(1) = lse, so the same tensors come back",
+        ("NumberReplacer", "if len(outs) == 1:", "if len(outs) == 0:"),
+    ),
+    *_same(
+        "reference/merge.py",
+        "the shortcut is taken for a list of one partial, where index -1 is index 0",
+        ("NumberReplacer", "return outs[0], lses[0]", "return outs[ -1], lses[0]"),
+        ("NumberReplacer", "return outs[0], lses[0]", "return outs[0], lses[ -1]"),
+    ),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    modules: dict[str, tuple[str, ...]]  # module -> test files, in the order pytest runs them
+    exclude_operators: tuple[str, ...]  # regular expressions, cosmic-ray's operators-filter
+    timeout: float  # seconds per mutant at least
+    timeout_factor: float  # and at least this many times the module's unmutated run
+
+
+def load_settings(pyproject: Path = ROOT / "pyproject.toml") -> Settings:
+    with open(pyproject, "rb") as handle:
+        table = tomllib.load(handle)["tool"]["cosmic-ray"]
+    return Settings(
+        modules={module: tuple(tests) for module, tests in table["modules"].items()},
+        exclude_operators=tuple(table.get("filters", {}).get("operators-filter", {}).get("exclude-operators", ())),
+        timeout=float(table.get("timeout", 120.0)),
+        timeout_factor=float(table.get("timeout-factor", 5.0)),
+    )
+
+
+def parse_args(argv, settings: Settings):
+    parser = cli.parser_for(__doc__, __spec__)
+    parser.add_argument(
+        "--modules",
+        nargs="+",
+        metavar="MODULE",
+        default=list(settings.modules),
+        help="modules to mutate, as named in [tool.cosmic-ray.modules] (default: all of them)",
+    )
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="JSON file of the results (merged per module)")
+    parser.add_argument(
+        "--sessions",
+        default=str(DEFAULT_SESSIONS),
+        help="folder for cosmic-ray's session databases (cr-report reads them)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=cli.positive_float,
+        default=None,
+        help="seconds for the whole run; mutants not reached are recorded as not run",
+    )
+    parser.add_argument(
+        "--sample",
+        type=cli.positive_int,
+        default=1,
+        help="run every SAMPLE-th mutant of each module in source order (1: all); the others are recorded as left out",
+    )
+    parser.add_argument(
+        "--reclassify",
+        action="store_true",
+        help="run nothing: rewrite --out with the survivors marked by the EQUIVALENT list as it is now",
+    )
+    parser.add_argument(
+        "--survivors-only",
+        action="store_true",
+        help="run only the mutants that survived the recorded run of each (unchanged) module",
+    )
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.modules if m not in settings.modules]
+    if unknown:
+        parser.error(
+            f"argument --modules: not in [tool.cosmic-ray.modules] of pyproject.toml: {unknown} "
+            f"(known: {list(settings.modules)})"
+        )
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Running tests in a forked child
+# --------------------------------------------------------------------------------------------
+
+
+class _NoShrink:
+    """pytest plugin: after conftest.py loaded the profile, the same profile without the shrink phase."""
+
+    def pytest_configure(self, config):
+        from hypothesis import Phase, settings
+
+        base = settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+        phases = tuple(p for p in base.phases if p not in (Phase.shrink, Phase.explain))
+        settings.register_profile("mutation", parent=base, phases=phases)
+        settings.load_profile("mutation")
+
+
+def run_tests(tests: tuple[str, ...], timeout: float, log_path: Path) -> tuple[str, float, str | None]:
+    """('passed' | 'failed' | 'timeout', seconds, first failing test) of ``pytest -x tests`` in a forked child."""
+    import pytest
+
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:  # the child: its own process group (a timeout kills all of it), output to the log
+        code = 3
+        try:
+            os.setsid()
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            code = int(pytest.main(["-x", "-q", *tests], plugins=[_NoShrink()]))
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    deadline = start + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:  # not yet its own group
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return "timeout", time.monotonic() - start, None
+        time.sleep(0.02)
+    seconds = time.monotonic() - start
+    if os.waitstatus_to_exitcode(status) == 0:
+        return "passed", seconds, None
+    text = log_path.read_text(errors="replace")
+    failed = re.search(r"^(?:FAILED|ERROR) (\S+)", text, re.MULTILINE)
+    return "failed", seconds, failed.group(1) if failed else text.strip().splitlines()[-1:][0] if text.strip() else None
+
+
+# --------------------------------------------------------------------------------------------
+# One module
+# --------------------------------------------------------------------------------------------
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def describe_mutation(source: str, mutated: str) -> tuple[str, str]:
+    """(original text, mutated text) of the lines a mutation changes, stripped, blank lines left out."""
+    before, after = source.split("\n"), mutated.split("\n")
+    text = lambda lines: "\n".join(x.strip() for x in lines if x.strip())  # noqa: E731
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=before, b=after, autojunk=False).get_opcodes():
+        if tag != "equal":
+            return text(before[i1:i2]), text(after[j1:j2])
+    return "", ""
+
+
+def annotation_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) positions (line, column) of every annotation, if the module postpones their evaluation."""
+    tree = ast.parse(source)
+    postponed = any(
+        isinstance(node, ast.ImportFrom)
+        and node.module == "__future__"
+        and any(a.name == "annotations" for a in node.names)
+        for node in tree.body
+    )
+    if not postponed:
+        return []
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+            arguments += [a for a in (node.args.vararg, node.args.kwarg) if a is not None]
+            found += [a.annotation for a in arguments if a.annotation is not None]
+            found += [node.returns] if node.returns is not None else []
+        elif isinstance(node, ast.AnnAssign):
+            found.append(node.annotation)
+    return [((n.lineno, n.col_offset), (n.end_lineno, n.end_col_offset)) for n in found]
+
+
+def listed_reason(module: str, operator: str, original: str, mutated: str) -> str | None:
+    for entry in EQUIVALENT:
+        if (entry.module, entry.operator, entry.original, entry.mutated) == (module, operator, original, mutated):
+            return entry.reason
+    return None
+
+
+def equivalent_reason(module: str, operator: str, original: str, mutated: str, position, annotations) -> str | None:
+    reason = listed_reason(module, operator, original, mutated)
+    if reason is None and any(start <= tuple(position) < end for start, end in annotations):
+        reason = ANNOTATION
+    return reason
+
+
+def reclassify(module: str, entry: dict) -> None:
+    """Survivors marked by the EQUIVALENT list as it is now (a reason added later needs no new run)."""
+    for survivor in entry["survivors"]:
+        if survivor.get("reason") == ANNOTATION:
+            continue
+        reason = listed_reason(module, survivor["operator"], survivor["original"], survivor["mutated"])
+        if reason is None:
+            survivor["status"] = "survived"
+            survivor.pop("reason", None)
+        else:
+            survivor.update(status="equivalent", reason=reason)
+    for status in ("survived", "equivalent"):
+        entry["counts"][status] = sum(survivor["status"] == status for survivor in entry["survivors"])
+
+
+def mutate_module(
+    module: str,
+    tests: tuple[str, ...],
+    settings: Settings,
+    sessions: Path,
+    deadline: float | None,
+    only: set[tuple[str, str, str]] | None,
+    log,
+    sample: int = 1,
+) -> dict:
+    """Mutate ``module`` (relative to the current directory, the scratch copy) and run ``tests`` per mutant."""
+    from cosmic_ray.commands import init as init_session
+    from cosmic_ray.mutating import mutate_code, use_mutation
+    from cosmic_ray.plugins import get_operator
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import TestOutcome, WorkerOutcome, WorkResult
+
+    path = Path(module)
+    source = path.read_text()
+    annotations = annotation_spans(source)
+    logs = Path(tempfile.mkdtemp(prefix="logs-", dir="."))
+    baseline, baseline_seconds, failing = run_tests(tests, 3600.0, logs / "baseline.log")
+    if baseline != "passed":
+        tail = "\n".join((logs / "baseline.log").read_text(errors="replace").splitlines()[-30:])
+        raise SystemExit(f"{module}: the tests fail without a mutation ({failing}):\n{tail}")
+    timeout = max(settings.timeout, settings.timeout_factor * baseline_seconds)
+    log(f"{module}: unmutated tests pass in {baseline_seconds:.1f} s; timeout per mutant {timeout:.0f} s")
+
+    excluded = (
+        re.compile("|".join(f"(?:{e})" for e in settings.exclude_operators)) if settings.exclude_operators else None
+    )
+    session = sessions / (module.replace("/", "_").removesuffix(".py") + ".sqlite")
+    session.parent.mkdir(parents=True, exist_ok=True)
+    log(f"{module}: cosmic-ray session {session} (cr-report reads it)")
+    counts = dict(
+        generated=0,
+        filtered=0,
+        killed=0,
+        timeout=0,
+        survived=0,
+        equivalent=0,
+        no_mutation=0,
+        not_run=0,
+        skipped_as_killed_before=0,
+        sampled_out=0,
+    )
+    killed_by: dict[str, int] = {}
+    candidates = 0
+    survivors, new_test_kills, equivalent_killed = [], [], []
+    started = time.monotonic()
+    with use_db(str(session), WorkDB.Mode.create) as db:
+        init_session([path], db, {})
+        items = sorted(
+            db.pending_work_items,
+            key=lambda w: (tuple(w.mutations[0].start_pos), w.mutations[0].operator_name, w.mutations[0].occurrence),
+        )
+        counts["generated"] = len(items)
+        for item in items:
+            spec = item.mutations[0]
+            name = spec.operator_name
+            if excluded is not None and excluded.match(name):
+                db.set_result(item.job_id, WorkResult(output="Filtered operator", worker_outcome=WorkerOutcome.SKIPPED))
+                counts["filtered"] += 1
+                continue
+            candidates += 1  # mutants past the filter, in source order: --sample keeps the 1st, (1 + sample)th, ...
+            if (candidates - 1) % sample:
+                counts["sampled_out"] += 1
+                continue
+            operator = get_operator(name)(**(spec.operator_args or {}))
+            mutated = mutate_code(source, operator, spec.occurrence)
+            if mutated is None:
+                counts["no_mutation"] += 1
+                db.set_result(item.job_id, WorkResult(worker_outcome=WorkerOutcome.NO_TEST))
+                continue
+            original_text, mutated_text = describe_mutation(source, mutated)
+            line = spec.start_pos[0]
+            record = dict(
+                file=module,
+                line=line,
+                operator=name,
+                occurrence=spec.occurrence,
+                original=original_text,
+                mutated=mutated_text,
+            )
+            if only is not None and (name, original_text, mutated_text) not in only:
+                counts["skipped_as_killed_before"] += 1
+                continue
+            if deadline is not None and time.time() > deadline:
+                counts["not_run"] += 1
+                continue
+            with use_mutation(path, operator, spec.occurrence):
+                outcome, seconds, failing = run_tests(tests, timeout, logs / "mutant.log")
+            reason = equivalent_reason(module, name, original_text, mutated_text, spec.start_pos, annotations)
+            if outcome == "passed":
+                db.set_result(
+                    item.job_id,
+                    WorkResult(
+                        worker_outcome=WorkerOutcome.NORMAL,
+                        test_outcome=TestOutcome.SURVIVED,
+                        output="",
+                        diff=mutated_text,
+                    ),
+                )
+                if reason is None:
+                    counts["survived"] += 1
+                    survivors.append({**record, "status": "survived"})
+                    log(f"  SURVIVED {module}:{line} {name}: {original_text!r} -> {mutated_text!r}")
+                else:
+                    counts["equivalent"] += 1
+                    survivors.append({**record, "status": "equivalent", "reason": reason})
+            else:
+                db.set_result(
+                    item.job_id,
+                    WorkResult(
+                        worker_outcome=WorkerOutcome.NORMAL,
+                        test_outcome=TestOutcome.KILLED,
+                        output=failing or outcome,
+                        diff=mutated_text,
+                    ),
+                )
+                counts["killed" if outcome == "failed" else "timeout"] += 1
+                test_file = (failing or "timeout").split("::")[0]
+                killed_by[test_file] = killed_by.get(test_file, 0) + 1
+                if test_file.startswith(NEW_TESTS_PREFIX):
+                    new_test_kills.append({**record, "status": "killed", "killed_by": failing})
+                if reason is not None:
+                    equivalent_killed.append({**record, "killed_by": failing or outcome})
+    assert path.read_text() == source, f"{module} was not restored after mutation"
+    shutil.rmtree(logs, ignore_errors=True)
+    return dict(
+        sha256=hashlib.sha256(source.encode()).hexdigest(),
+        tests=list(tests),
+        counts=counts,
+        baseline_seconds=round(baseline_seconds, 2),
+        timeout_seconds=round(timeout, 1),
+        seconds=round(time.monotonic() - started, 1),
+        killed_by=dict(sorted(killed_by.items())),
+        survivors=survivors,
+        killed_by_new_tests=new_test_kills,
+        listed_equivalent_but_killed=equivalent_killed,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The record
+# --------------------------------------------------------------------------------------------
+
+
+def merge_survivors_only(previous: dict, rerun: dict) -> dict:
+    """A --survivors-only rerun folded into the recorded full run of the same source."""
+    merged = dict(previous)
+    counts = dict(previous["counts"])
+    rerun_counts = rerun["counts"]
+    for key in ("survived", "equivalent", "not_run"):
+        counts[key] = rerun_counts[key]
+    counts["killed"] = previous["counts"]["killed"] + rerun_counts["killed"]
+    counts["timeout"] = previous["counts"]["timeout"] + rerun_counts["timeout"]
+    killed_by = dict(previous.get("killed_by", {}))
+    for test_file, n in rerun["killed_by"].items():
+        killed_by[test_file] = killed_by.get(test_file, 0) + n
+    kept_new = [m for m in previous.get("killed_by_new_tests", [])]
+    merged.update(
+        tests=rerun["tests"],
+        counts=counts,
+        killed_by=dict(sorted(killed_by.items())),
+        survivors=rerun["survivors"],
+        killed_by_new_tests=kept_new + rerun["killed_by_new_tests"],
+        listed_equivalent_but_killed=rerun["listed_equivalent_but_killed"],
+        seconds=round(previous.get("seconds", 0.0) + rerun["seconds"], 1),
+        reruns=previous.get("reruns", [])
+        + [dict(utc_time=rerun["utc_time"], seconds=rerun["seconds"], counts=rerun_counts, tests=rerun["tests"])],
+    )
+    return merged
+
+
+def score(counts: dict) -> float | None:
+    killed = counts["killed"] + counts["timeout"]
+    denominator = killed + counts["survived"]
+    return round(killed / denominator, 4) if denominator else None
+
+
+def write_record(out: Path, ran: dict, settings: Settings, environment: dict) -> dict:
+    """Write ``ran`` (module -> entry) into ``out``, keeping the other modules' entries that ``out`` holds now.
+
+    Under a lock, re-reading the file: runs over different modules may write to one record side by side.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # The lock lives outside the results folder, whose every file is a result (experiments/results/INDEX.md).
+    lock_path = Path(tempfile.gettempdir()) / f"mutation-{hashlib.sha256(str(out).encode()).hexdigest()[:12]}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        modules = json.loads(out.read_text()).get("modules", {}) if out.exists() else {}
+        modules.update(ran)
+        record = _record(modules, settings, environment)
+        out.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _record(modules: dict, settings: Settings, environment: dict) -> dict:
+    for module, entry in modules.items():
+        current = ROOT / module
+        entry["stale"] = not current.exists() or sha256(current) != entry["sha256"]
+        entry.pop("session", None)  # a path on the machine that ran it (the log names it)
+        reclassify(module, entry)
+        entry["score"] = score(entry["counts"])
+    keys = ("generated", "filtered", "killed", "timeout", "survived", "equivalent", "no_mutation", "not_run")
+    keys += ("sampled_out",)
+    # Modules run in full, and modules of which --sample or --budget ran a share: two scores, never mixed.
+    partial = {m for m, e in modules.items() if e["counts"].get("sampled_out") or e["counts"]["not_run"]}
+    full = {key: sum(e["counts"].get(key, 0) for m, e in modules.items() if m not in partial) for key in keys}
+    share = {key: sum(e["counts"].get(key, 0) for m, e in modules.items() if m in partial) for key in keys}
+    not_run = {m: "not in this record's runs" for m in settings.modules if m not in modules}
+    for module, entry in modules.items():
+        left_out = []
+        if entry["counts"].get("sampled_out"):
+            left_out.append(f"{entry['counts']['sampled_out']} mutants left out by --sample {entry.get('sample')}")
+        if entry["counts"]["not_run"]:
+            left_out.append(f"{entry['counts']['not_run']} mutants past the --budget")
+        if left_out:
+            not_run[module] = "; ".join(left_out)
+    record = {
+        "tool": f"cosmic-ray {metadata.version('cosmic-ray')}",
+        "command": "make mutation  (python -m experiments.mutation)",
+        "score_definition": "(killed + timeout) / (killed + timeout + survived); equivalent mutants left out",
+        "score_of_full_runs": score(full),
+        "modules_run_in_full": sorted(m for m in modules if m not in partial),
+        "score_of_partial_runs": score(share),
+        "modules_run_in_part": sorted(partial),
+        "counts_of_full_runs": full,
+        "counts_of_partial_runs": share,
+        "operators_excluded": list(settings.exclude_operators),
+        "hypothesis_profile": os.environ.get("HYPOTHESIS_PROFILE", "ci") + " without the shrink phase",
+        "environment": environment,
+        "not_run": not_run,
+        "modules": modules,
+    }
+    return record
+
+
+def main(argv=None) -> int:
+    settings = load_settings()
+    args = parse_args(argv, settings)
+    out, sessions = Path(args.out).resolve(), Path(args.sessions).resolve()
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    modules = dict(previous.get("modules", {}))
+    ran = {}
+    if args.reclassify:
+        record = write_record(out, ran, settings, previous.get("environment", {}))
+        print(f"score {record['score_of_full_runs']} over the modules run in full; written to {out}")
+        return 0
+    only = {}
+    if args.survivors_only:
+        for module in args.modules:
+            entry = modules.get(module)
+            if entry is None or entry["sha256"] != sha256(ROOT / module):
+                raise SystemExit(
+                    f"--survivors-only: no record of {module} for its current source; run it in full first"
+                )
+            only[module] = {(s["operator"], s["original"], s["mutated"]) for s in entry["survivors"]}
+    deadline = time.time() + args.budget if args.budget else None
+
+    # One thread per child, on a machine of two cores; the interpreter runs the Triton kernels on the
+    # CPU, as in `make test`; no bytecode, so that a child compiles the mutated source it reads.
+    torch.set_num_threads(1)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    sys.dont_write_bytecode = True
+    import hypothesis  # noqa: F401  (imported once here, not in every child)
+    import pytest  # noqa: F401
+
+    environment_record = environment("cpu")
+    # A kill by SIGTERM still removes the scratch copy (the finally below).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    workdir = Path(tempfile.mkdtemp(prefix="mutation-"))
+    try:
+        shutil.copytree(ROOT, workdir / "tree", ignore=shutil.ignore_patterns(*COPY_IGNORED), symlinks=True)
+        os.chdir(workdir / "tree")
+        sys.path[:] = [str(workdir / "tree")] + [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("reference", "optimized", "tests"))
+        assert not loaded, f"project modules imported before forking (children would not see mutants): {loaded}"
+        print(f"mutating a copy in {workdir / 'tree'}; torch {torch.__version__}", flush=True)
+        for module in args.modules:
+            tests = settings.modules[module]
+            print(f"{module}: tests {' '.join(tests)}", flush=True)
+            entry = mutate_module(
+                module,
+                tests,
+                settings,
+                sessions,
+                deadline,
+                only.get(module),
+                lambda text: print(text, flush=True),
+                sample=args.sample,
+            )
+            entry["sample"] = args.sample
+            entry["utc_time"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            if args.survivors_only:
+                entry = merge_survivors_only(modules[module], entry)
+            modules[module] = ran[module] = entry
+            record = write_record(out, ran, settings, environment_record)
+            c = entry["counts"]
+            print(
+                f"{module}: score {entry['score']}  killed {c['killed']} timeout {c['timeout']} survived "
+                f"{c['survived']} equivalent {c['equivalent']} not run {c['not_run']} ({entry['seconds']:.0f} s)",
+                flush=True,
+            )
+    finally:
+        os.chdir(ROOT)
+        shutil.rmtree(workdir, ignore_errors=True)
+    record = write_record(out, ran, settings, environment_record)
+    print(f"score {record['score_of_full_runs']} over the modules run in full; written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

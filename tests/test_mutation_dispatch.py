@@ -1,0 +1,91 @@
+"""What each backend declares, and the facts a Case reads from a call (optimized/dispatch.py).
+
+The backend tests run calls; the declarations that only steer a choice (a flag no test of a call
+reads, a reason given for a device the CPU suite never asks about, a Case field that matches by
+coincidence because every test tensor has the same size on two axes) passed every one of them
+when ``make mutation`` (experiments/mutation.py) changed them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from optimized import dispatch
+from optimized.dispatch import REGISTRY, Case, Choice, FlexOptions, TorchOptions, choose, resolve_backend
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_a_case_reads_the_head_dim_from_the_last_axis_and_the_grad_need_from_the_call():
+    q = torch.randn(2, 5, 3, 4)  # every axis a different size
+    k = v = torch.randn(2, 5, 3, 4)
+    case = Case.of_call(q, k, v, block_size=8)
+    assert (case.device, case.dtype, case.head_dim, case.block_size, case.needs_grad) == (
+        CPU,
+        torch.float32,
+        4,
+        8,
+        False,
+    )
+    assert Case.of_call(q.transpose(1, 2), k, v, block_size=8).head_dim == 4  # bhnd: D is still last
+    leaf = q.clone().requires_grad_()
+    assert Case.of_call(leaf, k, v, block_size=8).needs_grad
+    assert Case.of_call(q, k, v.clone().requires_grad_(), block_size=8).needs_grad
+    with torch.no_grad():
+        assert not Case.of_call(leaf, k, v, block_size=8).needs_grad
+    assert Case(CPU).needs_grad is False  # a case says nothing about gradients unless told
+
+
+def test_flex_reasons_name_only_what_the_device_refuses():
+    flex = REGISTRY["flex"]
+    # the CPU runs eager FlexAttention: float64, any block size, no gradients
+    assert flex.unsupported_reasons(Case(CPU, torch.float64, 8, 24)) == []
+    assert flex.unsupported_reasons(Case(CPU)) == []
+    assert len(flex.unsupported_reasons(Case(CPU, torch.float32, 8, 16, needs_grad=True))) == 1
+    # compiled on CUDA: float64 and block sizes off the tile multiple are refused, each with its reason
+    assert flex.unsupported_reasons(Case(CUDA, torch.float16, 64, 128)) == []
+    (float64,) = flex.unsupported_reasons(Case(CUDA, torch.float64, 64, 128))
+    assert "float64" in float64
+    (tiles,) = flex.unsupported_reasons(Case(CUDA, torch.float32, 64, 24))
+    assert "block_size=24" in tiles
+    assert len(flex.unsupported_reasons(Case(CUDA, torch.float64, 64, 24))) == 2
+
+
+def test_every_backend_is_differentiable_and_only_triton_is_graph_capturable():
+    assert all(backend.differentiable for backend in REGISTRY.values())
+    assert [name for name, backend in REGISTRY.items() if backend.graph_capturable] == ["triton"]
+    assert dispatch.Backend.graph_capturable is False
+
+
+@pytest.mark.parametrize("work_size", [0, -3, True, 2.0, "8"], ids=repr)
+def test_the_torch_work_size_is_a_positive_int(work_size):
+    with pytest.raises(ValueError, match="work_size"):
+        TorchOptions(work_size=work_size)
+
+
+def test_the_torch_options_default_and_smallest_work_size():
+    assert TorchOptions().work_size == 4096
+    assert TorchOptions(work_size=1).work_size == 1
+
+
+def test_options_cases_and_choices_are_frozen_values():
+    """They key caches (the CUDA-graph cache keys on options): equal ones must hash alike and never change."""
+    assert FlexOptions() == FlexOptions() and hash(FlexOptions()) == hash(FlexOptions())
+    assert Case(CPU, torch.float32, 8, 16) == Case(CPU, torch.float32, 8, 16)
+    assert hash(Case(CPU, torch.float32, 8, 16)) == hash(Case(CPU, torch.float32, 8, 16))
+    choice = choose("auto", Case(CPU, torch.float32, 8, 16))
+    assert choice == choose("auto", Case(CPU, torch.float32, 8, 16))
+    for record, name in [(FlexOptions(), "extra"), (Case(CPU), "dtype"), (choice, "backend")]:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(record, name, None)
+
+
+def test_resolve_backend_takes_the_facts_by_keyword():
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("flex", "cpu", head_dim=8, dtype=torch.float64) == "flex"
+    with pytest.raises(TypeError):
+        resolve_backend("auto", "cpu", None)
+    assert isinstance(choose("torch", Case(CPU)), Choice)
