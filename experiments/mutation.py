@@ -15,19 +15,24 @@ mutant, as cosmic-ray's own runner counts it. Hypothesis draws the examples of t
 (HYPOTHESIS_PROFILE, ``ci``: derandomized) without its shrink phase: a failure stops the run as soon
 as an example fails.
 
-A surviving mutant that no test can kill (it computes the same results) is listed in ``EQUIVALENT``
-below with the reason; every other survivor counts against the score:
+A surviving mutant that no test can kill (it computes the same results, or only the time or memory
+differs, which tests never assert) is listed in ``EQUIVALENT`` below with the reason, as is every
+mutant inside a type annotation (never evaluated here); every other survivor counts against the score:
 
-    score = killed / (mutants run - equivalent)
+    score = (killed + timeout) / (mutants run - equivalent)
 
+given separately for the modules run in full and for those of which --sample or --budget ran a share.
 Results go to --out (experiments/results/mutation.json), one entry per module with the sha256 of the
-source it mutated; a run over some modules keeps the other modules' entries (marked stale when their
-source has changed since). --survivors-only re-runs just the previous survivors of an unchanged
-module (after new tests were added; the tests that killed the others are unchanged).
+source it mutated; a run over some modules keeps the other modules' entries (under a lock, so runs
+over different modules may share one record; an entry is marked stale when its source has changed
+since). --survivors-only re-runs just the previous survivors of an unchanged module (after new tests
+were added; the tests that killed the others are unchanged); --reclassify rewrites the record after
+an entry was added to ``EQUIVALENT``.
 
     python -m experiments.mutation                                   # every module of the config
     python -m experiments.mutation --modules reference/merge.py --budget 1800
     python -m experiments.mutation --modules reference/semantics.py --survivors-only
+    python -m experiments.mutation --modules optimized/triton_backend.py --sample 20
 """
 
 from __future__ import annotations
@@ -654,7 +659,7 @@ def mutate_module(
     settings: Settings,
     sessions: Path,
     deadline: float | None,
-    only: set[tuple[str, str, str]] | None,
+    only: set[tuple[int, str, str, str]] | None,
     log,
     sample: int = 1,
 ) -> dict:
@@ -732,7 +737,7 @@ def mutate_module(
                 original=original_text,
                 mutated=mutated_text,
             )
-            if only is not None and (name, original_text, mutated_text) not in only:
+            if only is not None and (line, name, original_text, mutated_text) not in only:
                 counts["skipped_as_killed_before"] += 1
                 continue
             if deadline is not None and time.time() > deadline:
@@ -906,7 +911,8 @@ def main(argv=None) -> int:
                 raise SystemExit(
                     f"--survivors-only: no record of {module} for its current source; run it in full first"
                 )
-            only[module] = {(s["operator"], s["original"], s["mutated"]) for s in entry["survivors"]}
+            # the source is unchanged (its sha256 above), so a line number still names one mutant
+            only[module] = {(s["line"], s["operator"], s["original"], s["mutated"]) for s in entry["survivors"]}
     deadline = time.time() + args.budget if args.budget else None
 
     # One thread per child, on a machine of two cores; the interpreter runs the Triton kernels on the

@@ -74,14 +74,14 @@ def validate_qkv(
             raise ValueError(f"{name} must have q's head dim D={size(q, 'D')}, got {_describe(t)}")
     if size(k, "N") != size(v, "N") or size(k, "H") != size(v, "H"):
         raise ValueError(f"k and v must have the same (N, H_kv), got k {_describe(k)} and v {_describe(v)}")
+    if min(q.shape) == 0 or min(k.shape) == 0:
+        raise ValueError(f"q, k and v must be non-empty, got q {_describe(q)} and k {_describe(k)}")
     heads, kv_heads = size(q, "H"), size(k, "H")
     if heads % kv_heads != 0:
         raise ValueError(
             f"q's heads H={heads} must be a multiple of k/v's heads H_kv={kv_heads} (layout={layout!r}: "
             f"{axes_text(layout)})"
         )
-    if min(q.shape) == 0 or min(k.shape) == 0:
-        raise ValueError(f"q, k and v must be non-empty, got q {_describe(q)} and k {_describe(k)}")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
             raise TypeError(f"key_padding_mask must be a bool tensor (B, N), got {type(key_padding_mask).__name__}")

@@ -91,3 +91,10 @@ def test_bad_layouts_are_refused_naming_layout(layout):
         with pytest.raises(ValueError, match="layout must be one of") as error:
             make(SEGMENTS, RATES, layout=layout)
         assert repr(layout) in str(error.value)
+
+
+def test_kv_with_zero_heads_is_a_value_error_naming_k():
+    """Empty inputs are refused before the head rule divides by H_kv (was a ZeroDivisionError)."""
+    q, k, v = _bnhd(6)
+    with pytest.raises(ValueError, match="non-empty"):
+        optimized.BlockSparseRingDilatedAttention(SEGMENTS, RATES, CONFIG)(q, k[:, :, :0], v[:, :, :0])
