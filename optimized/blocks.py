@@ -66,9 +66,9 @@ def row_groups(table: BlockTable, group_size: int, blocks_per_row: int = 1) -> l
     a few rows are much longer than the rest (global_local's global rows), one group would make
     every row walk the longest; a group per count would pay a step's overhead many times. So rows,
     sorted by count, are cut into runs at factor-2 bucket boundaries, choosing the cuts that
-    minimise the modelled cost: per group, its longest count x (STEP_OVERHEAD_BLOCKS + its rows x
-    ``blocks_per_row`` score blocks). A run longer than ``group_size`` rows is split into groups
-    of ``group_size``.
+    minimise the modelled cost: per run, the run's longest count x (STEP_OVERHEAD_BLOCKS per group
+    of the run + its rows x ``blocks_per_row`` score blocks). A run longer than ``group_size`` rows
+    is split into groups of ``group_size``, each charged the run's longest count.
     """
     counts = table.row_counts[rows_by_count(table)]
     if counts.numel() == 0:
