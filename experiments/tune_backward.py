@@ -3,8 +3,9 @@
     python3 -m experiments.tune_backward --out DIR
 
 For each setting (head dim, N, layout; bf16, B = 1, block 128, the seed's dilation) it times the whole
-backward (triton_backward.partial_backward, do_bench median) first over dq tiles with the default
-dk/dv tile, then over dk/dv tiles with the best dq tile, and writes tune_backward.json.
+backward (triton_backward.partial_backward, do_bench median) with the default tiles, then over dq tiles
+with the default dk/dv tile, then over dk/dv tiles with the best dq tile, splits the best tile's time
+between the two kernels (torch.profiler) and writes tune_backward.json.
 """
 
 from __future__ import annotations
@@ -23,13 +24,31 @@ from reference.config import DilationConfig
 from reference.semantics import AttentionGeometry, active_pair_count
 
 SETTINGS = ((64, 65536, "dense"), (128, 65536, "dense"), (64, 65536, "local_window"))
-CANDIDATES = (  # (rows, step, warps, stages)
-    (64, 32, 4, 2),
-    (128, 32, 4, 3),
-    (128, 32, 8, 3),
-    (128, 64, 8, 3),
+# (rows, step, warps, stages): rows = the points a program owns (queries for dq, keys for dk/dv).
+DQ_CANDIDATES = ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2))
+KV_CANDIDATES = (
     (64, 64, 4, 3),
+    (64, 64, 4, 4),
+    (64, 128, 8, 3),
+    (128, 64, 8, 3),
+    (128, 64, 8, 2),
+    (128, 32, 4, 3),
+    (64, 32, 4, 3),
 )
+
+
+def kernel_split(run) -> dict:
+    """CUDA milliseconds per backward kernel of one call (torch.profiler), e.g. {"_dq_kernel": 1.2, ...}."""
+    run()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        run()
+        torch.cuda.synchronize()
+    split = {}
+    for event in profile.key_averages():
+        if event.key in ("_dq_kernel", "_dkdv_kernel"):
+            split[event.key] = getattr(event, "device_time_total", getattr(event, "cuda_time_total", 0.0)) / 1e3
+    return split
 
 
 def main(argv=None) -> int:
@@ -60,14 +79,18 @@ def main(argv=None) -> int:
                 return float("inf")
 
         default = default_backward_tile(128, max(16, head_dim), torch.bfloat16)
-        results = []
-        for candidate in CANDIDATES:
+        results = [(time_tile(default), default)]
+        for candidate in DQ_CANDIDATES:
             tile = BackwardTile(KernelTile(*candidate), default.kv)
             results.append((time_tile(tile), tile))
         best_dq = min(results, key=lambda r: r[0])[1].dq
-        for candidate in CANDIDATES:
+        for candidate in KV_CANDIDATES:
             tile = BackwardTile(best_dq, KernelTile(*candidate))
             results.append((time_tile(tile), tile))
+        best_tile = min(results, key=lambda r: r[0])[1]
+        split = kernel_split(
+            lambda: triton_backward.partial_backward(q, k, v, None, plan, out, lse, dout, None, tile=best_tile)
+        )
         for ms, tile in results:
             row = dict(
                 head_dim=head_dim,
@@ -78,6 +101,7 @@ def main(argv=None) -> int:
                 ms=ms,
                 backward_tflops=2.5 * tflops(pairs, head_dim, ms) if ms < float("inf") else None,
                 default=tile == default,
+                kernel_ms=split if tile == best_tile else None,
             )
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -96,16 +120,18 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     print(
         f"\n{'D':>4} {'pattern':<13} {'best dq (rows,step,warps,stages)':<34} {'best kv':<22} {'ms':>8} {'TF':>6} "
-        f"{'default ms':>10}"
+        f"{'default ms':>10} {'dq / dkdv ms':>14}"
     )
     for head_dim, seq_len, pattern in SETTINGS:
         mine = [r for r in rows if (r["head_dim"], r["pattern"]) == (head_dim, pattern)]
         best = min(mine, key=lambda r: r["ms"])
         default = next(r for r in mine if r["default"])
+        split = best["kernel_ms"] or {}
         fmt = lambda t: f"({t['rows']},{t['step']},{t['num_warps']},{t['num_stages']})"  # noqa: E731
         print(
             f"{head_dim:>4} {pattern:<13} {fmt(best['dq']):<34} {fmt(best['kv']):<22} {best['ms']:>8.3f} "
-            f"{best['backward_tflops']:>6.0f} {default['ms']:>10.3f}"
+            f"{best['backward_tflops']:>6.0f} {default['ms']:>10.3f} "
+            f"{split.get('_dq_kernel', 0):>6.3f}/{split.get('_dkdv_kernel', 0):.3f}"
         )
     return 0
 

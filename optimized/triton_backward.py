@@ -35,6 +35,7 @@ from .plan import CallPlan
 from .triton_backend import (
     ITEM_ENTRY_START,
     ITEM_ENTRY_STOP,
+    ITEM_FULL_STOP,
     ITEM_HEAD,
     ITEM_LATTICE_LENGTH,
     ITEM_LATTICE_START,
@@ -190,10 +191,15 @@ def _rows(base, index, stride_n, d, mask):
 
 
 @triton.jit
-def _gradient_terms(q, k, v, do, lse, row_term, allowed, qk_scale, FP32_DOT: tl.constexpr):
-    """P = exp(scale q.k - lse) on allowed pairs (0 elsewhere) and dS = P (dO.v - row_term): (BLOCK_M, BLOCK_N)."""
+def _gradient_terms(q, k, v, do, lse, row_term, allowed, qk_scale, FP32_DOT: tl.constexpr, MASKED: tl.constexpr):
+    """P = exp(scale q.k - lse) and dS = P (dO.v - row_term): (BLOCK_M, BLOCK_N); P = 0 off ``allowed`` if MASKED.
+
+    Query slots off the lattice or chunk need no mask: their lse is +inf, so P is 0 there.
+    """
     s = _dot(q, tl.trans(k), FP32_DOT)
-    p = tl.where(allowed, tl.math.exp2(s * qk_scale - lse[:, None]), 0.0)
+    p = tl.math.exp2(s * qk_scale - lse[:, None])
+    if MASKED:
+        p = tl.where(allowed, p, 0.0)
     dp = _dot(do, tl.trans(v), FP32_DOT)
     return p, p * (dp - row_term[:, None])
 
@@ -244,6 +250,7 @@ def _dq_kernel(
     IS_CAUSAL: tl.constexpr,
     HAS_PADDING: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    EVEN_D: tl.constexpr,
     ACCUMULATE: tl.constexpr,
 ):
     M_SUB: tl.constexpr = BLOCK // BLOCK_M
@@ -271,21 +278,43 @@ def _dq_kernel(
 
     k_base = K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch * stride_vb + kv_head.to(tl.int64) * stride_vh
+    kpm_base = KPM + batch * stride_mb
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for step in range(0, (entry_stop - entry_start) * N_SUB):
+    n_off = tl.arange(0, BLOCK_N)
+    # Full key blocks first (the forward's order: every point on the lattice and in the key chunk, not
+    # the causal diagonal): no lattice, chunk or causal mask, only the padding's.
+    full_stop = tl.load(meta + ITEM_FULL_STOP)
+    for step in range(0, (full_stop - entry_start) * N_SUB):
         key_block = tl.load(KeyBlock + entry_start + step // N_SUB)
-        t_k = key_block * BLOCK + (step % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
+        t_k = key_block * BLOCK + (step % N_SUB) * BLOCK_N + n_off
+        idx_k = (lattice_start - k_lo + stride * t_k).to(tl.int64)
+        if EVEN_D:
+            k = tl.load(k_base + idx_k[:, None] * stride_kn + d[None, :])
+            v = tl.load(v_base + idx_k[:, None] * stride_vn + d[None, :])
+        else:
+            k = _rows(k_base, idx_k, stride_kn, d, d_ok[None, :])
+            v = _rows(v_base, idx_k, stride_vn, d, d_ok[None, :])
+        key_ok = n_off >= 0
+        if HAS_PADDING:
+            key_ok = tl.load(kpm_base + idx_k * stride_mn) == 0
+        _, ds = _gradient_terms(q, k, v, do, lse, row_term, key_ok[None, :], qk_scale, FP32_DOT, HAS_PADDING)
+        dq += _dot(ds.to(k.dtype), k, FP32_DOT)
+    # The other key blocks: a lattice's last block, chunk edges, the causal diagonal.
+    for step in range(0, (entry_stop - full_stop) * N_SUB):
+        key_block = tl.load(KeyBlock + full_stop + step // N_SUB)
+        t_k = key_block * BLOCK + (step % N_SUB) * BLOCK_N + n_off
         k_ok, idx_k = _points(lattice_start, stride, lattice_len, t_k, k_lo, k_hi)
         k_mask = k_ok[:, None] & d_ok[None, :]
         k = _rows(k_base, idx_k, stride_kn, d, k_mask)
         v = _rows(v_base, idx_k, stride_vn, d, k_mask)
         if HAS_PADDING:
-            padded = tl.load(KPM + batch * stride_mb + idx_k * stride_mn, mask=k_ok, other=1)
+            padded = tl.load(kpm_base + idx_k * stride_mn, mask=k_ok, other=1)
             k_ok = k_ok & (padded == 0)
-        allowed = q_ok[:, None] & k_ok[None, :]
+        # Keys off the lattice are masked too (their k is 0, but exp(-lse) alone may overflow).
+        allowed = k_ok[None, :]
         if IS_CAUSAL:
             allowed = allowed & (t_k[None, :] <= t_q[:, None])
-        _, ds = _gradient_terms(q, k, v, do, lse, row_term, allowed, qk_scale, FP32_DOT)
+        _, ds = _gradient_terms(q, k, v, do, lse, row_term, allowed, qk_scale, FP32_DOT, True)
         dq += _dot(ds.to(k.dtype), k, FP32_DOT)
     dq = dq * scale
     dq_ptrs = DQ + batch * stride_dqb + head.to(tl.int64) * stride_dqh + idx_q[:, None] * stride_dqn + d[None, :]
@@ -343,6 +372,7 @@ def _dkdv_kernel(
     IS_CAUSAL: tl.constexpr,
     HAS_PADDING: tl.constexpr,
     FP32_DOT: tl.constexpr,
+    EVEN_D: tl.constexpr,
     ACCUMULATE: tl.constexpr,
 ):
     M_SUB: tl.constexpr = BLOCK // BLOCK_M
@@ -386,12 +416,15 @@ def _dkdv_kernel(
         q = _rows(Q + batch * stride_qb + head.to(tl.int64) * stride_qh, idx_q, stride_qn, d, q_mask)
         do = _rows(DO + batch * stride_dob + head.to(tl.int64) * stride_doh, idx_q, stride_don, d, q_mask)
         lse, row_term = _row_statistics(Lse, RowTerm, (batch * num_heads + head) * num_queries, idx_q, q_ok)
-        allowed = q_ok[:, None] & key_ok[None, :]
-        if IS_CAUSAL:
-            allowed = allowed & (t_k[None, :] <= t_q[:, None])
-        p, ds = _gradient_terms(q, k, v, do, lse, row_term, allowed, qk_scale, FP32_DOT)
+        # Only the causal diagonal needs a mask here: keys off the lattice or padded are this program's
+        # own rows, whose sums are dropped or zeroed at the end (a key's dk, dv read only its column).
+        p, ds = _gradient_terms(q, k, v, do, lse, row_term, t_k[None, :] <= t_q[:, None], qk_scale, FP32_DOT, IS_CAUSAL)
         dv += _dot(tl.trans(p.to(do.dtype)), do, FP32_DOT)
         dk += _dot(tl.trans(ds.to(q.dtype)), q, FP32_DOT)
+    if HAS_PADDING:
+        # A padded key is attended by no query: its dk, dv are exactly 0.
+        dk = tl.where(key_ok[:, None], dk, 0.0)
+        dv = tl.where(key_ok[:, None], dv, 0.0)
     dk = dk * scale
     dk_ptrs = DK + batch * stride_dkb + kv_head.to(tl.int64) * stride_dkh + idx_k[:, None] * stride_dkn + d[None, :]
     dv_ptrs = DV + batch * stride_dvb + kv_head.to(tl.int64) * stride_dvh + idx_k[:, None] * stride_dvn + d[None, :]
@@ -436,8 +469,10 @@ def default_backward_tile(block_size: int, block_d: int, dtype: torch.dtype) -> 
     if dtype == torch.float32 or block_d >= 256:
         tile = KernelTile(32, 32, 4, 2)
         return BackwardTile(tile.fit(block_size), tile.fit(block_size))
-    warps = 8 if block_d >= 128 else 4
-    return BackwardTile(KernelTile(64, 32, warps, 2).fit(block_size), KernelTile(64, 32, warps, 2).fit(block_size))
+    # The best of experiments/tune_backward.py on the H200 (experiments/NOTES_gpu.md, run 13): the dk/dv
+    # kernel is the one that cares, 64 keys x 64-query steps; dq takes 128-query slices at D = 128.
+    dq = KernelTile(128, 64, 8, 3) if block_d >= 128 else KernelTile(64, 64, 4, 3)
+    return BackwardTile(dq.fit(block_size), KernelTile(64, 64, 4, 3).fit(block_size))
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -501,6 +536,7 @@ def partial_backward(
         IS_CAUSAL=plan.is_causal,
         HAS_PADDING=has_padding,
         FP32_DOT=q.dtype == torch.float32,
+        EVEN_D=head_dim == block_d,
     )
     limits = (plan.query_range[0], plan.query_range[1], plan.key_range[0], plan.key_range[1])
     qk_scale = plan.scale * _LOG2E

@@ -1,4 +1,9 @@
-"""pytest-benchmark suite on CUDA: the triton path against dense SDPA (flash) on the same shape.
+"""pytest-benchmark suite on CUDA: the triton path against its peers measured in the same run.
+
+Forward: the triton path against dense SDPA (flash) on the same shape. Training (forward + backward
+with autograd): the module with ``backend="auto"`` (triton) against gather + SDPA + scatter on the
+dense layout, and against compiled FlexAttention on pre-gathered lattices with a cached BlockMask
+(the kernel-level peer) on sparse layouts; the flex backend's module call against that peer.
 
 Needs a CUDA device; on the CPU the CUDA cases skip with that reason, and the same check (the
 triton path's output is finite, has the input's shape and dtype) runs on a tiny shape in the
@@ -45,7 +50,7 @@ def check_output(out: torch.Tensor, q: torch.Tensor, case: str) -> None:
     assert torch.isfinite(out).all(), f"{case}: non-finite output"
 
 
-def run(benchmark, fn, case: str, anchor: str | None):
+def run(benchmark, fn, case: str, anchor: str | None, grad: bool = False):
     def synchronized():
         result = fn()
         torch.cuda.synchronize()
@@ -60,8 +65,25 @@ def run(benchmark, fn, case: str, anchor: str | None):
         torch=torch.__version__,
         triton=triton.__version__,
     )
-    with torch.no_grad():
+    with torch.enable_grad() if grad else torch.no_grad():
         return benchmark.pedantic(synchronized, rounds=20, warmup_rounds=3, iterations=1)
+
+
+def training_inputs(seq_len: int):
+    """q, k, v leaves that require grad and a fixed dout (bf16, CUDA)."""
+    q, k, v = (t.requires_grad_() for t in inputs(seq_len, "cuda", torch.bfloat16))
+    return q, k, v, torch.randn_like(q)
+
+
+def forward_backward(fn, q, k, v, dout):
+    """One training step of ``fn``: returns the gradients (checked like outputs)."""
+
+    def step():
+        q.grad = k.grad = v.grad = None
+        fn(q, k, v).backward(dout)
+        return q.grad
+
+    return step
 
 
 @needs_cuda
@@ -101,3 +123,85 @@ def test_triton_path_in_interpreter(name):
     attention = Optimized((64, 128, 256), RATES, sparse_config=pattern(name, block=16), backend="triton")
     with torch.no_grad():
         check_output(attention(q, k, v), q, f"triton-interpreter/{name}")
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_len", SEQ_LENS)
+def test_gather_sdpa_training_anchor(benchmark, seq_len):
+    from experiments.bench_gpu import gather_sdpa
+    from reference.config import DilationConfig
+    from reference.semantics import AttentionGeometry
+
+    benchmark.group = f"cuda training N={seq_len}"
+    q, k, v, dout = training_inputs(seq_len)
+    geometry = AttentionGeometry(DilationConfig(SEGMENTS, RATES, "split"), seq_len, HEADS)
+    step = forward_backward(lambda *x: gather_sdpa(*x, geometry), q, k, v, dout)
+    check_output(run(benchmark, step, f"gather_sdpa_train/N{seq_len}", None, grad=True), q, "gather_sdpa")
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_len", SEQ_LENS)
+@pytest.mark.parametrize("name", PATTERNS)
+def test_triton_training(benchmark, name, seq_len):
+    benchmark.group = f"cuda training N={seq_len}"
+    q, k, v, dout = training_inputs(seq_len)
+    attention = Optimized(SEGMENTS, RATES, sparse_config=pattern(name), backend="auto")
+    case = f"triton_train/{name}/N{seq_len}"
+    anchor = f"gather_sdpa_train/N{seq_len}" if name == "dense" else f"flex_peer_train/{name}/N{seq_len}"
+    check_output(run(benchmark, forward_backward(attention, q, k, v, dout), case, anchor, grad=True), q, case)
+    assert attention.last_backend == "triton", case
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_len", SEQ_LENS)
+@pytest.mark.parametrize("name", [p for p in PATTERNS if p != "dense"])
+def test_flex_peer_training_anchor(benchmark, name, seq_len):
+    """Compiled flex on pre-gathered lattices with a cached BlockMask: the kernel-level peer."""
+    from experiments.bench_gpu import compacted_flex_inputs, compiled_flex
+    from reference.config import DilationConfig
+    from reference.semantics import AttentionGeometry
+
+    benchmark.group = f"cuda training N={seq_len}"
+    geometry = AttentionGeometry(DilationConfig(SEGMENTS, RATES, "split"), seq_len, HEADS)
+    calls = [
+        (*(t.detach().requires_grad_() for t in (Q, K, V)), mask)
+        for Q, K, V, mask in compacted_flex_inputs(*inputs(seq_len, "cuda", torch.bfloat16), geometry, pattern(name))
+    ]
+    flex = compiled_flex()
+
+    def step():
+        for Q, K, V, mask in calls:
+            flex(Q, K, V, block_mask=mask).backward(torch.ones_like(Q))
+        return calls[0][0].grad
+
+    case = f"flex_peer_train/{name}/N{seq_len}"
+    grad = run(benchmark, step, case, None, grad=True)
+    assert torch.isfinite(grad).all(), case
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("seq_len", SEQ_LENS)
+@pytest.mark.parametrize("name", [p for p in PATTERNS if p != "dense"])
+def test_flex_module_training(benchmark, name, seq_len):
+    benchmark.group = f"cuda training N={seq_len}"
+    q, k, v, dout = training_inputs(seq_len)
+    attention = Optimized(SEGMENTS, RATES, sparse_config=pattern(name), backend="flex")
+    case = f"flex_module_train/{name}/N{seq_len}"
+    anchor = f"flex_peer_train/{name}/N{seq_len}"
+    check_output(run(benchmark, forward_backward(attention, q, k, v, dout), case, anchor, grad=True), q, case)
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+    reason="the interpreter twin of the CUDA training cases runs on the CPU with TRITON_INTERPRET=1",
+)
+def test_triton_training_in_interpreter():
+    q, k, v = (t.requires_grad_() for t in inputs(256, "cpu", torch.float32, heads=4, head_dim=32))
+    attention = Optimized((64, 128, 256), RATES, sparse_config=pattern("local_window", block=16), backend="triton")
+    forward_backward(attention, q, k, v, torch.randn_like(q))()
+    for tensor in (q, k, v):
+        check_output(tensor.grad, tensor, "triton-interpreter/training")
