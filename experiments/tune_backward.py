@@ -54,12 +54,18 @@ def kernel_split(run) -> dict:
 def main(argv=None) -> int:
     parser = cli.parser_for(__doc__, __spec__)
     parser.add_argument("--out", required=True, help="folder for tune_backward.json")
+    parser.add_argument("--only", help="comma-separated settings to run, as D/pattern (e.g. 64/dense,128/dense)")
     args = parser.parse_args(argv)
+    names = [f"{head_dim}/{pattern}" for head_dim, _, pattern in SETTINGS]
+    chosen = names if args.only is None else args.only.split(",")
+    if any(name not in names for name in chosen):
+        parser.error(f"--only takes settings among {names}, got {args.only!r}")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device (this sweep times GPU kernels)")
     os.makedirs(args.out, exist_ok=True)
     rows = []
-    for head_dim, seq_len, pattern in SETTINGS:
+    settings = [s for s, name in zip(SETTINGS, names) if name in chosen]
+    for head_dim, seq_len, pattern in settings:
         setting = DILATIONS[head_dim]
         heads = setting["heads"]
         geometry = AttentionGeometry(DilationConfig(setting["segments"], setting["rates"], "split"), seq_len, heads)
@@ -122,7 +128,7 @@ def main(argv=None) -> int:
         f"\n{'D':>4} {'pattern':<13} {'best dq (rows,step,warps,stages)':<34} {'best kv':<22} {'ms':>8} {'TF':>6} "
         f"{'default ms':>10} {'dq / dkdv ms':>14}"
     )
-    for head_dim, seq_len, pattern in SETTINGS:
+    for head_dim, seq_len, pattern in settings:
         mine = [r for r in rows if (r["head_dim"], r["pattern"]) == (head_dim, pattern)]
         best = min(mine, key=lambda r: r["ms"])
         default = next(r for r in mine if r["default"])

@@ -416,11 +416,16 @@ def _dkdv_kernel(
         q = _rows(Q + batch * stride_qb + head.to(tl.int64) * stride_qh, idx_q, stride_qn, d, q_mask)
         do = _rows(DO + batch * stride_dob + head.to(tl.int64) * stride_doh, idx_q, stride_don, d, q_mask)
         lse, row_term = _row_statistics(Lse, RowTerm, (batch * num_heads + head) * num_queries, idx_q, q_ok)
-        # Only the causal diagonal needs a mask here: keys off the lattice or padded are this program's
-        # own rows, whose sums are dropped or zeroed at the end (a key's dk, dv read only its column).
-        p, ds = _gradient_terms(q, k, v, do, lse, row_term, t_k[None, :] <= t_q[:, None], qk_scale, FP32_DOT, IS_CAUSAL)
-        dv += _dot(tl.trans(p.to(do.dtype)), do, FP32_DOT)
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, FP32_DOT)
+        # Transposed orientation (keys x queries), so P^T and dS^T feed the dk, dv products straight
+        # from registers (no transpose of a computed tile). Only the causal diagonal needs a mask:
+        # keys off the lattice or padded are this program's own rows, whose sums are dropped or zeroed
+        # at the end (a key's dk, dv read only its row of P^T and dS^T).
+        p_t = tl.math.exp2(_dot(k, tl.trans(q), FP32_DOT) * qk_scale - lse[None, :])
+        if IS_CAUSAL:
+            p_t = tl.where(t_k[:, None] <= t_q[None, :], p_t, 0.0)
+        ds_t = p_t * (_dot(v, tl.trans(do), FP32_DOT) - row_term[None, :])
+        dv += _dot(p_t.to(do.dtype), do, FP32_DOT)
+        dk += _dot(ds_t.to(q.dtype), q, FP32_DOT)
     if HAS_PADDING:
         # A padded key is attended by no query: its dk, dv are exactly 0.
         dk = tl.where(key_ok[:, None], dk, 0.0)
@@ -472,7 +477,7 @@ def default_backward_tile(block_size: int, block_d: int, dtype: torch.dtype) -> 
     # The best of experiments/tune_backward.py on the H200 (experiments/NOTES_gpu.md, run 13): the dk/dv
     # kernel is the one that cares, 64 keys x 64-query steps; dq takes 128-query slices at D = 128.
     dq = KernelTile(128, 64, 8, 3) if block_d >= 128 else KernelTile(64, 64, 4, 3)
-    return BackwardTile(dq.fit(block_size), KernelTile(64, 64, 4, 3).fit(block_size))
+    return BackwardTile(dq.fit(block_size), KernelTile(64, 64, 4, 4).fit(block_size))
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
