@@ -10,7 +10,9 @@ rates [1, 2, 4]; D = 128 adds [16384] / [8]):
   (the kernel-level peer), on sparse layouts, without and with its gather and scatter;
 - the backward kernels alone (triton_backward.partial_backward): TFLOP/s on active blocks, counted as
   2.5 x the forward's 4 x pairs x D, against a bf16 matmul measured in the same run;
-- peak memory of forward + backward against the bytes of q, k, v, out, dout, dq, dk, dv and lse.
+- peak memory of forward + backward against the bytes of q, k, v, out, dout, dq, dk, dv and lse;
+- the flex backend's module call (forward, forward + backward) against the kernel-level flex peer
+  including its gathers (BlockMasks cached), on sparse layouts.
 Writes bench_backward.json (after every row, so a timeout keeps what was measured) under --out.
 """
 
@@ -130,14 +132,33 @@ def measure(rows: _Rows, head_dim: int, seq_len: int, patterns, deadline: float)
                 calls = [(*_leaves(Q, K, V), mask) for Q, K, V, mask in calls]
                 row["flex_peer_fwd_bwd_ms"] = attempt(rows, "flex peer", lambda: bench(_flex_step(calls)))
 
-                def with_gather():
-                    gathered = compacted_flex_inputs(*_leaves(q, k, v), geometry, config)
+                masks = [mask for *_, mask in calls]
+
+                def with_gather(grad=True):
+                    # The gathers (and their scatter in the backward) per call; the BlockMasks are cached.
+                    gathered = compacted_flex_inputs(*_leaves(q, k, v), geometry, config, block_masks=masks)
                     for Q, K, V, mask in gathered:
-                        compiled_flex()(Q, K, V, block_mask=mask).sum().backward()
+                        out = compiled_flex()(Q, K, V, block_mask=mask)
+                        if grad:
+                            out.sum().backward()
 
                 row["flex_peer_with_gather_fwd_bwd_ms"] = attempt(
                     rows, "flex peer + gather", lambda: bench(with_gather)
                 )
+                with torch.no_grad():
+                    row["flex_peer_with_gather_fwd_ms"] = attempt(
+                        rows, "flex peer + gather fwd", lambda: bench(lambda: with_gather(False))
+                    )
+                # The flex backend's module call (its cached layout, one gather per call) against that peer.
+                flex_module = BlockSparseRingDilatedAttention(
+                    setting["segments"], setting["rates"], config, backend="flex"
+                )
+                flex_step = _fwd_bwd(lambda *x: flex_module(*x), _leaves(q, k, v), dout)
+                row["flex_module_fwd_bwd_ms"] = attempt(rows, "flex module fwd+bwd", lambda: bench(flex_step))
+                with torch.no_grad():
+                    row["flex_module_fwd_ms"] = attempt(
+                        rows, "flex module fwd", lambda: bench(lambda: flex_module(q, k, v))
+                    )
             del calls
         # Peak memory of one forward + backward above its inputs (q, k, v, dout allocated before).
         torch.cuda.synchronize()
@@ -161,6 +182,11 @@ def measure(rows: _Rows, head_dim: int, seq_len: int, patterns, deadline: float)
         ):
             if row.get(key) and row.get("ours_fwd_bwd_ms"):
                 row[peer] = row[key] / row["ours_fwd_bwd_ms"]
+        for mode in ("fwd", "fwd_bwd"):  # the flex module's cost over its kernel-level peer with gathers
+            if row.get(f"flex_module_{mode}_ms") and row.get(f"flex_peer_with_gather_{mode}_ms"):
+                row[f"flex_module_over_peer_{mode}"] = (
+                    row[f"flex_module_{mode}_ms"] / row[f"flex_peer_with_gather_{mode}_ms"]
+                )
         rows.add(row)
         torch.cuda.empty_cache()
 
@@ -215,7 +241,7 @@ def main(argv=None) -> int:
     print(f"\nmatmul ceiling {ceiling:.0f} TFLOP/s")
     print(
         f"{'D':>4} {'N':>8} {'pattern':<15} {'ours f+b':>9} {'peer':>9} {'x':>6} {'bwd TF':>7} {'%mm':>5} "
-        f"{'peak/need':>9}"
+        f"{'peak/need':>9} {'flexmod/peer f, f+b':>19}"
     )
     for row in rows.data["rows"]:
         peer = row.get("sdpa_peer_fwd_bwd_ms") or row.get("flex_peer_fwd_bwd_ms") or float("nan")
@@ -223,7 +249,9 @@ def main(argv=None) -> int:
         tf = row.get("backward_tflops") or float("nan")
         print(
             f"{row['head_dim']:>4} {row['seq_len']:>8} {row['pattern']:<15} {ours:>9.3f} {peer:>9.3f} "
-            f"{peer / ours:>6.2f} {tf:>7.0f} {100 * tf / ceiling:>5.0f} {row.get('peak_over_needed', 0):>9.3f}"
+            f"{peer / ours:>6.2f} {tf:>7.0f} {100 * tf / ceiling:>5.0f} {row.get('peak_over_needed', 0):>9.3f} "
+            f"{row.get('flex_module_over_peer_fwd', float('nan')):>9.2f} "
+            f"{row.get('flex_module_over_peer_fwd_bwd', float('nan')):>9.2f}"
         )
     return 0
 

@@ -151,8 +151,12 @@ def gather_sdpa(q, k, v, geometry):
     return out
 
 
-def compacted_flex_inputs(q, k, v, geometry, config):
-    """Per lattice length L: (Q, K, V) of shape (lattices, 1, L, D) and a BlockMask of the layout."""
+def compacted_flex_inputs(q, k, v, geometry, config, block_masks=None):
+    """Per lattice length L: (Q, K, V) of shape (lattices, 1, L, D) and a BlockMask of the layout.
+
+    ``block_masks``: the masks of an earlier call on the same shapes (a cached BlockMask: then only
+    the gathers run).
+    """
     from torch.nn.attention.flex_attention import BlockMask
 
     B, N, H, D = q.shape
@@ -166,8 +170,11 @@ def compacted_flex_inputs(q, k, v, geometry, config):
             ql, kl, vl = pick(q), pick(k), pick(v)
             groups.setdefault(ql.shape[1], []).append((ql, kl, vl))
     calls = []
-    for L, parts in groups.items():
+    for index, (L, parts) in enumerate(groups.items()):
         Q, K, V = (torch.cat([p[i] for p in parts]).unsqueeze(1).contiguous() for i in range(3))
+        if block_masks is not None:
+            calls.append((Q, K, V, block_masks[index]))
+            continue
         nb = math.ceil(L / config.block_size)
         layout = layout_mask(config, nb, False)
         counts = layout.sum(1).to(torch.int32)

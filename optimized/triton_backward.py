@@ -416,16 +416,11 @@ def _dkdv_kernel(
         q = _rows(Q + batch * stride_qb + head.to(tl.int64) * stride_qh, idx_q, stride_qn, d, q_mask)
         do = _rows(DO + batch * stride_dob + head.to(tl.int64) * stride_doh, idx_q, stride_don, d, q_mask)
         lse, row_term = _row_statistics(Lse, RowTerm, (batch * num_heads + head) * num_queries, idx_q, q_ok)
-        # Transposed orientation (keys x queries), so P^T and dS^T feed the dk, dv products straight
-        # from registers (no transpose of a computed tile). Only the causal diagonal needs a mask:
-        # keys off the lattice or padded are this program's own rows, whose sums are dropped or zeroed
-        # at the end (a key's dk, dv read only its row of P^T and dS^T).
-        p_t = tl.math.exp2(_dot(k, tl.trans(q), FP32_DOT) * qk_scale - lse[None, :])
-        if IS_CAUSAL:
-            p_t = tl.where(t_k[:, None] <= t_q[None, :], p_t, 0.0)
-        ds_t = p_t * (_dot(v, tl.trans(do), FP32_DOT) - row_term[None, :])
-        dv += _dot(p_t.to(do.dtype), do, FP32_DOT)
-        dk += _dot(ds_t.to(q.dtype), q, FP32_DOT)
+        # Only the causal diagonal needs a mask here: keys off the lattice or padded are this program's
+        # own rows, whose sums are dropped or zeroed at the end (a key's dk, dv read only its column).
+        p, ds = _gradient_terms(q, k, v, do, lse, row_term, t_k[None, :] <= t_q[:, None], qk_scale, FP32_DOT, IS_CAUSAL)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, FP32_DOT)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, FP32_DOT)
     if HAS_PADDING:
         # A padded key is attended by no query: its dk, dv are exactly 0.
         dk = tl.where(key_ok[:, None], dk, 0.0)
