@@ -144,6 +144,23 @@ def test_triton_backend(case, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+@settings(max_examples=example_count(4))
+@given(case=_triton_cases(), data=st.data())
+def test_triton_ring_merges_on_write(case, dtype, data):
+    """The in-process ring with triton: every chunk pair merged into its query chunk's accumulator by the kernel."""
+    from optimized.triton_backend import unsupported_reasons
+
+    assume(not unsupported_reasons(case.sparse_config.block_size, case.shape.head_dim, dtype, DEVICE))
+    from optimized.dispatch import TritonOptions
+
+    chunks = data.draw(s.ring_splits(case.shape.seq_len, allow_empty=data.draw(st.booleans())), label="chunks")
+    # False: a float32 partial per pair and a separate merge (the A/B twin of merge on write).
+    options = TritonOptions(merge_on_write=data.draw(st.booleans(), label="merge_on_write"))
+    check_backend(case, "triton", dtype, DEVICE, ring_chunk_lengths=chunks, module_options={"backend_options": options})
+
+
+@needs_triton
 @settings(max_examples=example_count(3))
 @given(case=_triton_cases())
 def test_triton_backend_sparse_weights(case):

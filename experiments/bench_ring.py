@@ -5,7 +5,9 @@
 For each dilation configuration, layout and causal flag, times (median of
 ``triton.testing.do_bench``, bf16, B = 1, H = 12, D = 64) the unsplit forward (CUDA graphs on and
 off) and the in-process ring with P equal chunks (P = 1 runs the ring code path with one chunk).
-The ring's overhead is its time over the unsplit eager time. Next to each time: the active chunk
+The ring's overhead is its time over the unsplit eager time; with the triton backend the ring is
+also timed with ``TritonOptions(merge_on_write=False)`` (a float32 partial per chunk pair and a
+separate merge pass, as before merge on write). Next to each time: the active chunk
 pairs the schedule computes and the bytes a distributed ring of P ranks would send (forward, all
 ranks together). "local" keeps every segment <= 8192 tokens, so with chunks >= 8192 no pair crosses
 a chunk and nothing would be sent; "global" adds a whole-sequence branch, so every chunk travels.
@@ -27,6 +29,7 @@ from experiments.env import environment
 from experiments.ring import equal_chunks
 from experiments.timing import time_call
 from optimized import BACKENDS, BlockSparseRingDilatedAttention
+from optimized.dispatch import TritonOptions
 from reference.config import DilationConfig, SparsePatternConfig
 from reference.ring_schedule import ring_schedule
 from reference.semantics import AttentionGeometry
@@ -34,6 +37,8 @@ from reference.semantics import AttentionGeometry
 DILATIONS = {
     "local": dict(segments=(2048, 4096, 8192), rates=(1, 2, 4)),
     "global": dict(segments=(2048, 8192, 65536), rates=(1, 4, 16)),
+    # Issue 14's global branch.
+    "global_8k_64k": dict(segments=(8192, 65536), rates=(1, 8)),
 }
 
 
@@ -158,8 +163,20 @@ def main(argv=None) -> None:
                             schedule = ring_schedule(geometry, config, is_causal, chunks)
                             ring = make(ring_chunk_lengths=chunks, use_cuda_graphs=False)
                             ms = time_ms(lambda: ring(q, k, v, is_causal=is_causal), args.warmup, args.rep)
+                            separate_ms = None
+                            if eager.last_backend == "triton":
+                                # The same ring with a float32 partial per pair and a separate merge pass.
+                                separate = make(
+                                    ring_chunk_lengths=chunks,
+                                    use_cuda_graphs=False,
+                                    backend_options=TritonOptions(merge_on_write=False),
+                                )
+                                separate_ms = time_ms(
+                                    lambda: separate(q, k, v, is_causal=is_causal), args.warmup, args.rep
+                                )
                             row["ring"][P] = dict(
                                 ms=ms,
+                                separate_merge_ms=separate_ms,
                                 overhead=ms / row["unsplit_eager_ms"] - 1.0,
                                 active_pairs=sum(map(sum, schedule.active)),
                                 last_step=schedule.last_step,
@@ -167,6 +184,7 @@ def main(argv=None) -> None:
                             )
                             print(
                                 f"{dilation_name:6s} {layout_name:14s} causal={int(is_causal)} P={P}: {ms:8.3f} ms "
+                                f"(separate merge {separate_ms or float('nan'):.3f} ms) "
                                 f"(unsplit eager {row['unsplit_eager_ms']:.3f} ms, graphs "
                                 f"{row['unsplit_graphs_ms']:.3f} ms), active pairs "
                                 f"{row['ring'][P]['active_pairs']}, last step {schedule.last_step}",

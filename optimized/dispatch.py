@@ -81,6 +81,9 @@ class TritonOptions:
     variant: str | None = None
     item_order: str | None = None
     index_mode: str | None = None
+    # Rings: merge every chunk pair into the query chunk's accumulator inside the kernel (False: a
+    # float32 partial per pair and a separate merge pass, the way before merge on write; for A/B runs).
+    merge_on_write: bool = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,6 +101,9 @@ class Backend:
     differentiable: ClassVar[bool]
     # Whether a forward call may be captured in a CUDA graph and replayed (optimized.graphs).
     graph_capturable: ClassVar[bool] = False
+    # Whether forward_partial_into merges a chunk pair into a running (out, lse) as it writes (the
+    # rings then keep one accumulator per query chunk and run no separate merge pass).
+    merges_on_write: ClassVar[bool] = False
 
     def unsupported_reasons(self, case: Case) -> list[str]:
         raise NotImplementedError
@@ -111,6 +117,9 @@ class Backend:
         raise NotImplementedError
 
     backward_partial = None  # (q, k, v, mask, plan, options, out, lse, grad_out, grad_lse) -> (dq, dk, dv)
+    # With merges_on_write: (accumulated (out, lse), q, k, v, mask, plan, options) -> None, merging the
+    # plan's chunk pair into ``accumulated`` in place (no autograd).
+    forward_partial_into = None
 
     def sparse_weights(self, q, k, key_padding_mask, lse, plan: CallPlan, options):
         raise NotImplementedError
@@ -179,6 +188,7 @@ class TritonBackend(Backend):
     options_type = TritonOptions
     differentiable = True
     graph_capturable = True
+    merges_on_write = True
 
     def unsupported_reasons(self, case: Case) -> list[str]:
         if triton_backend is None:
@@ -208,6 +218,19 @@ class TritonBackend(Backend):
             variant=options.variant,
             order=options.item_order,
             index=options.index_mode,
+        )
+
+    def forward_partial_into(self, accumulated, q, k, v, key_padding_mask, plan, options: TritonOptions):
+        triton_backend.partial_forward(
+            q,
+            k,
+            v,
+            key_padding_mask,
+            plan,
+            variant=options.variant,
+            order=options.item_order,
+            index=options.index_mode,
+            into=accumulated,
         )
 
     def backward_partial(self, q, k, v, key_padding_mask, plan, options: TritonOptions, out, lse, grad_out, grad_lse):

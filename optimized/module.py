@@ -24,6 +24,8 @@ def _backend_options(work_size: int, given) -> dict:
     options = {name: backend.default_options() for name, backend in REGISTRY.items()}
     options["torch"] = TorchOptions(work_size)
     by_type = {backend.options_type: name for name, backend in REGISTRY.items()}
+    if type(given) in by_type:
+        given = (given,)  # one options object alone
     for option in given:
         if type(option) not in by_type:
             allowed = ", ".join(t.__name__ for t in by_type)

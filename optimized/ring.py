@@ -49,6 +49,16 @@ def _empty_partial(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
+def _merges_on_write(backend: Backend, options, q, k, v) -> bool:
+    """Whether the ring merges every pair into its query chunk's accumulator inside the backend's kernel.
+
+    Only without autograd: the in-place accumulator records no graph (the backward rings recompute
+    each pair's partial instead).
+    """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return backend.merges_on_write and options.merge_on_write and not needs_grad
+
+
 def _merge_into(acc, out, lse):
     """Add a partial to a running (out, lse) pair (None: nothing yet); results in lse's dtype
     (float32, or float64 for float64 inputs)."""
@@ -84,13 +94,14 @@ def in_process_forward(
     ring merges them), skipping the pairs the schedule marks inactive.
     """
     schedule = ring_schedule(geometry, sparse_config, is_causal, chunks)
+    on_write = _merges_on_write(backend, options, q, k, v)
     outs, lses = [], []
     for i in range(schedule.num_chunks):
         q0, q1 = schedule.chunk_range(i)
         if q1 == q0:
             continue
         q_chunk = q[:, q0:q1]
-        merged = None
+        merged = _empty_partial(q_chunk) if on_write else None
         for step in range(schedule.num_chunks):
             if not schedule.computes(i, step):
                 continue
@@ -98,8 +109,11 @@ def in_process_forward(
             k0, k1 = schedule.chunk_range(j)
             plan = CallPlan(geometry, sparse_config, bool(is_causal), float(scale), (q0, q1), (k0, k1))
             mask_chunk = None if key_padding_mask is None else key_padding_mask[:, k0:k1]
-            out, lse = backend.forward_partial(q_chunk, k[:, k0:k1], v[:, k0:k1], mask_chunk, plan, options)
-            merged = _merge_into(merged, out, lse)
+            if on_write:
+                backend.forward_partial_into(merged, q_chunk, k[:, k0:k1], v[:, k0:k1], mask_chunk, plan, options)
+            else:
+                out, lse = backend.forward_partial(q_chunk, k[:, k0:k1], v[:, k0:k1], mask_chunk, plan, options)
+                merged = _merge_into(merged, out, lse)
         out, lse = merged if merged is not None else _empty_partial(q_chunk)
         outs.append(out)
         lses.append(lse)
@@ -230,14 +244,17 @@ def _as_bool(mask):
 
 def _ring_forward(call: _RingCall, q, k, v, mask_bytes):
     """Forward ring of this rank: merged (out float32, lse float32) of its query rows."""
-    merged = None
+    on_write = _merges_on_write(call.backend, call.options, q, k, v)
+    merged = _empty_partial(q) if on_write else None
     call.stats.computed_steps = []
     call.stats.forward_bytes = [0] * call.world_size
     for step, chunk, (k_chunk, v_chunk, mask_chunk) in _travel(call, (k, v, mask_bytes), call.stats.forward_bytes):
-        out, lse = call.backend.forward_partial(
-            q, k_chunk, v_chunk, _as_bool(mask_chunk), call.plan(call.rank, chunk), call.options
-        )
-        merged = _merge_into(merged, out, lse)
+        plan = call.plan(call.rank, chunk)
+        if on_write:
+            call.backend.forward_partial_into(merged, q, k_chunk, v_chunk, _as_bool(mask_chunk), plan, call.options)
+        else:
+            out, lse = call.backend.forward_partial(q, k_chunk, v_chunk, _as_bool(mask_chunk), plan, call.options)
+            merged = _merge_into(merged, out, lse)
         call.stats.computed_steps.append(step)
     return merged if merged is not None else _empty_partial(q)
 

@@ -909,6 +909,27 @@ def _allocate_outputs(batch, num_queries, num_heads, head_dim, out_dtype, device
     return out, lse
 
 
+def _check_accumulator(into, out_shape, device):
+    """The (out, lse) a call merges into: float32, out (B, Nq, H, D) with unit stride on D, lse (B, H, Nq)."""
+    if not (isinstance(into, tuple) and len(into) == 2 and all(isinstance(t, torch.Tensor) for t in into)):
+        raise TypeError(f"into must be a tuple (out, lse) of tensors, got {type(into).__name__}")
+    out, lse = into
+    batch, num_queries, num_heads, _ = out_shape
+    expected = {"out": (out, tuple(out_shape)), "lse": (lse, (batch, num_heads, num_queries))}
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape or tensor.dtype != torch.float32 or tensor.device != torch.device(device):
+            raise ValueError(
+                f"into's {name} must be float32 of shape {shape} on {device} (the query chunk's accumulator), "
+                f"got {tensor.dtype} of shape {tuple(tensor.shape)} on {tensor.device}"
+            )
+    if out.stride(-1) != 1 or not lse.is_contiguous():
+        raise ValueError(
+            f"into's out needs unit stride on its last dim and lse must be contiguous, got strides "
+            f"{out.stride()} and {lse.stride()}"
+        )
+    return out, lse
+
+
 def _auto_variant(launch: LaunchTable) -> str:
     if launch.mean_run >= AUTO_TMA_MIN_RUN:
         return "v3tma"
@@ -947,11 +968,15 @@ def partial_forward(
     variant: str | None = None,
     order: str | None = None,
     index: str | None = None,
+    into: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Partial attention of q (B, Nq, H, D) at plan.query_range against k, v (B, Nk, H_kv, D) at plan.key_range.
 
     Returns (out, lse): out (B, Nq, H, D) in q.dtype when the call covers the whole key range,
     float32 for a key chunk (its partial is merged with others later); lse (B, H, Nq) float32.
+    ``into``: a running float32 (out, lse) of the same query chunk (a ring's accumulator, empty
+    rows 0 / -inf) that the kernel merges this pair into as it writes (docs/semantics.md section 5),
+    in place; positions the pair does not reach keep their values. Returns ``into``.
     ``variant``: how full key blocks are read (VARIANTS; default: env BSRDA_TRITON_VARIANT or DEFAULT_VARIANT);
     ``order``: the launch order of work items (ITEM_ORDERS); ``index``: how listed blocks are found
     (INDEX_MODES). Each defaults to its environment variable, then to its DEFAULT_*; the output
@@ -967,11 +992,18 @@ def partial_forward(
     whole_keys = plan.key_range == (0, plan.geometry.seq_len)
     out_dtype = q.dtype if whole_keys else torch.float32
     launches = device_tables(plan, q.device, order)
-    if not launches:
+    if into is not None:
+        out, lse = _check_accumulator(into, (batch, num_queries, num_heads, head_dim), q.device)
+        if not launches:
+            return out, lse
+    elif not launches:
         out = torch.zeros(batch, num_queries, num_heads, head_dim, dtype=out_dtype, device=q.device)
         lse = torch.full((batch, num_heads, num_queries), float("-inf"), dtype=torch.float32, device=q.device)
         return out, lse
-    out, lse = _allocate_outputs(batch, num_queries, num_heads, head_dim, out_dtype, q.device, launches[0].covers_head)
+    else:
+        out, lse = _allocate_outputs(
+            batch, num_queries, num_heads, head_dim, out_dtype, q.device, launches[0].covers_head
+        )
     tile = tile or default_tile(b, block_d, q.dtype)
     if b % tile.block_m or b % tile.block_n:
         raise ValueError(f"tile {tile} must divide block_size={b}")
@@ -1024,14 +1056,14 @@ def partial_forward(
             BLOCK_N=tile.block_n,
             IS_CAUSAL=plan.is_causal,
             HAS_PADDING=has_padding,
-            MERGE=layer > 0,
+            MERGE=into is not None or layer > 0,
             FP32_DOT=q.dtype == torch.float32,
             EVEN_D=block_d == head_dim,
             REGISTER_INDEX=register_index and listed <= MAX_REGISTER_ENTRIES,
             MAX_ENTRIES=max(16, triton.next_power_of_2(max(1, listed))),
             RUNS=runs,
             TMA=tma,
-            ZERO_GAPS=layer == 0,
+            ZERO_GAPS=into is None and layer == 0,
             num_warps=tile.num_warps,
             num_stages=tile.num_stages,
         )

@@ -91,6 +91,8 @@ def test_options_are_typed():
     assert module.work_size == 5 and module.backend_options["torch"] == TorchOptions(5)
     with pytest.raises(TypeError, match="backend_options"):
         optimized.BlockSparseRingDilatedAttention([8], [1], backend_options=({"work_size": 5},))
+    single = optimized.BlockSparseRingDilatedAttention([8], [1], backend_options=TritonOptions(merge_on_write=False))
+    assert single.backend_options["triton"].merge_on_write is False  # one options object alone is accepted
     module = optimized.BlockSparseRingDilatedAttention([8], [1], backend_options=(TritonOptions(variant="v2"),))
     assert module.backend_options["triton"].variant == "v2" and module.work_size == 4096
 

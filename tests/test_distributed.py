@@ -56,6 +56,7 @@ class Scenario:
     weights: bool = False
     lse_gradient: bool = False  # the loss also reads lse (its gradient flows through the ring too)
     seed: int = 0
+    backend: str = "torch"
 
     @property
     def seq_len(self) -> int:
@@ -148,6 +149,26 @@ SCENARIOS = (
         seed=3,
     ),
 )
+if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+    # The triton backend through the distributed ring (the interpreter on the CPU): each pair merged into
+    # the rank's accumulator by the kernel, gradients through the triton backward; head_mode "all" merges
+    # branches into the same accumulator, causal with uneven chunks, padding, grouped-query heads.
+    SCENARIOS += (
+        Scenario(
+            "three_ranks_triton",
+            (0, 2, 3),
+            (21, 16, 27),
+            (16, 64),
+            (1, 2),
+            SparsePatternConfig(pattern_type="local_window", local_window_size=32, block_size=16),
+            head_mode="all",
+            head_dim=16,
+            is_causal=True,
+            lse_gradient=True,
+            seed=4,
+            backend="triton",
+        ),
+    )
 MISMATCH_RANKS = (0, 1, 2)  # rank 1 passes other dilation rates; rank 2 another head dim
 
 
@@ -161,7 +182,9 @@ def _mismatch_module(global_rank: int, group):
 def _run_scenario(scenario: Scenario, group, group_rank: int) -> dict:
     q, k, v, mask, grad_out = scenario.inputs()
     start, stop = scenario.rows(group_rank)
-    module = optimized.BlockSparseRingDilatedAttention(**scenario.module_kwargs(), backend="torch", process_group=group)
+    module = optimized.BlockSparseRingDilatedAttention(
+        **scenario.module_kwargs(), backend=scenario.backend, process_group=group
+    )
     leaves = [t[:, start:stop].clone().requires_grad_(scenario.gradients) for t in (q, k, v)]
     local_mask = None if mask is None else mask[:, start:stop].clone()
     results = module(

@@ -375,3 +375,79 @@ def test_kernel_constants_follow_the_record_layouts(layout, prefix, host_only):
         constant = getattr(triton_backend, prefix + column.name, None)
         assert (constant is None) == (column.name in host_only), column
         assert constant is None or constant.value == column.value, column
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_merge_on_write_of_adjacent_key_chunks_is_the_union(causal):
+    """Two key chunks merged into one accumulator by the kernel equal the partial over their union (section 5)."""
+    config = SparsePatternConfig(pattern_type="global_local", block_size=16, local_window_size=32, global_tokens=16)
+    geometry = AttentionGeometry(DilationConfig((32, 61), (1, 2), "all"), 61, 4)
+    q, k, v, mask = make_inputs(7, 2, 61, 4, 2, 16, torch.float32, 0.1)
+    mask[1] = True  # batch 1 attends nothing: its rows must stay exactly empty
+    (q0, q1), pieces = (13, 50), ((5, 29), (29, 61))
+    scale = 16**-0.5
+    qc = q[:, q0:q1].to(DEVICE)
+    accumulator = (
+        torch.zeros(2, q1 - q0, 4, 16, device=DEVICE),
+        torch.full((2, 4, q1 - q0), float("-inf"), device=DEVICE),
+    )
+    for k0, k1 in pieces:
+        plan = CallPlan(geometry, config, causal, scale, (q0, q1), (k0, k1))
+        kc, vc, mc = (t[:, k0:k1].to(DEVICE) for t in (k, v, mask))
+        assert triton_backend.partial_forward(qc, kc, vc, mc, plan, into=accumulator) is not None
+    out, lse = accumulator
+    k0, k1 = pieces[0][0], pieces[-1][1]
+    kwargs = dict(query_start=q0, key_start=k0, is_causal=causal, key_padding_mask=mask[:, k0:k1], scale=scale)
+    qr, kr, vr = q[:, q0:q1], k[:, k0:k1], v[:, k0:k1]
+    out64, lse64 = partial_attention(qr, kr, vr, geometry, config, **kwargs)
+    out32, lse32 = partial_attention(qr, kr, vr, geometry, config, compute_dtype=None, **kwargs)
+    empty = torch.isneginf(lse64)
+    assert bool(empty.any()) and not bool(empty.all())  # both kinds of rows are checked
+    assert_within_budget(compare("lse", lse.cpu(), lse64, lse32, torch.float32, empty=empty, empty_value=float("-inf")))
+    out_empty = empty.transpose(1, 2).unsqueeze(-1)
+    assert_within_budget(compare("out", out.cpu(), out64, out32, torch.float32, empty=out_empty, empty_value=0.0))
+
+
+def test_merge_on_write_leaves_rows_the_pair_does_not_reach():
+    """Rows with no allowed key in the pair keep the accumulator's bits; the others change."""
+    config = SparsePatternConfig(pattern_type="local_window", block_size=16, local_window_size=16)
+    geometry = AttentionGeometry(DilationConfig((16, 64), (1, 4), "split"), 64, 2)
+    q, k, v, _ = make_inputs(3, 1, 64, 2, 2, 16, torch.float32, 0.0)
+    plan = CallPlan(geometry, config, False, 0.25, (0, 64), (0, 32))
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    own_out, own_lse = triton_backend.partial_forward(dev(q), dev(k[:, :32]), dev(v[:, :32]), None, plan)
+    before = (torch.randn(1, 64, 2, 16, device=DEVICE), torch.randn(1, 2, 64, device=DEVICE))
+    after = tuple(t.clone() for t in before)
+    triton_backend.partial_forward(dev(q), dev(k[:, :32]), dev(v[:, :32]), None, plan, into=after)
+    unreached = torch.isneginf(own_lse)
+    assert bool(unreached.any()) and not bool(unreached.all())
+    assert torch.equal(after[1][unreached], before[1][unreached])
+    rows = unreached.transpose(1, 2)  # (B, N, H)
+    assert torch.equal(after[0][rows], before[0][rows])
+    assert not torch.equal(after[1][~unreached], before[1][~unreached])
+
+
+@pytest.mark.parametrize(
+    "into, error, words",
+    [
+        ([torch.zeros(1, 8, 2, 16), torch.zeros(1, 2, 8)], TypeError, "into must be a tuple"),
+        (
+            (torch.zeros(1, 8, 2, 16, dtype=torch.float16), torch.zeros(1, 2, 8)),
+            ValueError,
+            "into's out must be float32",
+        ),
+        (
+            (torch.zeros(1, 8, 2, 16), torch.zeros(1, 8, 2)),
+            ValueError,
+            r"into's lse must be float32 of shape \(1, 2, 8\)",
+        ),
+    ],
+)
+def test_bad_accumulator_is_refused_by_name(into, error, words):
+    config = SparsePatternConfig(pattern_type="dense", block_size=16)
+    geometry = AttentionGeometry(DilationConfig((8,), (1,), "split"), 8, 2)
+    q, k, v, _ = make_inputs(1, 1, 8, 2, 2, 16, torch.float32, 0.0)
+    plan = CallPlan(geometry, config, False, 0.25, (0, 8), (0, 8))
+    into = into if isinstance(into, list) else tuple(t.to(DEVICE) for t in into)
+    with pytest.raises(error, match=words):
+        triton_backend.partial_forward(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, plan, into=into)
