@@ -59,6 +59,19 @@ def _merges_on_write(backend: Backend, options, q, k, v) -> bool:
     return backend.merges_on_write and options.merge_on_write and not needs_grad
 
 
+def _add_pair(backend: Backend, options, merged, on_write: bool, q, k, v, key_padding_mask, plan: CallPlan):
+    """``merged`` (a query chunk's running (out, lse), None before its first pair) with one more pair.
+
+    The first pair is a plain partial (it writes every position, so nothing needs zeroing first); with
+    ``on_write`` later pairs are merged into it by the backend's kernel as they are written.
+    """
+    if on_write and merged is not None:
+        backend.forward_partial_into(merged, q, k, v, key_padding_mask, plan, options)
+        return merged
+    out, lse = backend.forward_partial(q, k, v, key_padding_mask, plan, options)
+    return _merge_into(merged, out, lse)
+
+
 def _merge_into(acc, out, lse):
     """Add a partial to a running (out, lse) pair (None: nothing yet); results in lse's dtype
     (float32, or float64 for float64 inputs)."""
@@ -101,7 +114,7 @@ def in_process_forward(
         if q1 == q0:
             continue
         q_chunk = q[:, q0:q1]
-        merged = _empty_partial(q_chunk) if on_write else None
+        merged = None
         for step in range(schedule.num_chunks):
             if not schedule.computes(i, step):
                 continue
@@ -109,11 +122,7 @@ def in_process_forward(
             k0, k1 = schedule.chunk_range(j)
             plan = CallPlan(geometry, sparse_config, bool(is_causal), float(scale), (q0, q1), (k0, k1))
             mask_chunk = None if key_padding_mask is None else key_padding_mask[:, k0:k1]
-            if on_write:
-                backend.forward_partial_into(merged, q_chunk, k[:, k0:k1], v[:, k0:k1], mask_chunk, plan, options)
-            else:
-                out, lse = backend.forward_partial(q_chunk, k[:, k0:k1], v[:, k0:k1], mask_chunk, plan, options)
-                merged = _merge_into(merged, out, lse)
+            merged = _add_pair(backend, options, merged, on_write, q_chunk, k[:, k0:k1], v[:, k0:k1], mask_chunk, plan)
         out, lse = merged if merged is not None else _empty_partial(q_chunk)
         outs.append(out)
         lses.append(lse)
@@ -245,16 +254,14 @@ def _as_bool(mask):
 def _ring_forward(call: _RingCall, q, k, v, mask_bytes):
     """Forward ring of this rank: merged (out float32, lse float32) of its query rows."""
     on_write = _merges_on_write(call.backend, call.options, q, k, v)
-    merged = _empty_partial(q) if on_write else None
+    merged = None
     call.stats.computed_steps = []
     call.stats.forward_bytes = [0] * call.world_size
     for step, chunk, (k_chunk, v_chunk, mask_chunk) in _travel(call, (k, v, mask_bytes), call.stats.forward_bytes):
         plan = call.plan(call.rank, chunk)
-        if on_write:
-            call.backend.forward_partial_into(merged, q, k_chunk, v_chunk, _as_bool(mask_chunk), plan, call.options)
-        else:
-            out, lse = call.backend.forward_partial(q, k_chunk, v_chunk, _as_bool(mask_chunk), plan, call.options)
-            merged = _merge_into(merged, out, lse)
+        merged = _add_pair(
+            call.backend, call.options, merged, on_write, q, k_chunk, v_chunk, _as_bool(mask_chunk), plan
+        )
         call.stats.computed_steps.append(step)
     return merged if merged is not None else _empty_partial(q)
 
