@@ -18,6 +18,10 @@ from . import graphs, ring
 from .dispatch import REGISTRY, Case, Choice, TorchOptions, check_backend_name, choose, options_for
 from .plan import CallPlan
 
+# How a process_group's ranks share the sequence: one contiguous chunk each, or two pieces each
+# (reference.zigzag_pieces) so that causal masks give every rank the same work.
+RING_LAYOUTS = ("contiguous", "zigzag")
+
 
 def _backend_options(work_size: int, given) -> dict:
     """Backend name -> its options: the defaults, ``work_size`` for torch, then each typed option in ``given``."""
@@ -65,6 +69,9 @@ class BlockSparseRingDilatedAttention(nn.Module):
         strides (no copies).
     ring_size / ring_chunk_lengths: split keys and values into contiguous chunks in one process.
     process_group: spread the sequence over the ranks of a torch.distributed group.
+    ring_layout: with process_group, "contiguous" (rank r holds the r-th chunk) or "zigzag" (rank r holds
+        the rows of ``reference.zigzag_pieces(N, P)[r]``: two pieces, one early and one late, which
+        balances causal work; its sparse weights are not available).
     work_size: active blocks the torch backend processes at once (bounds its extra memory).
     backend_options: typed options (``optimized.dispatch.TorchOptions`` / ``FlexOptions`` /
         ``TritonOptions``), at most one per backend; they override ``work_size``.
@@ -85,6 +92,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
         use_cuda_graphs: bool = True,
         layout: str = "bnhd",
         backend_options=(),
+        ring_layout: str = "contiguous",
     ) -> None:
         super().__init__()
         self.dilation = DilationConfig(tuple(segment_lengths), tuple(dilation_rates), head_mode)
@@ -97,6 +105,14 @@ class BlockSparseRingDilatedAttention(nn.Module):
         self.layout = check_layout(layout)
         self.ring_size, self.ring_chunk_lengths = _check_ring(ring_size, ring_chunk_lengths, process_group)
         self.process_group = process_group
+        if ring_layout not in RING_LAYOUTS:
+            raise ValueError(f"ring_layout must be one of {RING_LAYOUTS}, got {ring_layout!r}")
+        if ring_layout != "contiguous" and process_group is None:
+            raise ValueError(
+                f"ring_layout={ring_layout!r} assigns each rank of a process_group two pieces of the sequence; "
+                "give process_group too (an in-process ring's result does not depend on the assignment)"
+            )
+        self.ring_layout = ring_layout
         self.backend_options = _backend_options(work_size, backend_options)
         self.use_cuda_graphs = bool(use_cuda_graphs)
         self.last_choice: Choice | None = None  # what the last call ran ("auto" resolved) and why
@@ -146,6 +162,11 @@ class BlockSparseRingDilatedAttention(nn.Module):
         scale: float | None = None,
     ):
         if self.process_group is not None:
+            if return_attention_weights and self.ring_layout != "contiguous":
+                raise ValueError(
+                    f"return_attention_weights=True with ring_layout={self.ring_layout!r}: the ring's sparse "
+                    "weights are assembled per contiguous chunk; use ring_layout='contiguous' to get them"
+                )
             request = ring.RingRequest(
                 self.process_group,
                 self.dilation,
@@ -154,6 +175,7 @@ class BlockSparseRingDilatedAttention(nn.Module):
                 self.backend_options,
                 self.layout,
                 self._chunk_lengths_cache,
+                self.ring_layout,
             )
             result = ring.distributed_forward(
                 request, q, k, v, bool(is_causal), key_padding_mask, return_attention_weights, return_lse, scale

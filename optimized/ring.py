@@ -26,7 +26,7 @@ import torch.distributed as dist
 from reference.config import DilationConfig, SparsePatternConfig
 from reference.inputs import bnhd_view, default_scale, layout_view, validate_qkv
 from reference.merge import merge_partials
-from reference.ring_schedule import RingSchedule, ring_schedule
+from reference.ring_schedule import RingSchedule, ring_schedule, zigzag_schedule
 from reference.semantics import AttentionGeometry
 
 from .blocks import accumulation_dtype
@@ -183,15 +183,9 @@ class _RingCall:
     def previous_peer(self) -> int:
         return self.peers[(self.rank - 1) % self.world_size]
 
-    def plan(self, query_chunk: int, key_chunk: int) -> CallPlan:
-        return CallPlan(
-            self.geometry,
-            self.sparse_config,
-            self.is_causal,
-            self.scale,
-            self.schedule.chunk_range(query_chunk),
-            self.schedule.chunk_range(key_chunk),
-        )
+    def plan(self, query_range: tuple[int, int], key_range: tuple[int, int]) -> CallPlan:
+        """The plan of one (query piece, key piece) pair, global ranges."""
+        return CallPlan(self.geometry, self.sparse_config, self.is_causal, self.scale, query_range, key_range)
 
     def post(self, sends, receives):
         """Start sends to the next rank and receives from the previous one; returns the works."""
@@ -254,16 +248,56 @@ def _as_bool(mask):
 def _ring_forward(call: _RingCall, q, k, v, mask_bytes):
     """Forward ring of this rank: merged (out float32, lse float32) of its query rows."""
     on_write = _merges_on_write(call.backend, call.options, q, k, v)
-    merged = None
+    pieces = call.schedule.pieces[call.rank]
+    local = [slice(*call.schedule.local_piece_range(call.rank, a)) for a in range(len(pieces))]
+    merged = [None] * len(pieces)  # one running (out, lse) per query piece
     call.stats.computed_steps = []
     call.stats.forward_bytes = [0] * call.world_size
     for step, chunk, (k_chunk, v_chunk, mask_chunk) in _travel(call, (k, v, mask_bytes), call.stats.forward_bytes):
-        plan = call.plan(call.rank, chunk)
-        merged = _add_pair(
-            call.backend, call.options, merged, on_write, q, k_chunk, v_chunk, _as_bool(mask_chunk), plan
-        )
+        mask_chunk = _as_bool(mask_chunk)
+        for a, b in call.schedule.piece_pairs[call.rank][chunk]:
+            rows = slice(*call.schedule.local_piece_range(chunk, b))
+            merged[a] = _add_pair(
+                call.backend,
+                call.options,
+                merged[a],
+                on_write,
+                q[:, local[a]],
+                k_chunk[:, rows],
+                v_chunk[:, rows],
+                None if mask_chunk is None else mask_chunk[:, rows],
+                call.plan(pieces[a], call.schedule.pieces[chunk][b]),
+            )
         call.stats.computed_steps.append(step)
-    return merged if merged is not None else _empty_partial(q)
+    return _concatenate_pieces(q, local, merged)
+
+
+def _concatenate_pieces(q, local, merged):
+    """(out, lse) of all of q's rows from its pieces' (None: no pair reached the piece: empty)."""
+    filled = [m if m is not None else _empty_partial(q[:, rows]) for rows, m in zip(local, merged)]
+    if len(filled) == 1:
+        return filled[0]
+    return torch.cat([out for out, _ in filled], dim=1), torch.cat([lse for _, lse in filled], dim=2)
+
+
+def _step_partial(call: _RingCall, chunk: int, q, k_chunk, v_chunk, mask_chunk):
+    """(out, lse) of this rank's query rows against key chunk ``chunk``: its active piece pairs merged
+    (out-of-place, so autograd sees every partial)."""
+    pieces = call.schedule.pieces[call.rank]
+    local = [slice(*call.schedule.local_piece_range(call.rank, a)) for a in range(len(pieces))]
+    merged = [None] * len(pieces)
+    for a, b in call.schedule.piece_pairs[call.rank][chunk]:
+        rows = slice(*call.schedule.local_piece_range(chunk, b))
+        out, lse = call.backend.forward_partial(
+            q[:, local[a]],
+            k_chunk[:, rows],
+            v_chunk[:, rows],
+            None if mask_chunk is None else mask_chunk[:, rows],
+            call.plan(pieces[a], call.schedule.pieces[chunk][b]),
+            call.options,
+        )
+        merged[a] = _merge_into(merged[a], out, lse)
+    return _concatenate_pieces(q, local, merged)
 
 
 def _pair_gradients(call: _RingCall, chunk, q, k_chunk, v_chunk, mask_chunk, out, lse, grad_out, grad_lse, needs):
@@ -275,9 +309,7 @@ def _pair_gradients(call: _RingCall, chunk, q, k_chunk, v_chunk, mask_chunk, out
     """
     leaves = [t.detach().requires_grad_(need) for t, need in zip((q, k_chunk, v_chunk), needs)]
     with torch.enable_grad():
-        out_j, lse_j = call.backend.forward_partial(
-            *leaves, _as_bool(mask_chunk), call.plan(call.rank, chunk), call.options
-        )
+        out_j, lse_j = _step_partial(call, chunk, *leaves, _as_bool(mask_chunk))
     lse_j_value = lse_j.detach()
     weight = torch.where(torch.isneginf(lse_j_value), torch.zeros_like(lse_j_value), torch.exp(lse_j_value - lse))
     grad_out_j = weight.transpose(1, 2).unsqueeze(-1) * grad_out
@@ -401,8 +433,9 @@ class _RingAttention(torch.autograd.Function):
 def _ring_weights(call: _RingCall, q, k, mask_bytes, lse):
     """Sparse weights of this rank's query rows: a second ring pass of k (and the mask) with the final lse."""
     pieces = []
+    ranges = call.schedule.chunk_range  # contiguous rings only (distributed_forward refuses zigzag weights)
     weights = lambda k_chunk, mask_chunk, chunk: call.backend.sparse_weights(  # noqa: E731
-        q, k_chunk, _as_bool(mask_chunk), lse, call.plan(call.rank, chunk), call.options
+        q, k_chunk, _as_bool(mask_chunk), lse, call.plan(ranges(call.rank), ranges(chunk)), call.options
     )
     call.stats.weights_bytes = [0] * call.world_size
     for _, chunk, (k_chunk, mask_chunk) in _travel(call, (k, mask_bytes), call.stats.weights_bytes):
@@ -486,6 +519,7 @@ class RingRequest:
     options: dict
     layout: str = "bnhd"
     chunk_lengths_cache: dict = field(default_factory=dict, compare=False)
+    ring_layout: str = "contiguous"  # or "zigzag": each rank holds two pieces (reference.zigzag_pieces)
 
 
 @dataclass(frozen=True)
@@ -504,7 +538,9 @@ def distributed_forward(
 
     Each rank passes its own contiguous chunk of q, k, v (in ``request.layout``, N_r tokens) and of
     the key padding mask (B, N_r); chunk r holds global positions [sum(N_<r), sum(N_<=r)) in rank
-    order, and the N_r may differ (each rank must hold at least one token). ``results`` holds out
+    order, and the N_r may differ (each rank must hold at least one token). With
+    ``request.ring_layout == "zigzag"`` rank r passes instead the rows of its two ranges of
+    ``reference.zigzag_pieces(N, P)``, the first range's rows then the second's. ``results`` holds out
     for this rank's rows (in the caller's layout); lse (B, H, N_r); weights: a
     ``SparseAttentionWeights`` in GLOBAL coordinates (shape (B, H, N, N), global query/key
     positions) holding only this rank's query rows, so the ranks' ``to_dense()`` results add up to
@@ -549,6 +585,7 @@ def distributed_forward(
         ("return_lse", bool(return_lse)),
         ("requires_grad", grad_wanted),
         ("world_size", world_size),
+        ("ring_layout", request.ring_layout),
     )
     cache = request.chunk_lengths_cache
     key = (description, local_len)
@@ -559,7 +596,16 @@ def distributed_forward(
     chunk_lengths = cache[key]
 
     geometry = AttentionGeometry(request.dilation, sum(chunk_lengths), num_heads)
-    schedule = ring_schedule(geometry, request.sparse_config, bool(is_causal), chunk_lengths)
+    if request.ring_layout == "zigzag":
+        schedule = zigzag_schedule(geometry, request.sparse_config, bool(is_causal), world_size)
+        if schedule.chunk_lengths != chunk_lengths:
+            # Every rank knows every length, so every rank raises the same error (none waits on another).
+            raise ValueError(
+                f"ring_layout='zigzag': rank r must hold the rows of reference.zigzag_pieces(N={sum(chunk_lengths)}, "
+                f"P={world_size})[r], i.e. {schedule.chunk_lengths} tokens per rank, got {chunk_lengths}"
+            )
+    else:
+        schedule = ring_schedule(geometry, request.sparse_config, bool(is_causal), chunk_lengths)
     if group is None or group is dist.group.WORLD:
         peers = tuple(range(world_size))
     else:

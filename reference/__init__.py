@@ -3,6 +3,7 @@
 from .config import HEAD_MODES, PATTERN_TYPES, DilationConfig, SparsePatternConfig
 from .dense import BlockSparseRingDilatedAttention, partial_attention
 from .merge import merge_all, merge_partials
+from .ring_schedule import zigzag_pieces
 from .semantics import (
     AttentionGeometry,
     BlockList,
@@ -45,4 +46,5 @@ __all__ = [
     "assert_within_budget",
     "compare",
     "weights_inherited_budget",
+    "zigzag_pieces",
 ]

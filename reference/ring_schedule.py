@@ -15,6 +15,12 @@ pair has any allowed pair, so that
 
 Key padding is data, not configuration, so it does not enter the schedule (a padded pair
 merely computes an empty partial).
+
+Zigzag (``zigzag_schedule``): for causal models the contiguous split gives the last rank the most
+work and the first almost none. The sequence is instead cut into ``2P`` near-equal contiguous
+pieces and rank ``r`` holds pieces ``r`` and ``2P - 1 - r`` (one early, one late), in that order
+in its local rows; a rank's "chunk" is then its pair of pieces, which travels around the ring as
+one unit, and a step computes the active (query piece, key piece) pairs of the two ranks.
 """
 
 from __future__ import annotations
@@ -33,6 +39,13 @@ class RingSchedule:
     chunk_lengths: tuple[int, ...]
     # active[i][j]: query chunk i and key chunk j share at least one allowed (query, key) pair.
     active: tuple[tuple[bool, ...], ...]
+    # pieces[c]: the global (start, stop) ranges chunk c holds, in the order of its local rows
+    # (one range for a contiguous ring, two for zigzag).
+    pieces: tuple[tuple[tuple[int, int], ...], ...]
+    # piece_pairs[i][j]: the (query piece, key piece) indices (into pieces[i], pieces[j]) that
+    # share an allowed pair; active[i][j] is whether there is any.
+    piece_pairs: tuple[tuple[tuple[tuple[int, int], ...], ...], ...]
+    layout: str = "contiguous"
 
     @property
     def num_chunks(self) -> int:
@@ -47,7 +60,16 @@ class RingSchedule:
         return tuple(bounds)
 
     def chunk_range(self, chunk: int) -> tuple[int, int]:
+        """The global [start, stop) of a contiguous ring's chunk (a zigzag chunk has two: ``pieces``)."""
+        if self.layout != "contiguous":
+            raise ValueError(f"chunk_range is for contiguous rings; this one is {self.layout!r}: use pieces[{chunk}]")
         return self.offsets[chunk], self.offsets[chunk + 1]
+
+    def local_piece_range(self, chunk: int, piece: int) -> tuple[int, int]:
+        """Where piece ``piece`` of chunk ``chunk`` sits in that chunk's local rows: [start, stop)."""
+        start = sum(b - a for a, b in self.pieces[chunk][:piece])
+        a, b = self.pieces[chunk][piece]
+        return start, start + b - a
 
     def chunk_at(self, rank: int, step: int) -> int:
         """The key/value chunk rank ``rank`` holds at step ``step``: (rank - step) mod P."""
@@ -136,14 +158,61 @@ def pair_is_active(
     return any(table.nnz > 0 for table in block_tables(geometry, config, is_causal, query_range, key_range))
 
 
+def _schedule_of_pieces(geometry, config, is_causal, pieces, layout: str) -> RingSchedule:
+    """The schedule of a ring whose chunk c holds the global ranges ``pieces[c]``."""
+    piece_pairs = tuple(
+        tuple(
+            tuple(
+                (a, b)
+                for a, query_piece in enumerate(query_pieces)
+                for b, key_piece in enumerate(key_pieces)
+                if pair_is_active(geometry, config, is_causal, query_piece, key_piece)
+            )
+            for key_pieces in pieces
+        )
+        for query_pieces in pieces
+    )
+    return RingSchedule(
+        chunk_lengths=tuple(sum(b - a for a, b in chunk) for chunk in pieces),
+        active=tuple(tuple(bool(pairs) for pairs in row) for row in piece_pairs),
+        pieces=pieces,
+        piece_pairs=piece_pairs,
+        layout=layout,
+    )
+
+
 @functools.lru_cache(maxsize=256)
 def _ring_schedule_cached(geometry, config, is_causal, chunk_lengths) -> RingSchedule:
     bounds = [0]
     for length in chunk_lengths:
         bounds.append(bounds[-1] + length)
-    ranges = [(bounds[c], bounds[c + 1]) for c in range(len(chunk_lengths))]
-    active = tuple(tuple(pair_is_active(geometry, config, is_causal, qr, kr) for kr in ranges) for qr in ranges)
-    return RingSchedule(chunk_lengths=chunk_lengths, active=active)
+    pieces = tuple(((bounds[c], bounds[c + 1]),) for c in range(len(chunk_lengths)))
+    return _schedule_of_pieces(geometry, config, is_causal, pieces, "contiguous")
+
+
+def zigzag_pieces(seq_len: int, world_size: int) -> tuple[tuple[tuple[int, int], tuple[int, int]], ...]:
+    """Rank r's two global ranges under the zigzag layout: pieces r and 2P - 1 - r of 2P near-equal pieces.
+
+    The first ``seq_len % 2P`` pieces are one token longer. A caller of a zigzag ring passes, on rank
+    r, its rows of the first range followed by those of the second.
+    """
+    for name, value, least in (("seq_len", seq_len, 0), ("world_size", world_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    count = 2 * world_size
+    base, extra = divmod(seq_len, count)
+    bounds = [0]
+    for piece in range(count):
+        bounds.append(bounds[-1] + base + (1 if piece < extra else 0))
+    piece = lambda i: (bounds[i], bounds[i + 1])  # noqa: E731
+    return tuple((piece(r), piece(count - 1 - r)) for r in range(world_size))
+
+
+@functools.lru_cache(maxsize=256)
+def zigzag_schedule(geometry: AttentionGeometry, config: SparsePatternConfig, is_causal: bool, world_size: int):
+    """The schedule of a zigzag ring of ``world_size`` ranks over the whole sequence (see the module docstring)."""
+    pieces = zigzag_pieces(geometry.seq_len, world_size)
+    return _schedule_of_pieces(geometry, config, bool(is_causal), pieces, "zigzag")
 
 
 def ring_schedule(

@@ -28,7 +28,7 @@ from equivalence_tests.helpers import differentiable_reference
 from equivalence_tests.strategies import AttentionCase, Shape
 from reference import AttentionGeometry, DilationConfig, SparsePatternConfig, assert_within_budget, compare
 from reference import BlockSparseRingDilatedAttention as ReferenceAttention
-from reference.ring_schedule import ring_schedule
+from reference.ring_schedule import ring_schedule, zigzag_pieces, zigzag_schedule
 from reference.verification import K_GRADIENT, K_OUTPUT
 
 WORLD = 4
@@ -57,6 +57,7 @@ class Scenario:
     lse_gradient: bool = False  # the loss also reads lse (its gradient flows through the ring too)
     seed: int = 0
     backend: str = "torch"
+    ring_layout: str = "contiguous"  # "zigzag": chunks must be reference.zigzag_pieces' per-rank totals
 
     @property
     def seq_len(self) -> int:
@@ -65,6 +66,22 @@ class Scenario:
     def rows(self, group_rank: int) -> tuple[int, int]:
         start = sum(self.chunks[:group_rank])
         return start, start + self.chunks[group_rank]
+
+    def row_index(self, group_rank: int) -> torch.Tensor:
+        """The global rows a group rank holds, in its local order."""
+        if self.ring_layout == "zigzag":
+            ranges = zigzag_pieces(self.seq_len, len(self.ranks))[group_rank]
+        else:
+            ranges = (self.rows(group_rank),)
+        return torch.cat([torch.arange(a, b) for a, b in ranges])
+
+    def schedule(self):
+        geometry = AttentionGeometry(
+            DilationConfig(self.segment_lengths, self.dilation_rates, self.head_mode), self.seq_len, self.num_heads
+        )
+        if self.ring_layout == "zigzag":
+            return zigzag_schedule(geometry, self.sparse_config, self.is_causal, len(self.ranks))
+        return ring_schedule(geometry, self.sparse_config, self.is_causal, self.chunks)
 
     def module_kwargs(self) -> dict:
         return dict(
@@ -138,6 +155,22 @@ SCENARIOS = (
         lse_gradient=True,
         seed=2,
     ),
+    # Zigzag: rank r holds pieces r and 7 - r of 8 pieces of 5 tokens; causal, a branch over the whole
+    # sequence, padding, grouped-query heads, lse in the loss.
+    Scenario(
+        "zigzag_four_ranks_causal",
+        (0, 1, 2, 3),
+        (10, 10, 10, 10),
+        (8, 40),
+        (1, 2),
+        SparsePatternConfig(pattern_type="local_window", local_window_size=8, block_size=2),
+        num_heads=4,
+        num_kv_heads=2,
+        is_causal=True,
+        lse_gradient=True,
+        seed=6,
+        ring_layout="zigzag",
+    ),
     # Every segment inside one chunk: nothing may be sent, forward or backward.
     Scenario(
         "segments_fit_chunks",
@@ -154,6 +187,21 @@ if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
     # the rank's accumulator by the kernel, gradients through the triton backward; head_mode "all" merges
     # branches into the same accumulator, causal with uneven chunks, padding, grouped-query heads.
     SCENARIOS += (
+        # Zigzag: each rank holds two pieces of 16 tokens (reference.zigzag_pieces(96, 3)), causal with a
+        # segment over the whole sequence, so pieces of every rank meet pieces of every other.
+        Scenario(
+            "zigzag_triton_causal",
+            (0, 1, 3),
+            (32, 32, 32),
+            (32, 96),
+            (1, 2),
+            SparsePatternConfig(pattern_type="dense", block_size=16),
+            head_dim=16,
+            is_causal=True,
+            seed=5,
+            backend="triton",
+            ring_layout="zigzag",
+        ),
         Scenario(
             "three_ranks_triton",
             (0, 2, 3),
@@ -181,12 +229,12 @@ def _mismatch_module(global_rank: int, group):
 
 def _run_scenario(scenario: Scenario, group, group_rank: int) -> dict:
     q, k, v, mask, grad_out = scenario.inputs()
-    start, stop = scenario.rows(group_rank)
+    rows = scenario.row_index(group_rank)
     module = optimized.BlockSparseRingDilatedAttention(
-        **scenario.module_kwargs(), backend=scenario.backend, process_group=group
+        **scenario.module_kwargs(), backend=scenario.backend, process_group=group, ring_layout=scenario.ring_layout
     )
-    leaves = [t[:, start:stop].clone().requires_grad_(scenario.gradients) for t in (q, k, v)]
-    local_mask = None if mask is None else mask[:, start:stop].clone()
+    leaves = [t[:, rows].clone().requires_grad_(scenario.gradients) for t in (q, k, v)]
+    local_mask = None if mask is None else mask[:, rows].clone()
     results = module(
         *leaves,
         is_causal=scenario.is_causal,
@@ -195,11 +243,11 @@ def _run_scenario(scenario: Scenario, group, group_rank: int) -> dict:
         return_lse=True,
     )
     out, lse = results[0], results[-1]
-    record = {"rows": (start, stop), "out": out.detach().clone(), "lse": lse.detach().clone()}
+    record = {"rows": rows.tolist(), "out": out.detach().clone(), "lse": lse.detach().clone()}
     if scenario.weights:
         record["weights"] = results[1].to_dense()
     if scenario.gradients:
-        _loss(out, lse, grad_out, slice(start, stop)).backward()
+        _loss(out, lse, grad_out, rows).backward()
         record["grads"] = [leaf.grad.clone() for leaf in leaves]
     stats = module.ring_stats
     record.update(
@@ -367,16 +415,16 @@ def test_every_rank_matches_the_reference(ring_results, scenario):
     records = _scenario_records(ring_results, scenario)
     (out64, lse64, weights64), (out32, lse32, weights32) = _references(scenario)
     for group_rank, record in enumerate(records):
-        start, stop = scenario.rows(group_rank)
-        assert record["rows"] == (start, stop)
-        empty = torch.isneginf(lse64[:, :, start:stop])
+        rows = scenario.row_index(group_rank)
+        assert record["rows"] == rows.tolist()
+        empty = torch.isneginf(lse64[:, :, rows])
         context = f"{scenario}, group rank {group_rank}"
         assert_within_budget(
             compare(
                 "out",
                 record["out"],
-                out64[:, start:stop],
-                out32[:, start:stop],
+                out64[:, rows],
+                out32[:, rows],
                 torch.float32,
                 K_OUTPUT,
                 empty=empty.transpose(1, 2).unsqueeze(-1),
@@ -387,8 +435,8 @@ def test_every_rank_matches_the_reference(ring_results, scenario):
             compare(
                 "lse",
                 record["lse"],
-                lse64[:, :, start:stop],
-                lse32[:, :, start:stop],
+                lse64[:, :, rows],
+                lse32[:, :, rows],
                 torch.float32,
                 K_OUTPUT,
                 empty=empty,
@@ -403,20 +451,21 @@ def test_every_rank_matches_the_reference(ring_results, scenario):
             assert_within_budget(
                 compare(
                     "weights",
-                    weights[:, :, start:stop],
-                    weights64[:, :, start:stop],
-                    weights32[:, :, start:stop],
+                    weights[:, :, rows],
+                    weights64[:, :, rows],
+                    weights32[:, :, rows],
                     torch.float32,
                 ),
                 context,
             )
             others = torch.ones(scenario.seq_len, dtype=torch.bool)
-            others[start:stop] = False
+            others[rows] = False
             assert not bool(weights[:, :, others].any()), f"weights outside this rank's rows; {context}"
-    gathered = records[0]["gathered_out"]
-    empty = torch.isneginf(lse64).transpose(1, 2).unsqueeze(-1)
+    gathered = records[0]["gathered_out"]  # the ranks' rows in rank order
+    order = torch.cat([scenario.row_index(r) for r in range(len(scenario.ranks))])
+    empty = torch.isneginf(lse64[:, :, order]).transpose(1, 2).unsqueeze(-1)
     assert_within_budget(
-        compare("gathered out", gathered, out64, out32, torch.float32, K_OUTPUT, empty=empty),
+        compare("gathered out", gathered, out64[:, order], out32[:, order], torch.float32, K_OUTPUT, empty=empty),
         f"{scenario}, gathered on group rank 0",
     )
 
@@ -433,9 +482,9 @@ def test_gradients_through_the_ring_match_the_reference(ring_results, scenario):
         _loss(out, lse, [None if g is None else g.to(dtype) for g in grad_out]).backward()
         grads[dtype] = [leaf.grad for leaf in leaves]
     for group_rank, record in enumerate(records):
-        start, stop = scenario.rows(group_rank)
+        rows = scenario.row_index(group_rank)
         for name, got, g64, g32 in zip(("dq", "dk", "dv"), record["grads"], grads[torch.float64], grads[torch.float32]):
-            verdict = compare(name, got, g64[:, start:stop], g32[:, start:stop], torch.float32, K_GRADIENT)
+            verdict = compare(name, got, g64[:, rows], g32[:, rows], torch.float32, K_GRADIENT)
             assert_within_budget(verdict, f"{scenario}, group rank {group_rank}")
 
 
@@ -448,12 +497,7 @@ def _bytes_per_token(scenario: Scenario, element_size: int, with_v: bool = True)
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda sc: sc.name)
 def test_bytes_sent_per_step_match_the_schedule(ring_results, scenario):
     records = _scenario_records(ring_results, scenario)
-    geometry = AttentionGeometry(
-        DilationConfig(scenario.segment_lengths, scenario.dilation_rates, scenario.head_mode),
-        scenario.seq_len,
-        scenario.num_heads,
-    )
-    schedule = ring_schedule(geometry, scenario.sparse_config, scenario.is_causal, scenario.chunks)
+    schedule = scenario.schedule()
     P = len(scenario.chunks)
     summed = lambda key: [sum(r[key][s] for r in records) for s in range(len(records[0][key]))]  # noqa: E731
 
@@ -466,7 +510,7 @@ def test_bytes_sent_per_step_match_the_schedule(ring_results, scenario):
         # Backward: k, v (and mask) again, plus float32 dk/dv accumulators behind them, plus their return home.
         accumulator = scenario.batch * 2 * scenario.num_kv_heads * scenario.head_dim * 4
         per_step = schedule.step_bytes(_bytes_per_token(scenario, 4) + accumulator)
-        returned = sum(scenario.chunks[c] * accumulator for c in range(P) if schedule.chunk_last_step[c] > 0)
+        returned = sum(schedule.chunk_lengths[c] * accumulator for c in range(P) if schedule.chunk_last_step[c] > 0)
         assert summed("backward_bytes") == [*per_step, returned]
     if scenario.name == "segments_fit_chunks":
         assert schedule.last_step == 0
@@ -503,3 +547,10 @@ def test_process_group_rejects_an_in_process_ring_too():
         optimized.BlockSparseRingDilatedAttention([4], [1], backend="torch", ring_size=2, process_group=object())
     with pytest.raises(ValueError, match="not both"):
         optimized.BlockSparseRingDilatedAttention([4], [1], ring_chunk_lengths=[2, 2], process_group=object())
+
+
+def test_zigzag_refuses_sparse_weights_before_any_communication():
+    module = optimized.BlockSparseRingDilatedAttention([4], [1], process_group=object(), ring_layout="zigzag")
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="return_attention_weights=True with ring_layout='zigzag'"):
+        module(q, q, q, return_attention_weights=True)

@@ -239,3 +239,74 @@ def test_schedule_rejects_bad_chunk_lengths():
         ring_schedule(geometry, config, False, (3, 4))
     with pytest.raises(ValueError, match="ints >= 0"):
         ring_schedule(geometry, config, False, (9, -1))
+
+
+# --------------------------------------------------------------------------------------------
+# Zigzag: two pieces per rank (causal load balance)
+# --------------------------------------------------------------------------------------------
+
+
+@given(seq_len=st.integers(0, 300), world_size=st.integers(1, 9))
+def test_zigzag_pieces_cover_the_sequence_once_two_per_rank(seq_len, world_size):
+    from reference import zigzag_pieces
+
+    pieces = zigzag_pieces(seq_len, world_size)
+    assert len(pieces) == world_size and all(len(p) == 2 for p in pieces)
+    flat = sorted(piece for rank in pieces for piece in rank)
+    assert flat[0][0] == 0 and flat[-1][1] == seq_len
+    assert all(a[1] == b[0] for a, b in zip(flat, flat[1:]))  # contiguous, no overlap, no gap
+    lengths = [b - a for a, b in flat]
+    assert max(lengths) - min(lengths) <= 1
+    for rank, (first, second) in enumerate(pieces):  # piece r, then piece 2P - 1 - r
+        assert first == flat[rank] and second == flat[2 * world_size - 1 - rank]
+
+
+@pytest.mark.parametrize("bad", [(-1, 2), (8, 0), (8, True), (8.0, 2)])
+def test_zigzag_pieces_refuse_bad_sizes(bad):
+    from reference import zigzag_pieces
+
+    with pytest.raises(ValueError, match="seq_len|world_size"):
+        zigzag_pieces(*bad)
+
+
+@settings(max_examples=example_count(15))
+@given(case=s.attention_cases(**case_sizes("torch").case_kwargs()), world_size=st.integers(1, 4))
+def test_zigzag_schedule_marks_exactly_the_piece_pairs_with_an_allowed_pair(case, world_size):
+    from reference.ring_schedule import zigzag_schedule
+
+    geometry = AttentionGeometry(case.dilation, case.shape.seq_len, case.shape.num_heads)
+    schedule = zigzag_schedule(geometry, case.sparse_config, case.is_causal, world_size)
+    allowed = dense_multiplicity(geometry, case.sparse_config, case.is_causal)[0].sum(0) > 0  # (N, N)
+    for i in range(world_size):
+        for j in range(world_size):
+            expected = tuple(
+                (a, b)
+                for a, (q0, q1) in enumerate(schedule.pieces[i])
+                for b, (k0, k1) in enumerate(schedule.pieces[j])
+                if bool(allowed[q0:q1, k0:k1].any())
+            )
+            assert schedule.piece_pairs[i][j] == expected
+            assert schedule.active[i][j] == bool(expected)
+    assert schedule.chunk_lengths == tuple(sum(b - a for a, b in p) for p in schedule.pieces)
+
+
+def test_zigzag_balances_causal_work_where_contiguous_does_not():
+    """Allowed (query, key) pairs per rank under a causal mask over the whole sequence."""
+    from reference import zigzag_pieces
+
+    N, P = 256, 4
+    geometry = AttentionGeometry(DilationConfig((N,), (1,)), N, 1)
+    config = SparsePatternConfig(pattern_type="dense", block_size=16)
+    per_query = dense_multiplicity(geometry, config, True)[0, 0].sum(1)  # (N,) allowed keys of each query
+    contiguous = [int(per_query[r * N // P : (r + 1) * N // P].sum()) for r in range(P)]
+    zigzag = [sum(int(per_query[a:b].sum()) for a, b in pieces) for pieces in zigzag_pieces(N, P)]
+    assert sum(zigzag) == sum(contiguous)
+    assert max(contiguous) / min(contiguous) > 5  # the last rank does 7x the first's work
+    assert max(zigzag) == min(zigzag)  # every rank the same
+
+
+def test_ring_layout_is_checked_by_name():
+    with pytest.raises(ValueError, match="ring_layout must be one of"):
+        optimized.BlockSparseRingDilatedAttention([8], [1], ring_layout="striped")
+    with pytest.raises(ValueError, match="ring_layout='zigzag'.*process_group"):
+        optimized.BlockSparseRingDilatedAttention([8], [1], ring_layout="zigzag", ring_size=2)
