@@ -12,6 +12,8 @@ forward on their chunk (float32, torch backend, dense layout, no gradients) and 
 - ``compute_s``: the same rank's chunk pairs (the schedule's) computed from local copies of the key
   chunks and merged the same way, with no communication: what the ring adds over it is transfer and
   waiting that the double buffering did not hide;
+- the causal global setting twice, with contiguous chunks and with ``ring_layout="zigzag"`` (two
+  pieces per rank): the spread of ``ring_s`` over the ranks shows the balance;
 - ``peak_bytes``: the peak of torch's CPU allocator during the call (``experiments.memory``: tensors
   the call creates; the inputs exist before), against ``chunk_bytes``, the bytes of one of the rank's
   q, k, v chunks. With a fixed chunk, a peak that stays flat as P grows holds nothing proportional to N.
@@ -39,10 +41,17 @@ from optimized.dispatch import REGISTRY
 from optimized.plan import CallPlan
 from reference.config import DilationConfig, SparsePatternConfig
 from reference.merge import merge_partials
-from reference.ring_schedule import ring_schedule
+from reference.ring_schedule import ring_schedule, zigzag_schedule
 from reference.semantics import AttentionGeometry
 
 BATCH, HEADS, HEAD_DIM, BLOCK = 1, 4, 32, 64
+# (dilation, causal, ring layout): the first two measure memory and overlap, the causal pair the balance.
+SETTINGS = (
+    ("local", False, "contiguous"),
+    ("global", False, "contiguous"),
+    ("global", True, "contiguous"),
+    ("global", True, "zigzag"),
+)
 
 
 def dilation(name: str, seq_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -51,19 +60,19 @@ def dilation(name: str, seq_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]
     return (256, seq_len), (1, 4)
 
 
-def _compute_alone(q_chunk, k, v, geometry, config, schedule, rank: int, chunks, scale: float):
-    """This rank's active pairs from local key chunks, merged as the ring merges them; no communication."""
+def _compute_alone(q_local, k, v, geometry, config, is_causal: bool, schedule, rank: int, scale: float):
+    """This rank's active piece pairs from the whole k, v, merged per query piece; no communication."""
     backend = REGISTRY["torch"]
     options = backend.default_options()
-    q0 = sum(chunks[:rank])
-    merged = None
+    merged = {}
     for step in range(schedule.num_chunks):
-        if not schedule.computes(rank, step):
-            continue
-        k0, k1 = schedule.chunk_range(schedule.chunk_at(rank, step))
-        plan = CallPlan(geometry, config, False, scale, (q0, q0 + chunks[rank]), (k0, k1))
-        out, lse = backend.forward_partial(q_chunk, k[:, k0:k1], v[:, k0:k1], None, plan, options)
-        merged = (out, lse) if merged is None else merge_partials(*merged, out, lse)
+        chunk = schedule.chunk_at(rank, step)
+        for a, b in schedule.piece_pairs[rank][chunk]:
+            (q0, q1), (k0, k1) = schedule.pieces[rank][a], schedule.pieces[chunk][b]
+            plan = CallPlan(geometry, config, is_causal, scale, (q0, q1), (k0, k1))
+            rows = slice(*schedule.local_piece_range(rank, a))
+            out, lse = backend.forward_partial(q_local[:, rows], k[:, k0:k1], v[:, k0:k1], None, plan, options)
+            merged[a] = (out, lse) if a not in merged else merge_partials(*merged[a], out, lse)
     return merged
 
 
@@ -76,35 +85,46 @@ def _worker(rank: int, world: int, init_file: str, result_dir: str, chunk_len: i
         chunks = [chunk_len] * world
         generator = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(BATCH, seq_len, HEADS, HEAD_DIM, generator=generator) for _ in range(3))
-        start, stop = rank * chunk_len, (rank + 1) * chunk_len
-        local = [t[:, start:stop].clone() for t in (q, k, v)]
         config = SparsePatternConfig(pattern_type="dense", block_size=BLOCK)
-        for name in ("local", "global"):
+        for name, is_causal, ring_layout in SETTINGS:
             segments, rates = dilation(name, seq_len)
-            module = BlockSparseRingDilatedAttention(
-                list(segments), list(rates), config, backend="torch", process_group=dist.group.WORLD
-            )
             geometry = AttentionGeometry(DilationConfig(segments, rates), seq_len, HEADS)
-            schedule = ring_schedule(geometry, config, False, chunks)
+            if ring_layout == "zigzag":
+                schedule = zigzag_schedule(geometry, config, is_causal, world)
+            else:
+                schedule = ring_schedule(geometry, config, is_causal, chunks)
+            ranges = schedule.pieces[rank]
+            local = [torch.cat([t[:, a:b] for a, b in ranges], dim=1) for t in (q, k, v)]
+            module = BlockSparseRingDilatedAttention(
+                list(segments),
+                list(rates),
+                config,
+                backend="torch",
+                process_group=dist.group.WORLD,
+                ring_layout=ring_layout,
+            )
             scale = HEAD_DIM**-0.5
+            call = lambda: module(*local, is_causal=is_causal)  # noqa: E731
             with torch.no_grad():
-                module(*local)  # warm-up (layouts, plans)
+                call()  # warm-up (layouts, plans)
                 ring_times, compute_times = [], []
                 for _ in range(repeats):
                     dist.barrier()
                     began = time.perf_counter()
-                    module(*local)
+                    call()
                     ring_times.append(time.perf_counter() - began)
                 for _ in range(repeats):
                     began = time.perf_counter()
-                    _compute_alone(local[0], k, v, geometry, config, schedule, rank, chunks, scale)
+                    _compute_alone(local[0], k, v, geometry, config, is_causal, schedule, rank, scale)
                     compute_times.append(time.perf_counter() - began)
                 dist.barrier()
-                _, measurement = peak_bytes(lambda: module(*local), "cpu")
+                _, measurement = peak_bytes(call, "cpu")
             rows.append(
                 dict(
                     world=world,
                     dilation=name,
+                    is_causal=is_causal,
+                    ring_layout=ring_layout,
                     segments=list(segments),
                     rates=list(rates),
                     rank=rank,
@@ -155,7 +175,8 @@ def main(argv=None) -> int:
     )
     for row in rows:
         print(
-            f"{row['world']:>2} {row['dilation']:<8} {row['rank']:>4} {1e3 * row['ring_s']:>8.1f} "
+            f"{row['world']:>2} {row['dilation']:<8} {int(row['is_causal']):>6} {row['ring_layout']:<10} "
+            f"{row['rank']:>4} {1e3 * row['ring_s']:>8.1f} "
             f"{1e3 * row['compute_s']:>10.1f} {row['ring_over_compute']:>12.2f} {row['peak_bytes'] / 2**20:>8.2f} "
             f"{row['peak_over_chunk']:>10.2f} {row['bytes_sent'] / 2**20:>8.2f}"
         )
