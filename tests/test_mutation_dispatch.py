@@ -9,6 +9,7 @@ when ``make mutation`` (experiments/mutation.py) changed them.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -89,3 +90,36 @@ def test_resolve_backend_takes_the_facts_by_keyword():
     with pytest.raises(TypeError):
         resolve_backend("auto", "cpu", None)
     assert isinstance(choose("torch", Case(CPU)), Choice)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+    reason="the triton backend needs CUDA or TRITON_INTERPRET=1 (as `make test` sets)",
+)
+def test_triton_rings_merge_on_write_unless_told_not_to(monkeypatch):
+    """By default a query chunk's later pairs go through forward_partial_into; merge_on_write=False never does."""
+    import optimized
+    from optimized.dispatch import TritonOptions
+    from reference import SparsePatternConfig
+
+    backend_type = type(REGISTRY["triton"])
+    original = backend_type.forward_partial_into
+    calls = []
+
+    def counted(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(backend_type, "forward_partial_into", counted)
+    device = CUDA if torch.cuda.is_available() else CPU
+    q = torch.randn(1, 32, 2, 16, device=device)
+    config = SparsePatternConfig(pattern_type="dense", block_size=16)
+    for options, expected in ((TritonOptions(), True), (TritonOptions(merge_on_write=False), False)):
+        calls.clear()
+        # A 32-token segment over two 16-token chunks: chunk 1 meets chunk 1, then chunk 0.
+        module = optimized.BlockSparseRingDilatedAttention(
+            [16, 32], [1, 2], config, backend="triton", ring_size=2, backend_options=options
+        )
+        with torch.no_grad():
+            module(q, q, q)
+        assert bool(calls) == expected, options
