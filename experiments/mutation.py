@@ -178,6 +178,10 @@ EMPTY_LABEL = (
     "the logarithm clamped at 0 instead of 1 is read only where counts > 0"
 )
 BEST = 'best = [(0.0, 0)] + [(float("inf"), 0)] * (len(cuts) - 1)'  # optimized/blocks.py, the cover search
+# The Triton kernels read a record's first column, the lattice start, at meta + 0.
+LATTICE_COLUMN = "the column is 0 (LATTICE_START = 0 in WorkItem and WeightBlock): meta - 0 is meta + 0"
+TRITON_ITEM_START = "lattice_start = tl.load(meta + ITEM_LATTICE_START)"
+TRITON_WEIGHT_START = "lattice_start = tl.load(meta + WEIGHT_LATTICE_START)"
 
 EQUIVALENT: tuple[Equivalent, ...] = (
     *_same(
@@ -451,6 +455,315 @@ EQUIVALENT: tuple[Equivalent, ...] = (
         "the shortcut is taken for a list of one partial, where index -1 is index 0",
         ("NumberReplacer", "return outs[0], lses[0]", "return outs[ -1], lses[0]"),
         ("NumberReplacer", "return outs[0], lses[0]", "return outs[0], lses[ -1]"),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "performance-only: a threshold of the 'auto' read variant, from the H200 A/B (experiments/NOTES_gpu.md); every "
+        "variant computes the same attention (tests/test_triton_backend.py::test_kernel_variants_match_reference) and "
+        "tests/test_mutation_triton.py checks that each launch reads as the variant picked names",
+        (
+            "NumberReplacer",
+            "AUTO_RUNS_MIN_RUN = 3.0  # ... at which v3 beat v2 (local_window: ~5; dilated_sparse / random: ~1-2)",
+            "AUTO_RUNS_MIN_RUN = 2.0  # ... at which v3 beat v2 (local_window: ~5; dilated_sparse / random: ~1-2)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "performance-only on the H200: float32 then gets the half-precision tiles ((128, 64), 4 or 8 warps, 3 "
+        "stages) and half precision the float32 one; any tile computes the same attention (tests/"
+        "test_triton_backend.py::test_sub_tiles_and_padded_head_dim) and these compile, for sm_90 with triton 3.9 "
+        "(forward kernel, every mask on, run and TMA reads), to at most 229,888 bytes of shared memory (float32, "
+        "D = 128) of the 232,448 a block may use; a GPU with less shared memory per block would refuse that launch",
+        ("AddNot", "if dtype == torch.float32:", "if not dtype == torch.float32:"),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "the first sort only groups the entries: all full (or all masked) entries of one row share one key, so the "
+        "stable sort keeps each group contiguous and in ascending key blocks whatever the keys of other rows; the "
+        "runs are found within a row's full entries, the chosen one is the first longest in that order, and the "
+        "second stable sort by (row, category) puts the rows in order: the same entry order, run_block and run_count",
+        (
+            "ReplaceBinaryOperator_Mul_Div",
+            "first = torch.sort(entry_row * 2 + (~full).long(), stable=True).indices",
+            "first = torch.sort(entry_row / 2 + (~full).long(), stable=True).indices",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "every row's query block holds a point of the query chunk (reference.semantics.block_table keeps the rows "
+        "q_first..q_stop only) and that point lies in the row's zone (from its block's first point, or the segment's "
+        "start, to its last point + stride, within the segment): each zone's length inside the chunk is >= 1, so "
+        "the clamp at 0 (or -1) never binds",
+        ("NumberReplacer", "min=0,", "min= -1,"),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "the fill of k's padded head-dim columns meets q's, loaded as 0.0 under the same d_ok mask: each score "
+        "gains 0 * 1.0 = 0 per padded column",
+        (
+            "NumberReplacer",
+            "k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)",
+            "k = tl.load(k_ptrs, mask=d_ok[None, :], other= 1.0)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "both sides of the static loop run for every gap and store the same constants (out 0, lse -inf): swapping "
+        "which side runs first stores the same values at the same positions",
+        ("ReplaceComparisonOperator_Eq_NotEq", "if side == 0:", "if side != 0:"),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "idx_g is read only by the two stores masked with g_ok: a lane where g_ok is false stores nothing, whatever "
+        "index (0 or -1) it holds",
+        (
+            "NumberReplacer",
+            "idx_g = tl.where(g_ok, pos_g - q_lo, 0).to(tl.int64)",
+            "idx_g = tl.where(g_ok, pos_g - q_lo, -1).to(tl.int64)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "the strides returned without a mask are never read: the kernels read KPM and its strides only under "
+        "HAS_PADDING, which is False then",
+        (
+            "NumberReplacer",
+            "return like, 0, 0, False  # never read: HAS_PADDING is False",
+            "return like, -1, 0, False  # never read: HAS_PADDING is False",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        LATTICE_COLUMN,
+        ("ReplaceBinaryOperator_Add_Sub", TRITON_ITEM_START, TRITON_ITEM_START.replace(" + ", " - ")),
+        ("ReplaceBinaryOperator_Add_Sub", TRITON_WEIGHT_START, TRITON_WEIGHT_START.replace(" + ", " - ")),
+    ),
+    *_same(
+        "optimized/triton_backward.py",
+        LATTICE_COLUMN,
+        ("ReplaceBinaryOperator_Add_Sub", TRITON_ITEM_START, TRITON_ITEM_START.replace(" + ", " - ")),
+    ),
+    *_same(
+        "optimized/triton_backward.py",
+        "the fill is loaded only on lanes where k_ok is false, and k_ok & (padded == 0) stays false there whatever "
+        "the fill",
+        (
+            "NumberReplacer",
+            "padded = tl.load(KPM + batch * stride_mb + idx_k * stride_mn, mask=k_ok, other=1)",
+            "padded = tl.load(KPM + batch * stride_mb + idx_k * stride_mn, mask=k_ok, other= 2)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backward.py",
+        "the fill lands on lanes outside q_mask, which the store under the same mask never writes",
+        (
+            "NumberReplacer",
+            "dq += tl.load(dq_ptrs, mask=q_mask, other=0.0)",
+            "dq += tl.load(dq_ptrs, mask=q_mask, other= 1.0)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backward.py",
+        "the tile of Triton's interpreter (TRITON_INTERPRET=1, the only case that returns it), which runs each "
+        "program as Python and drops num_warps and num_stages (triton.runtime.interpreter.GridExecutor passes the "
+        "kernel only its own arguments)",
+        ("NumberReplacer", "tile = KernelTile(32, 32, 4, 1)", "tile = KernelTile(32, 32, 4, 2)"),
+    ),
+    *_same(
+        "optimized/triton_backward.py",
+        "performance-only: the warps of the GPU tile at block_d = 128 (4 or 8, both powers of two Triton compiles; "
+        "tests/test_mutation_triton.py checks every default tile), and any tile computes the same gradients",
+        ("ReplaceComparisonOperator_GtE_Gt", "warps = 8 if block_d >= 128 else 4", "warps = 8 if block_d > 128 else 4"),
+    ),
+    *_same(
+        "optimized/triton_backward.py",
+        "torch looks forward and backward up on the class (Function.apply: cls.forward; the graph node: "
+        "_forward_cls.backward), where a function without @staticmethod is the same plain function, called with "
+        "the same arguments",
+        ("RemoveDecorator", "@staticmethod", ""),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "performance-only: a threshold of the 'auto' read variant (as AUTO_RUNS_MIN_RUN's own mutants): a launch "
+        "whose mean run is exactly the threshold reads by pointer runs or from its list, with the same attention",
+        (
+            "ReplaceComparisonOperator_GtE_Gt",
+            "if launch.mean_run >= AUTO_RUNS_MIN_RUN:",
+            "if launch.mean_run > AUTO_RUNS_MIN_RUN:",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "performance-only: the table cache's byte bound; a table rebuilt after eviction equals the cached one, and "
+        "tests/test_mutation_triton.py checks that the cache keeps to whatever bound is set",
+        ("NumberReplacer", "TABLE_CACHE_BYTES = 512 << 20", "TABLE_CACHE_BYTES = 513 << 20"),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "performance-only: whether a row list of 257 listed blocks sits in registers (a 512-slot list) or is "
+        "loaded per step; both index modes compute the same attention (tests/test_triton_backend.py::"
+        "test_kernel_variants_match_reference), only registers and speed differ",
+        ("NumberReplacer", "MAX_REGISTER_ENTRIES = 256", "MAX_REGISTER_ENTRIES = 257"),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "performance-only: another of the tile sweep's half-precision tiles (experiments/NOTES_gpu.md, Version 1) "
+        "at some head dims; each has power-of-two sides dividing the block and warps Triton compiles "
+        "(tests/test_mutation_triton.py), fits the H200's shared memory (at most 131,080 of 232,448 bytes, "
+        "compiled for sm_90 with triton 3.9) and computes the same attention",
+        ("AddNot", "if block_d >= 256:", "if not block_d >= 256:"),
+        ("ReplaceComparisonOperator_GtE_Lt", "if block_d >= 128:", "if block_d < 128:"),
+        (
+            "NumberReplacer",
+            "return TileConfig(min(block_size, 128), min(block_size, 64), 8, 3)",
+            "return TileConfig(min(block_size, 128), min(block_size, 64), 8, 2)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "a scatter over a 1-D tensor: dimension -1 is dimension 0",
+        (
+            "NumberReplacer",
+            "head_of_run = torch.zeros(runs, dtype=torch.long).scatter_reduce(\n"
+            '0, run_id, torch.arange(n), reduce="amin", include_self=False',
+            "head_of_run = torch.zeros(runs, dtype=torch.long).scatter_reduce("
+            ' -1, run_id, torch.arange(n), reduce="amin", include_self=False',
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "a run of masked entries has length 0 (bincount counts full ones only); with length > -1 a row without full "
+        "blocks picks one as its run: run_count stays 0, and run_block is read only by a run loop of run_count "
+        "steps (none), so the tables and results are the same",
+        (
+            "NumberReplacer",
+            "candidate = (length == longest[run_row]) & (length > 0)",
+            "candidate = (length == longest[run_row]) & (length > -1)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "with -1 for the run, row r's run entries get the key 3r - 1 of row r - 1's masked entries, which precede "
+        "them in the (row-sorted) first order: the stable sort gives the same order",
+        (
+            "NumberReplacer",
+            "category = torch.where(in_run, 0, torch.where(full_s, 1, 2))",
+            "category = torch.where(in_run, -1, torch.where(full_s, 1, 2))",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "mean_run of a launch without full blocks is read only by _auto_variant, where 0 and -1 both lie below "
+        "every threshold (v2 either way)",
+        (
+            "NumberReplacer",
+            "mean_run = float(run_count[has_full].double().mean()) if bool(has_full.any()) else 0.0",
+            "mean_run = float(run_count[has_full].double().mean()) if bool(has_full.any()) else -1.0",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "stop_t is read only by rows = max(stop_t - first_t, 1); a floor of 1 instead of 0 changes stop_t only "
+        "where the lattice starts at or after the key chunk's end, where first_t is 0 and rows is 1 either way",
+        (
+            "NumberReplacer",
+            "stop_t = tl.minimum(tl.maximum((k_hi - lattice_start + stride - 1) // stride, 0), lattice_len)",
+            "stop_t = tl.minimum(tl.maximum((k_hi - lattice_start + stride - 1) // stride, 1), lattice_len)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "the slots past the row's list are loaded but never picked (the loop picks slots below full_stop - "
+        "list_start), so the attention is the same; the wider mask may read past the end of KeyBlock, which no "
+        "test can see (the interpreter reads host memory; on a GPU it is an out-of-bounds read of an int32 list)",
+        (
+            "ReplaceBinaryOperator_Sub_Add",
+            "row_blocks = tl.load(KeyBlock + list_start + slots, mask=slots < full_stop - list_start, other=0)",
+            "row_blocks = tl.load(KeyBlock + list_start + slots, mask=slots < full_stop + list_start, other=0)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "idx_k of a lane where k_ok is false is read only by loads masked with k_ok (k, v, the padding mask)",
+        (
+            "NumberReplacer",
+            "idx_k = tl.where(k_ok, pos_k - k_lo, 0).to(tl.int64)",
+            "idx_k = tl.where(k_ok, pos_k - k_lo, 1).to(tl.int64)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "where top is -inf both lse are -inf: exp(-inf - c) = 0 for any finite shift c, the total is 0 and the "
+        "merged lse -inf, out 0; elsewhere the shift is top",
+        (
+            "NumberReplacer",
+            'top_shift = tl.where(top == float("-inf"), 0.0, top)',
+            'top_shift = tl.where(top == float("-inf"), -1.0, top)',
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "the inner fallback is taken only where some is false, where the outer where gives -inf",
+        (
+            "NumberReplacer",
+            'lse = tl.where(some, top_shift + tl.log(tl.where(some, total, 1.0)), float("-inf"))',
+            'lse = tl.where(some, top_shift + tl.log(tl.where(some, total, 2.0)), float("-inf"))',
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "the weights kernel's fills of q and k: in padded head-dim columns they meet the other's zeros (0 * 1.0 = "
+        "0), and rows or keys off the lattice or outside the chunks get probability 0 from allowed",
+        ("NumberReplacer", "other=0.0,", "other= 1.0,"),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "the lse fill of rows outside the lattice or query chunk is dropped: allowed is false on those rows, "
+        "whose probabilities are 0",
+        (
+            "NumberReplacer",
+            "lse = tl.load(Lse + (batch * num_heads + head) * num_queries + idx_q, mask=q_ok, other=0.0)",
+            "lse = tl.load(Lse + (batch * num_heads + head) * num_queries + idx_q, mask=q_ok, other= -1.0)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "the PAD column of a weights record is read by nothing (the kernel reads the WEIGHT_* columns, the host "
+        "QUERY_BLOCK, KEY_BLOCK, HEAD and BRANCH)",
+        ("NumberReplacer", "pad=0,  # head: set per head below", "pad= 1,  # head: set per head below"),
+        ("NumberReplacer", "pad=0,  # head: set per head below", "pad= -1,  # head: set per head below"),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "the weights kernel has no loop to pipeline: num_stages 0, 1 or 2 compiles to the same program on a GPU "
+        "(each accepted), and the interpreter drops it",
+        ("NumberReplacer", "num_stages=1,", "num_stages= 2,"),
+        ("NumberReplacer", "num_stages=1,", "num_stages= 0,"),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "next_power_of_2 of 0 is 0 and of 1 is 1, both below the floor of 16: MAX_ENTRIES is the same",
+        (
+            "NumberReplacer",
+            "MAX_ENTRIES=max(16, triton.next_power_of_2(max(1, listed))),",
+            "MAX_ENTRIES=max(16, triton.next_power_of_2(max( 0, listed))),",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "a table without entries adds (0, 8) records and (0, b) positions of the same dtypes, so skipping it or "
+        "not gives the same concatenation, and when every table is empty the same shapes as the explicit empty one",
+        ("NumberReplacer", "if table.nnz == 0:", "if table.nnz == -1:"),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "performance-only: the weights kernel's query tile (16 or 64 rows, either dividing the block) in the "
+        "interpreter and on a GPU; each program computes its own tile's probabilities, the same for any tile",
+        (
+            "AddNot",
+            "tile_m = min(b, 16 if _interpreting() else 64)",
+            "tile_m = min(b, 16 if not _interpreting() else 64)",
+        ),
     ),
 )
 
