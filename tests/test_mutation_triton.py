@@ -479,3 +479,25 @@ def test_gradients_do_not_depend_on_the_layout_of_grad_out():
     contiguous = torch.autograd.grad(out, (q, k, v), grad_out.contiguous())
     for name, a, b in zip("qkv", strided, contiguous):
         assert torch.equal(a, b), f"d{name}"
+
+
+@pytest.mark.parametrize("module", [triton_backend, triton_backward], ids=lambda m: m.__name__)
+def test_every_function_that_uses_triton_language_is_jit_compiled(module):
+    """A helper that calls ``tl.`` runs only as a Triton JIT function on a GPU.
+
+    The interpreter also runs it as plain Python, so a lost ``@triton.jit`` passes every CPU test
+    of the kernels and fails only at the first compile on CUDA; this reads the source instead.
+    """
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(module))
+    uses_tl = [
+        node.name
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef) and any(isinstance(n, ast.Name) and n.id == "tl" for n in ast.walk(node))
+    ]
+    assert uses_tl, "the module has kernels"
+    # triton.jit wraps the function (a JITFunction, or the interpreter's wrapper); a plain function is not.
+    plain = [name for name in uses_tl if inspect.isfunction(getattr(module, name))]
+    assert not plain, f"functions using triton.language without @triton.jit: {plain}"
