@@ -501,3 +501,59 @@ def test_every_function_that_uses_triton_language_is_jit_compiled(module):
     # triton.jit wraps the function (a JITFunction, or the interpreter's wrapper); a plain function is not.
     plain = [name for name in uses_tl if inspect.isfunction(getattr(module, name))]
     assert not plain, f"functions using triton.language without @triton.jit: {plain}"
+
+
+def test_gradients_of_a_head_dim_that_is_not_a_power_of_two():
+    """D = 24 runs in 32-wide tiles: the columns past the head dim are neither read nor written by the backward."""
+    from equivalence_tests.helpers import check_gradients
+    from equivalence_tests.strategies import AttentionCase, Shape
+
+    case = AttentionCase(
+        shape=Shape(batch=1, seq_len=48, num_heads=2, num_kv_heads=1, head_dim=24),
+        dilation=DilationConfig((16, 48), (1, 2), "split"),
+        sparse_config=SparsePatternConfig(pattern_type="dense", block_size=16),
+        is_causal=False,
+        key_padding_mask=None,
+        input_seed=3,
+    )
+    check_gradients(case, "triton", torch.float32, DEVICE)
+
+
+@pytest.mark.parametrize("head_mode, several", [("split", False), ("all", True)])
+def test_gradient_buffers_are_float32_exactly_when_several_launches_add_into_them(monkeypatch, head_mode, several):
+    """dq (and dk, dv) sum several launches in float32; one launch writes the input dtype directly."""
+    seen = {}
+
+    class Spy:
+        def __init__(self, kernel, name, positions):
+            self.kernel, self.name, self.positions = kernel, name, positions
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.setdefault(self.name, set()).update(args[p].dtype for p in self.positions)
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(triton_backward, "_dq_kernel", Spy(triton_backward._dq_kernel, "dq", (7,)))
+    monkeypatch.setattr(triton_backward, "_dkdv_kernel", Spy(triton_backward._dkdv_kernel, "dkdv", (7, 8)))
+    geometry = AttentionGeometry(DilationConfig((16, 32), (1, 2), head_mode), 32, 2)
+    config = SparsePatternConfig(pattern_type="dense", block_size=16)
+    plan = CallPlan(geometry, config, False, 0.25, (0, 32), (0, 32))
+    generators = (torch.Generator().manual_seed(i) for i in range(3))
+    q, k, v = (torch.randn(1, 32, 2, 16, generator=g).half().to(DEVICE) for g in generators)
+    out, lse = triton_backend.partial_forward(q, k, v, None, plan)
+    triton_backward.partial_backward(q, k, v, None, plan, out, lse, torch.randn_like(out), None)
+    expected = {torch.float32} if several else {torch.float16}
+    assert seen == {"dq": expected, "dkdv": expected}
+
+
+def test_float32_takes_the_small_backward_tiles_and_half_precision_the_tuned_ones(monkeypatch):
+    """On a GPU, float32 operands take twice the shared memory: their tiles stay at 32 x 32 points."""
+    monkeypatch.setattr(triton_backward, "_interpreting", lambda: False)
+    area = lambda tile: tile.rows * tile.step  # noqa: E731
+    for block_d in (16, 64, 128):
+        small = triton_backward.default_backward_tile(128, block_d, torch.float32)
+        half = triton_backward.default_backward_tile(128, block_d, torch.float16)
+        assert area(small.dq) <= 32 * 32 and area(small.kv) <= 32 * 32, small
+        assert area(half.dq) > area(small.dq) and area(half.kv) > area(small.kv), half
