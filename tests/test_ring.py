@@ -310,3 +310,27 @@ def test_ring_layout_is_checked_by_name():
         optimized.BlockSparseRingDilatedAttention([8], [1], ring_layout="striped")
     with pytest.raises(ValueError, match="ring_layout='zigzag'.*process_group"):
         optimized.BlockSparseRingDilatedAttention([8], [1], ring_layout="zigzag", ring_size=2)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_local_piece_ranges_lay_a_ranks_pieces_end_to_end(layout):
+    """A chunk's local rows hold its pieces in order: piece i at [sum of earlier lengths, + its length)."""
+    from reference.ring_schedule import zigzag_schedule
+
+    geometry = AttentionGeometry(DilationConfig((8, 50), (1, 2)), 50, 2)
+    config = SparsePatternConfig(pattern_type="dense", block_size=4)
+    if layout == "zigzag":
+        schedule = zigzag_schedule(geometry, config, True, 3)
+    else:
+        schedule = ring_schedule(geometry, config, True, (13, 0, 37))
+    for chunk, pieces in enumerate(schedule.pieces):
+        ranges = [schedule.local_piece_range(chunk, i) for i in range(len(pieces))]
+        assert [b - a for a, b in ranges] == [stop - start for start, stop in pieces]
+        assert [a for a, _ in ranges] == [0] + [b for _, b in ranges[:-1]]
+        assert ranges[-1][1] == schedule.chunk_lengths[chunk]
+    if layout == "zigzag":
+        assert all(len(p) == 2 and p[0][0] > 0 for p in schedule.pieces[1:])  # a second piece starts past 0
+        with pytest.raises(ValueError, match="chunk_range is for contiguous rings"):
+            schedule.chunk_range(0)
+    else:
+        assert [schedule.chunk_range(c) for c in range(3)] == [(0, 13), (13, 13), (13, 50)]
