@@ -182,6 +182,7 @@ BEST = 'best = [(0.0, 0)] + [(float("inf"), 0)] * (len(cuts) - 1)'  # optimized/
 LATTICE_COLUMN = "the column is 0 (LATTICE_START = 0 in WorkItem and WeightBlock): meta - 0 is meta + 0"
 TRITON_ITEM_START = "lattice_start = tl.load(meta + ITEM_LATTICE_START)"
 TRITON_WEIGHT_START = "lattice_start = tl.load(meta + WEIGHT_LATTICE_START)"
+RING_LAST_STEP = "return max(self.chunk_last_step, default=0)"
 
 EQUIVALENT: tuple[Equivalent, ...] = (
     *_same(
@@ -581,6 +582,13 @@ EQUIVALENT: tuple[Equivalent, ...] = (
         "_forward_cls.backward), where a function without @staticmethod is the same plain function, called with "
         "the same arguments",
         ("RemoveDecorator", "@staticmethod", ""),
+    ),
+    *_same(
+        "reference/ring_schedule.py",
+        "chunk_last_step has one entry per chunk and every schedule has a chunk (ring_schedule and zigzag_schedule "
+        "refuse an empty chunk list), so max never falls back to its default",
+        ("NumberReplacer", RING_LAST_STEP, RING_LAST_STEP.replace("default=0", "default= 1")),
+        ("NumberReplacer", RING_LAST_STEP, RING_LAST_STEP.replace("default=0", "default= -1")),
     ),
     *_same(
         "optimized/triton_backward.py",

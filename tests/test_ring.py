@@ -334,3 +334,12 @@ def test_local_piece_ranges_lay_a_ranks_pieces_end_to_end(layout):
             schedule.chunk_range(0)
     else:
         assert [schedule.chunk_range(c) for c in range(3)] == [(0, 13), (13, 13), (13, 50)]
+
+
+def test_an_empty_chunk_never_travels():
+    """A zero-length chunk holds no key any rank needs: its last step is 0 and no transfer carries it."""
+    geometry = AttentionGeometry(DilationConfig((12,), (1,)), 12, 1)
+    schedule = ring_schedule(geometry, SparsePatternConfig(pattern_type="dense", block_size=2), False, (5, 0, 7))
+    assert schedule.chunk_last_step[1] == 0
+    assert not any(chunk == 1 for step in range(3) for _, _, chunk in schedule.transfers(step))
+    assert schedule.chunk_last_step[0] > 0 and schedule.chunk_last_step[2] > 0  # the others do travel
