@@ -591,6 +591,13 @@ EQUIVALENT: tuple[Equivalent, ...] = (
         ("NumberReplacer", RING_LAST_STEP, RING_LAST_STEP.replace("default=0", "default= -1")),
     ),
     *_same(
+        "reference/ring_schedule.py",
+        "at step 0 the comprehension below is empty anyway: travels(c, 0) is false for every chunk (a transfer "
+        "counts from 1), so returning early at step < 0 only gives the same () by another way",
+        ("NumberReplacer", "if step < 1:", "if step < 0:"),
+        ("ReplaceComparisonOperator_Lt_LtE", "if step < 1:", "if step <= 0:"),
+    ),
+    *_same(
         "optimized/triton_backward.py",
         "a placeholder: without padding (the only case that runs this line) _gradient_terms gets MASKED = "
         "HAS_PADDING = False, a compile-time constant, and never reads its allowed argument",
