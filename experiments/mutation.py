@@ -598,6 +598,21 @@ EQUIVALENT: tuple[Equivalent, ...] = (
         ("ReplaceComparisonOperator_Lt_LtE", "if step < 1:", "if step <= 0:"),
     ),
     *_same(
+        "reference/ring_schedule.py",
+        "a shortcut: an empty query or key range holds no block pair, so block_tables below answers False too "
+        "(tests/test_ring.py::test_pair_is_active_rejects_empty_chunks_and_later_keys_under_causal asks both ways)",
+        ("ReplaceComparisonOperator_LtE_Lt", "if q1 <= q0 or k1 <= k0:", "if q1 < q0 or k1 <= k0:"),
+        ("ReplaceComparisonOperator_LtE_Lt", "if q1 <= q0 or k1 <= k0:", "if q1 <= q0 or k1 < k0:"),
+        ("ReplaceOrWithAnd", "if q1 <= q0 or k1 <= k0:", "if q1 <= q0 and k1 <= k0:"),
+    ),
+    *_same(
+        "reference/ring_schedule.py",
+        CACHE,
+        ("RemoveDecorator", "@functools.lru_cache(maxsize=256)", ""),
+        ("NumberReplacer", "@functools.lru_cache(maxsize=256)", "@functools.lru_cache(maxsize= 257)"),
+        ("NumberReplacer", "@functools.lru_cache(maxsize=256)", "@functools.lru_cache(maxsize= 255)"),
+    ),
+    *_same(
         "optimized/triton_backward.py",
         "a placeholder: without padding (the only case that runs this line) _gradient_terms gets MASKED = "
         "HAS_PADDING = False, a compile-time constant, and never reads its allowed argument",

@@ -343,3 +343,19 @@ def test_an_empty_chunk_never_travels():
     assert schedule.chunk_last_step[1] == 0
     assert not any(chunk == 1 for step in range(3) for _, _, chunk in schedule.transfers(step))
     assert schedule.chunk_last_step[0] > 0 and schedule.chunk_last_step[2] > 0  # the others do travel
+
+
+def test_schedules_are_frozen_and_chunk_lengths_are_plain_ints():
+    """Schedules are cached and shared, so none may change; chunk lengths are ints, not bools or floats."""
+    import dataclasses
+
+    from reference.ring_schedule import zigzag_schedule
+
+    geometry = AttentionGeometry(DilationConfig((12,), (1,)), 12, 1)
+    config = SparsePatternConfig(pattern_type="dense", block_size=2)
+    for schedule in (ring_schedule(geometry, config, False, (5, 7)), zigzag_schedule(geometry, config, True, 2)):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            schedule.active = ()
+    for lengths in ((True, 11), (5.0, 7)):
+        with pytest.raises(ValueError, match="chunk_lengths must be"):
+            ring_schedule(geometry, config, False, lengths)
