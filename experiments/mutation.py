@@ -183,6 +183,14 @@ LATTICE_COLUMN = "the column is 0 (LATTICE_START = 0 in WorkItem and WeightBlock
 TRITON_ITEM_START = "lattice_start = tl.load(meta + ITEM_LATTICE_START)"
 TRITON_WEIGHT_START = "lattice_start = tl.load(meta + WEIGHT_LATTICE_START)"
 RING_LAST_STEP = "return max(self.chunk_last_step, default=0)"
+WEIGHTS_STEP = "step = max(1, work_size // max(1, batch * nh))"
+WEIGHTS_DEFINITION = (
+    "def attention_weights(q, k, key_padding_mask, lse, plan: CallPlan, work_size: int = 4096) -> "
+    "SparseAttentionWeights:"
+)
+WEIGHTS_COO = (
+    'return torch.sparse_coo_tensor(indices, values.reshape(-1), self["shape"], check_invariants=False).coalesce()'
+)
 
 EQUIVALENT: tuple[Equivalent, ...] = (
     *_same(
@@ -604,6 +612,39 @@ EQUIVALENT: tuple[Equivalent, ...] = (
         ("ReplaceComparisonOperator_LtE_Lt", "if q1 <= q0 or k1 <= k0:", "if q1 < q0 or k1 <= k0:"),
         ("ReplaceComparisonOperator_LtE_Lt", "if q1 <= q0 or k1 <= k0:", "if q1 <= q0 or k1 < k0:"),
         ("ReplaceOrWithAnd", "if q1 <= q0 or k1 <= k0:", "if q1 <= q0 and k1 <= k0:"),
+    ),
+    *_same(
+        "optimized/weights.py",
+        "a policy value: the size above which to_dense asks for allow_large; no result depends on it, and "
+        "tests/test_mutation_weights.py checks the rule at whatever value it has",
+        ("NumberReplacer", "DENSE_ELEMENT_LIMIT = 1 << 28", "DENSE_ELEMENT_LIMIT = 2 << 28"),
+        ("NumberReplacer", "DENSE_ELEMENT_LIMIT = 1 << 28", "DENSE_ELEMENT_LIMIT = 1 << 29"),
+        ("NumberReplacer", "DENSE_ELEMENT_LIMIT = 1 << 28", "DENSE_ELEMENT_LIMIT = 1 << 27"),
+    ),
+    *_same(
+        "optimized/weights.py",
+        "performance-only: how many entries one slice takes (>= 1 either way; batch * nh >= 1, so max(0, x) is x); "
+        "tests/test_mutation_weights.py checks that slices of one entry give the same weights as one slice",
+        ("NumberReplacer", WEIGHTS_STEP, WEIGHTS_STEP.replace("max(1, work_size", "max( 2, work_size")),
+        ("NumberReplacer", WEIGHTS_STEP, WEIGHTS_STEP.replace("max(1, batch", "max( 2, batch")),
+        ("NumberReplacer", WEIGHTS_STEP, WEIGHTS_STEP.replace("max(1, batch", "max( 0, batch")),
+        ("NumberReplacer", WEIGHTS_DEFINITION, WEIGHTS_DEFINITION.replace("= 4096", "= 4097")),
+        ("NumberReplacer", WEIGHTS_DEFINITION, WEIGHTS_DEFINITION.replace("= 4096", "= 4095")),
+    ),
+    *_same(
+        "optimized/weights.py",
+        "an empty table gives an empty loop (range(0, 0)) and adds nothing: skipping it only saves its device copy",
+        ("NumberReplacer", "if table.nnz == 0:", "if table.nnz == -1:"),
+    ),
+    *_same(
+        "optimized/weights.py",
+        "check_invariants only validates the indices (in range, by construction here) at a cost; the tensor is "
+        "the same",
+        (
+            "ReplaceFalseWithTrue",
+            WEIGHTS_COO,
+            WEIGHTS_COO.replace("check_invariants=False", "check_invariants=True"),
+        ),
     ),
     *_same(
         "reference/ring_schedule.py",
