@@ -248,32 +248,40 @@ def _as_bool(mask):
 def _ring_forward(call: _RingCall, q, k, v, mask_bytes):
     """Forward ring of this rank: merged (out float32, lse float32) of its query rows."""
     on_write = _merges_on_write(call.backend, call.options, q, k, v)
-    pieces = call.schedule.pieces[call.rank]
-    local = [slice(*call.schedule.local_piece_range(call.rank, a)) for a in range(len(pieces))]
-    merged = [None] * len(pieces)  # one running (out, lse) per query piece
+    merged = [None] * len(call.schedule.pieces[call.rank])  # one running (out, lse) per query piece
     call.stats.computed_steps = []
     call.stats.forward_bytes = [0] * call.world_size
     for step, chunk, (k_chunk, v_chunk, mask_chunk) in _travel(call, (k, v, mask_bytes), call.stats.forward_bytes):
-        mask_chunk = _as_bool(mask_chunk)
-        for a, b in call.schedule.piece_pairs[call.rank][chunk]:
-            rows = slice(*call.schedule.local_piece_range(chunk, b))
-            merged[a] = _add_pair(
-                call.backend,
-                call.options,
-                merged[a],
-                on_write,
-                q[:, local[a]],
-                k_chunk[:, rows],
-                v_chunk[:, rows],
-                None if mask_chunk is None else mask_chunk[:, rows],
-                call.plan(pieces[a], call.schedule.pieces[chunk][b]),
-            )
+        _add_step(call, merged, on_write, chunk, q, k_chunk, v_chunk, _as_bool(mask_chunk))
         call.stats.computed_steps.append(step)
-    return _concatenate_pieces(q, local, merged)
+    return _concatenate_pieces(call, q, merged)
 
 
-def _concatenate_pieces(q, local, merged):
+def _local_rows(schedule: RingSchedule, chunk: int, piece: int) -> slice:
+    return slice(*schedule.local_piece_range(chunk, piece))
+
+
+def _add_step(call: _RingCall, merged: list, on_write: bool, chunk: int, q, k_chunk, v_chunk, mask_chunk) -> None:
+    """Add this rank's active piece pairs against key chunk ``chunk`` to ``merged`` (per query piece)."""
+    schedule, rank = call.schedule, call.rank
+    for a, b in schedule.piece_pairs[rank][chunk]:
+        rows = _local_rows(schedule, chunk, b)
+        merged[a] = _add_pair(
+            call.backend,
+            call.options,
+            merged[a],
+            on_write,
+            q[:, _local_rows(schedule, rank, a)],
+            k_chunk[:, rows],
+            v_chunk[:, rows],
+            None if mask_chunk is None else mask_chunk[:, rows],
+            call.plan(schedule.pieces[rank][a], schedule.pieces[chunk][b]),
+        )
+
+
+def _concatenate_pieces(call: _RingCall, q, merged):
     """(out, lse) of all of q's rows from its pieces' (None: no pair reached the piece: empty)."""
+    local = [_local_rows(call.schedule, call.rank, a) for a in range(len(merged))]
     filled = [m if m is not None else _empty_partial(q[:, rows]) for rows, m in zip(local, merged)]
     if len(filled) == 1:
         return filled[0]
@@ -283,21 +291,9 @@ def _concatenate_pieces(q, local, merged):
 def _step_partial(call: _RingCall, chunk: int, q, k_chunk, v_chunk, mask_chunk):
     """(out, lse) of this rank's query rows against key chunk ``chunk``: its active piece pairs merged
     (out-of-place, so autograd sees every partial)."""
-    pieces = call.schedule.pieces[call.rank]
-    local = [slice(*call.schedule.local_piece_range(call.rank, a)) for a in range(len(pieces))]
-    merged = [None] * len(pieces)
-    for a, b in call.schedule.piece_pairs[call.rank][chunk]:
-        rows = slice(*call.schedule.local_piece_range(chunk, b))
-        out, lse = call.backend.forward_partial(
-            q[:, local[a]],
-            k_chunk[:, rows],
-            v_chunk[:, rows],
-            None if mask_chunk is None else mask_chunk[:, rows],
-            call.plan(pieces[a], call.schedule.pieces[chunk][b]),
-            call.options,
-        )
-        merged[a] = _merge_into(merged[a], out, lse)
-    return _concatenate_pieces(q, local, merged)
+    merged = [None] * len(call.schedule.pieces[call.rank])
+    _add_step(call, merged, False, chunk, q, k_chunk, v_chunk, mask_chunk)
+    return _concatenate_pieces(call, q, merged)
 
 
 def _pair_gradients(call: _RingCall, chunk, q, k_chunk, v_chunk, mask_chunk, out, lse, grad_out, grad_lse, needs):
