@@ -148,15 +148,19 @@ def test_triton_backend(case, dtype):
 @settings(max_examples=example_count(4))
 @given(case=_triton_cases(), data=st.data())
 def test_triton_ring_merges_on_write(case, dtype, data):
-    """The in-process ring with triton: every chunk pair merged into its query chunk's accumulator by the kernel."""
+    """The in-process ring with triton: every chunk pair merged into its query chunk's accumulator by the kernel,
+    a ring step's pairs in one launch or pair by pair."""
     from optimized.triton_backend import unsupported_reasons
 
     assume(not unsupported_reasons(case.sparse_config.block_size, case.shape.head_dim, dtype, DEVICE))
-    from optimized.dispatch import TritonOptions
+    from optimized.dispatch import RING_LAUNCHES, TritonOptions
 
     chunks = data.draw(s.ring_splits(case.shape.seq_len, allow_empty=data.draw(st.booleans())), label="chunks")
     # False: a float32 partial per pair and a separate merge (the A/B twin of merge on write).
-    options = TritonOptions(merge_on_write=data.draw(st.booleans(), label="merge_on_write"))
+    options = TritonOptions(
+        merge_on_write=data.draw(st.booleans(), label="merge_on_write"),
+        ring_launch=data.draw(st.sampled_from(RING_LAUNCHES), label="ring_launch"),
+    )
     check_backend(case, "triton", dtype, DEVICE, ring_chunk_lengths=chunks, module_options={"backend_options": options})
 
 

@@ -6,8 +6,11 @@ For each dilation configuration, layout and causal flag, times (median of
 ``triton.testing.do_bench``, bf16, B = 1, H = 12, D = 64) the unsplit forward (CUDA graphs on and
 off) and the in-process ring with P equal chunks (P = 1 runs the ring code path with one chunk).
 The ring's overhead is its time over the unsplit eager time; with the triton backend the ring is
-also timed with ``TritonOptions(merge_on_write=False)`` (a float32 partial per chunk pair and a
-separate merge pass, as before merge on write). Next to each time: the active chunk
+also timed with ``TritonOptions(ring_launch="pair")`` (one launch per chunk pair, each merged into
+its query chunk's accumulator, where by default all pairs of a ring step share one launch) and
+``TritonOptions(merge_on_write=False)`` (a float32 partial per chunk pair and a separate merge
+pass, as before merge on write). ``--training`` also times forward + backward (a loss over out,
+its gradient into q, k and v), unsplit and ring. Next to each time: the active chunk
 pairs the schedule computes and the bytes a distributed ring of P ranks would send (forward, all
 ranks together). "local" keeps every segment <= 8192 tokens, so with chunks >= 8192 no pair crosses
 a chunk and nothing would be sent; "global" adds a whole-sequence branch, so every chunk travels.
@@ -39,6 +42,13 @@ DILATIONS = {
     "global": dict(segments=(2048, 8192, 65536), rates=(1, 4, 16)),
     # Issue 14's global branch.
     "global_8k_64k": dict(segments=(8192, 65536), rates=(1, 8)),
+}
+
+
+# The ring with the triton backend, also timed the ways before (a key per twin in each ring entry).
+TRITON_TWINS = {
+    "pair_launch_ms": TritonOptions(ring_launch="pair"),
+    "separate_merge_ms": TritonOptions(merge_on_write=False),
 }
 
 
@@ -82,6 +92,7 @@ def build_parser():
         help="0 (non-causal), 1 (causal) or both",
     )
     parser.add_argument("--backend", default="auto", choices=list(BACKENDS))
+    parser.add_argument("--training", action="store_true", help="also time forward + backward")
     parser.add_argument("--warmup", type=cli.positive_int, default=10, help="do_bench warmup, ms")
     parser.add_argument("--rep", type=cli.positive_int, default=50, help="do_bench repetitions, ms")
     parser.add_argument(
@@ -125,6 +136,7 @@ def main(argv=None) -> None:
             backend=args.backend,
             warmup=args.warmup,
             rep=args.rep,
+            training=args.training,
         ),
         "results": [],
     }
@@ -163,33 +175,43 @@ def main(argv=None) -> None:
                             schedule = ring_schedule(geometry, config, is_causal, chunks)
                             ring = make(ring_chunk_lengths=chunks, use_cuda_graphs=False)
                             ms = time_ms(lambda: ring(q, k, v, is_causal=is_causal), args.warmup, args.rep)
-                            separate_ms = None
-                            if eager.last_backend == "triton":
-                                # The same ring with a float32 partial per pair and a separate merge pass.
-                                separate = make(
-                                    ring_chunk_lengths=chunks,
-                                    use_cuda_graphs=False,
-                                    backend_options=TritonOptions(merge_on_write=False),
-                                )
-                                separate_ms = time_ms(
-                                    lambda: separate(q, k, v, is_causal=is_causal), args.warmup, args.rep
-                                )
-                            row["ring"][P] = dict(
+                            row["ring"][P] = entry = dict(
                                 ms=ms,
-                                separate_merge_ms=separate_ms,
                                 overhead=ms / row["unsplit_eager_ms"] - 1.0,
                                 active_pairs=sum(map(sum, schedule.active)),
                                 last_step=schedule.last_step,
                                 distributed_bytes_per_step=list(schedule.step_bytes(bytes_per_token)),
                             )
+                            if eager.last_backend == "triton":
+                                for name, options in TRITON_TWINS.items():
+                                    twin = make(
+                                        ring_chunk_lengths=chunks, use_cuda_graphs=False, backend_options=options
+                                    )
+                                    entry[name] = time_ms(
+                                        lambda: twin(q, k, v, is_causal=is_causal), args.warmup, args.rep
+                                    )
+                            twins = " ".join(f"{name} {entry[name]:.3f}" for name in TRITON_TWINS if name in entry)
                             print(
                                 f"{dilation_name:6s} {layout_name:14s} causal={int(is_causal)} P={P}: {ms:8.3f} ms "
-                                f"(separate merge {separate_ms or float('nan'):.3f} ms) "
-                                f"(unsplit eager {row['unsplit_eager_ms']:.3f} ms, graphs "
+                                f"({twins}) (unsplit eager {row['unsplit_eager_ms']:.3f} ms, graphs "
                                 f"{row['unsplit_graphs_ms']:.3f} ms), active pairs "
-                                f"{row['ring'][P]['active_pairs']}, last step {schedule.last_step}",
+                                f"{entry['active_pairs']}, last step {schedule.last_step}",
                                 flush=True,
                             )
+                    if args.training:
+                        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+                        step = lambda module: module(*leaves, is_causal=is_causal).float().square().mean().backward()  # noqa: E731
+                        row["unsplit_training_ms"] = time_ms(lambda: step(eager), args.warmup, args.rep)
+                        for P in parts:
+                            ring = make(ring_chunk_lengths=equal_chunks(N, P), use_cuda_graphs=False)
+                            row["ring"][P]["training_ms"] = time_ms(lambda: step(ring), args.warmup, args.rep)
+                            print(
+                                f"{dilation_name:6s} {layout_name:14s} causal={int(is_causal)} P={P}: forward + "
+                                f"backward {row['ring'][P]['training_ms']:8.3f} ms (unsplit "
+                                f"{row['unsplit_training_ms']:.3f} ms)",
+                                flush=True,
+                            )
+                        del leaves
                 except Exception as error:  # keep going: one failing configuration must not lose the others
                     row["error"] = f"{type(error).__name__}: {error}"
                     row["traceback"] = traceback.format_exc()

@@ -74,6 +74,9 @@ class FlexOptions:
     """The flex backend has no options; the type exists so that every backend is called alike."""
 
 
+RING_LAUNCHES = ("step", "pair")
+
+
 @dataclass(frozen=True)
 class TritonOptions:
     """Kernel choices (None: the environment variable, then the default; the output does not depend on them)."""
@@ -84,6 +87,13 @@ class TritonOptions:
     # Rings: merge every chunk pair into the query chunk's accumulator inside the kernel (False: a
     # float32 partial per pair and a separate merge pass, the way before merge on write; for A/B runs).
     merge_on_write: bool = True
+    # Rings that merge on write: "step" computes every pair of a ring step in one launch (per head
+    # layer); "pair" launches once per pair (the way before; for A/B runs).
+    ring_launch: str = "step"
+
+    def __post_init__(self) -> None:
+        if self.ring_launch not in RING_LAUNCHES:
+            raise ValueError(f"ring_launch={self.ring_launch!r} is not one of {RING_LAUNCHES}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,6 +130,14 @@ class Backend:
     # With merges_on_write: (accumulated (out, lse), q, k, v, mask, plan, options) -> None, merging the
     # plan's chunk pair into ``accumulated`` in place (no autograd).
     forward_partial_into = None
+    # Optional, with merges_on_write: (accumulated, q, k, v, mask, pairs, options) -> None, merging every
+    # StepPair of a ring step (chunks at shifted rows of q / k) into ``accumulated`` at once; None: the
+    # rings call forward_partial_into per pair.
+    forward_step_into = None
+
+    def launches_per_step(self, options) -> bool:
+        """Whether the rings hand this backend a whole ring step at once (forward_step_into)."""
+        return self.forward_step_into is not None
 
     def sparse_weights(self, q, k, key_padding_mask, lse, plan: CallPlan, options):
         raise NotImplementedError
@@ -232,6 +250,22 @@ class TritonBackend(Backend):
             index=options.index_mode,
             into=accumulated,
         )
+
+    def forward_step_into(self, accumulated, q, k, v, key_padding_mask, pairs, options: TritonOptions):
+        triton_backend.step_forward_into(
+            accumulated,
+            q,
+            k,
+            v,
+            key_padding_mask,
+            pairs,
+            variant=options.variant,
+            order=options.item_order,
+            index=options.index_mode,
+        )
+
+    def launches_per_step(self, options: TritonOptions) -> bool:
+        return options.ring_launch == "step"
 
     def backward_partial(self, q, k, v, key_padding_mask, plan, options: TritonOptions, out, lse, grad_out, grad_lse):
         return triton_backward.partial_backward(

@@ -2,7 +2,9 @@
 
 A ``CallPlan`` is hashable and carries everything but the tensors: the geometry, the layout,
 causal, the scale and the [lo, hi) global position ranges of the query chunk and key chunk.
-Backends ask it (and through it ``reference.semantics``) which blocks are active.
+Backends ask it (and through it ``reference.semantics``) which blocks are active. A ``StepPair``
+is a plan placed in tensors that hold several chunks (the pairs of one ring step, computed in one
+launch by backends that can).
 """
 
 from __future__ import annotations
@@ -44,3 +46,26 @@ class CallPlan:
     def tables(self) -> tuple[BlockTable, ...]:
         """One table per (branch, offset), restricted to this call's chunks."""
         return block_tables(self.geometry, self.sparse_config, self.is_causal, self.query_range, self.key_range)
+
+
+@dataclass(frozen=True)
+class StepPair:
+    """One (query chunk, key chunk) pair of a ring step: its plan, and where its chunks sit in the step's tensors.
+
+    Global position p is row ``p - query_shift`` of the step's q and accumulator, and row
+    ``p - key_shift`` of its k, v and key padding mask.
+    """
+
+    plan: CallPlan
+    query_shift: int
+    key_shift: int
+
+    @property
+    def query_rows(self) -> tuple[int, int]:
+        lo, hi = self.plan.query_range
+        return lo - self.query_shift, hi - self.query_shift
+
+    @property
+    def key_rows(self) -> tuple[int, int]:
+        lo, hi = self.plan.key_range
+        return lo - self.key_shift, hi - self.key_shift

@@ -31,7 +31,7 @@ from reference.semantics import AttentionGeometry
 
 from .blocks import accumulation_dtype
 from .dispatch import Backend, Case, Choice, choose
-from .plan import CallPlan
+from .plan import CallPlan, StepPair
 
 NEG_INF = float("-inf")
 
@@ -108,6 +108,27 @@ def in_process_forward(
     """
     schedule = ring_schedule(geometry, sparse_config, is_causal, chunks)
     on_write = _merges_on_write(backend, options, q, k, v)
+    if on_write and backend.launches_per_step(options):
+        # The pairs of step s (query chunk i, key chunk i - s) write disjoint rows: one call per step,
+        # every chunk at its own rows of the whole q, k, v (shift 0) and of one accumulator.
+        merged = _empty_partial(q)
+        for step in range(schedule.num_chunks):
+            pairs = []
+            for i in range(schedule.num_chunks):
+                if schedule.computes(i, step):
+                    j = schedule.chunk_at(i, step)
+                    plan = CallPlan(
+                        geometry,
+                        sparse_config,
+                        bool(is_causal),
+                        float(scale),
+                        schedule.chunk_range(i),
+                        schedule.chunk_range(j),
+                    )
+                    pairs.append(StepPair(plan, 0, 0))
+            if pairs:
+                backend.forward_step_into(merged, q, k, v, key_padding_mask, tuple(pairs), options)
+        return merged
     outs, lses = [], []
     for i in range(schedule.num_chunks):
         q0, q1 = schedule.chunk_range(i)
@@ -248,13 +269,33 @@ def _as_bool(mask):
 def _ring_forward(call: _RingCall, q, k, v, mask_bytes):
     """Forward ring of this rank: merged (out float32, lse float32) of its query rows."""
     on_write = _merges_on_write(call.backend, call.options, q, k, v)
-    merged = [None] * len(call.schedule.pieces[call.rank])  # one running (out, lse) per query piece
+    per_step = on_write and call.backend.launches_per_step(call.options)
+    # One running (out, lse) per query piece; with per_step one for all of q's rows, filled empty first.
+    merged = _empty_partial(q) if per_step else [None] * len(call.schedule.pieces[call.rank])
     call.stats.computed_steps = []
     call.stats.forward_bytes = [0] * call.world_size
     for step, chunk, (k_chunk, v_chunk, mask_chunk) in _travel(call, (k, v, mask_bytes), call.stats.forward_bytes):
-        _add_step(call, merged, on_write, chunk, q, k_chunk, v_chunk, _as_bool(mask_chunk))
+        if per_step:
+            pairs = _step_pairs(call, chunk)
+            if pairs:
+                call.backend.forward_step_into(merged, q, k_chunk, v_chunk, _as_bool(mask_chunk), pairs, call.options)
+        else:
+            _add_step(call, merged, on_write, chunk, q, k_chunk, v_chunk, _as_bool(mask_chunk))
         call.stats.computed_steps.append(step)
-    return _concatenate_pieces(call, q, merged)
+    return merged if per_step else _concatenate_pieces(call, q, merged)
+
+
+def _step_pairs(call: _RingCall, chunk: int) -> tuple[StepPair, ...]:
+    """This rank's active piece pairs against key chunk ``chunk``, placed at their rows of q and of the chunk."""
+    schedule, rank = call.schedule, call.rank
+    return tuple(
+        StepPair(
+            call.plan(schedule.pieces[rank][a], schedule.pieces[chunk][b]),
+            schedule.pieces[rank][a][0] - schedule.local_piece_range(rank, a)[0],
+            schedule.pieces[chunk][b][0] - schedule.local_piece_range(chunk, b)[0],
+        )
+        for a, b in schedule.piece_pairs[rank][chunk]
+    )
 
 
 def _local_rows(schedule: RingSchedule, chunk: int, piece: int) -> slice:

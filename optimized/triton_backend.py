@@ -42,7 +42,7 @@ except ImportError as error:  # pragma: no cover - triton is a dependency of the
     raise ImportError(f"backend='triton' needs the triton package: {error}") from error
 
 from .blocks import block_points, head_layers
-from .plan import CallPlan
+from .plan import CallPlan, StepPair
 from .weights import SparseAttentionWeights
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -71,7 +71,11 @@ class WorkItem(enum.IntEnum):
     launch: the full ones (no mask needed) first, up to ``FULL_STOP``, led by the row's longest run
     of consecutive full blocks, ``RUN_COUNT`` blocks from ``RUN_BLOCK`` (LaunchTable).
     ``SEGMENT_START``/``SEGMENT_STOP`` bound the row's segment, whose off-lattice positions the
-    first launch writes empty.
+    first launch writes empty. ``QUERY_LO``/``QUERY_HI`` and ``KEY_LO``/``KEY_HI`` are the item's
+    query and key chunks (global positions); global position p sits at row ``p - QUERY_SHIFT`` of
+    the launch's q (``p - KEY_SHIFT`` of k and v). One plan's items have shift = chunk start (the
+    tensors hold the chunks); a ring step's launch gathers the items of several chunk pairs over
+    tensors that hold several chunks (``step_forward_into``), each pair with its own shifts.
     """
 
     LATTICE_START = 0
@@ -86,6 +90,12 @@ class WorkItem(enum.IntEnum):
     RUN_COUNT = 9
     SEGMENT_START = 10
     SEGMENT_STOP = 11
+    QUERY_LO = 12
+    QUERY_HI = 13
+    KEY_LO = 14
+    KEY_HI = 15
+    QUERY_SHIFT = 16
+    KEY_SHIFT = 17
 
 
 class WeightBlock(enum.IntEnum):
@@ -118,6 +128,12 @@ ITEM_RUN_BLOCK = tl.constexpr(WorkItem.RUN_BLOCK.value)
 ITEM_RUN_COUNT = tl.constexpr(WorkItem.RUN_COUNT.value)
 ITEM_SEGMENT_START = tl.constexpr(WorkItem.SEGMENT_START.value)
 ITEM_SEGMENT_STOP = tl.constexpr(WorkItem.SEGMENT_STOP.value)
+ITEM_QUERY_LO = tl.constexpr(WorkItem.QUERY_LO.value)
+ITEM_QUERY_HI = tl.constexpr(WorkItem.QUERY_HI.value)
+ITEM_KEY_LO = tl.constexpr(WorkItem.KEY_LO.value)
+ITEM_KEY_HI = tl.constexpr(WorkItem.KEY_HI.value)
+ITEM_QUERY_SHIFT = tl.constexpr(WorkItem.QUERY_SHIFT.value)
+ITEM_KEY_SHIFT = tl.constexpr(WorkItem.KEY_SHIFT.value)
 WEIGHT_WIDTH = tl.constexpr(len(WeightBlock))
 WEIGHT_LATTICE_START = tl.constexpr(WeightBlock.LATTICE_START.value)
 WEIGHT_LATTICE_LENGTH = tl.constexpr(WeightBlock.LATTICE_LENGTH.value)
@@ -328,6 +344,7 @@ class LaunchTable:
     max_full: int  # most full entries of one row (sizes the in-register index list)
     max_listed: int  # most full entries of one row outside its run
     mean_run: float  # mean run_count over the rows that have full blocks (picks the "auto" variant)
+    run_rows: int  # how many rows have full blocks (weights mean_run when launches are joined)
     # (H,) bool on the CPU: this launch writes every query point of the head (skip zeroing it first).
     covers_head: torch.Tensor
 
@@ -419,6 +436,12 @@ def _launch_table(tables, device, is_causal: bool, num_heads: int, order_name: s
             run_count=run_count,
             segment_start=segment_start,
             segment_stop=segment_stop,
+            query_lo=table.query_limits[0],
+            query_hi=table.query_limits[1],
+            key_lo=table.key_limits[0],
+            key_hi=table.key_limits[1],
+            query_shift=table.query_limits[0],
+            key_shift=table.key_limits[0],
         )
         per_head = fields.unsqueeze(1).repeat(1, nh, 1)  # (rows, nh, F): heads of one row side by side
         per_head[:, :, WorkItem.HEAD] = torch.arange(table.heads.start, table.heads.stop)
@@ -461,6 +484,7 @@ def _launch_table(tables, device, is_causal: bool, num_heads: int, order_name: s
         max_full=max_full,
         max_listed=max_listed,
         mean_run=mean_run,
+        run_rows=int(has_full.sum()),
         covers_head=written == query_points,
     )
 
@@ -473,7 +497,16 @@ _pinned_tables: dict = {}
 def device_tables(plan: CallPlan, device, order: str | None = None) -> tuple[LaunchTable, ...]:
     """The launches of ``plan`` on ``device`` in item order ``order``, built once per (plan, device, order) (LRU)."""
     order = item_order(order)
-    key = (plan, str(device), order)
+    num_heads = plan.geometry.num_heads
+    return _cached(
+        (plan, str(device), order),
+        device,
+        lambda: tuple(_launch_table(layer, device, plan.is_causal, num_heads, order) for layer in _layers(plan.tables)),
+    )
+
+
+def _cached(key, device, build):
+    """``build()``'s launches, kept in the LRU table cache under ``key`` (pinned while a CUDA graph captures)."""
     capturing = torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
     pinned = _pinned_tables.get(key)
     if pinned is not None:
@@ -485,8 +518,7 @@ def device_tables(plan: CallPlan, device, order: str | None = None) -> tuple[Lau
         else:
             _table_cache.move_to_end(key)
         return cached
-    num_heads = plan.geometry.num_heads
-    launches = tuple(_launch_table(layer, device, plan.is_causal, num_heads, order) for layer in _layers(plan.tables))
+    launches = build()
     if capturing:
         _pinned_tables[key] = launches
         return launches
@@ -498,6 +530,66 @@ def device_tables(plan: CallPlan, device, order: str | None = None) -> tuple[Lau
 
 def _launches_nbytes(launches) -> int:
     return sum(launch.items.numel() * 4 + launch.key_block.numel() * 4 for launch in launches)
+
+
+def _rounds(pairs: tuple[StepPair, ...]) -> list[list[StepPair]]:
+    """Pairs grouped so that no two in a group write the same accumulator row (a launch must never
+    merge two partials into one point at once); first fit, in the given order (the merge order)."""
+    rounds: list[list[StepPair]] = []
+    for pair in pairs:
+        lo, hi = pair.query_rows
+        for members in rounds:
+            if all(hi <= other.query_rows[0] or other.query_rows[1] <= lo for other in members):
+                members.append(pair)
+                break
+        else:
+            rounds.append([pair])
+    return rounds
+
+
+def _joined(parts: list[tuple[LaunchTable, StepPair]], device, num_heads: int) -> LaunchTable:
+    """One launch over the items of several pairs' launches, with each pair's shifts and entry offsets."""
+    W = WorkItem
+    items, keys, entry_base = [], [], 0
+    for launch, pair in parts:
+        part = launch.items.clone()
+        part[:, [W.ENTRY_START, W.ENTRY_STOP, W.FULL_STOP]] += entry_base
+        part[:, W.QUERY_SHIFT] = pair.query_shift
+        part[:, W.KEY_SHIFT] = pair.key_shift
+        items.append(part)
+        keys.append(launch.key_block)
+        entry_base += launch.key_block.numel()
+    if entry_base >= 2**31:
+        raise ValueError("a ring step lists too many key blocks for the kernel's int32 block tables (>= 2**31)")
+    run_rows = sum(launch.run_rows for launch, _ in parts)
+    mean_run = sum(launch.mean_run * launch.run_rows for launch, _ in parts) / run_rows if run_rows else 0.0
+    return LaunchTable(
+        items=torch.cat(items).contiguous(),
+        key_block=torch.cat(keys),
+        num_items=sum(launch.num_items for launch, _ in parts),
+        max_full=max(launch.max_full for launch, _ in parts),
+        max_listed=max(launch.max_listed for launch, _ in parts),
+        mean_run=mean_run,
+        run_rows=run_rows,
+        covers_head=torch.zeros(num_heads, dtype=torch.bool),  # never read: a step always merges into its accumulator
+    )
+
+
+def step_tables(pairs: tuple[StepPair, ...], device, order: str | None = None) -> tuple[LaunchTable, ...]:
+    """The launches of a ring step, built once per (pairs, device, order) (LRU): for each round of pairs
+    (``_rounds``), one launch per head layer, joining that layer of every pair of the round."""
+    order = item_order(order)
+
+    def build():
+        launches = []
+        for members in _rounds(pairs):
+            per_pair = [(device_tables(pair.plan, device, order), pair) for pair in members]
+            for layer in range(max(len(tables) for tables, _ in per_pair)):
+                parts = [(tables[layer], pair) for tables, pair in per_pair if layer < len(tables)]
+                launches.append(_joined(parts, device, pairs[0].plan.geometry.num_heads))
+        return tuple(launches)
+
+    return _cached(("step", pairs, str(device), order), device, build)
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,10 +655,6 @@ def _forward_kernel(
     stride_mn,
     num_heads,
     num_queries,
-    q_lo,
-    q_hi,
-    k_lo,
-    k_hi,
     kv_group,
     qk_scale,
     HEAD_DIM: tl.constexpr,
@@ -600,13 +688,19 @@ def _forward_kernel(
     stride = tl.load(meta + ITEM_STRIDE)
     head = tl.load(meta + ITEM_HEAD)
     kv_head = head // kv_group
+    q_lo = tl.load(meta + ITEM_QUERY_LO)
+    q_hi = tl.load(meta + ITEM_QUERY_HI)
+    k_lo = tl.load(meta + ITEM_KEY_LO)
+    k_hi = tl.load(meta + ITEM_KEY_HI)
+    q_shift = tl.load(meta + ITEM_QUERY_SHIFT)
+    k_shift = tl.load(meta + ITEM_KEY_SHIFT)
 
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     t_q = query_block * BLOCK + m_sub * BLOCK_M + tl.arange(0, BLOCK_M)
     pos_q = lattice_start + stride * t_q
     q_ok = (t_q < lattice_len) & (pos_q >= q_lo) & (pos_q < q_hi)
-    idx_q = tl.where(q_ok, pos_q - q_lo, 0).to(tl.int64)
+    idx_q = tl.where(q_ok, pos_q - q_shift, 0).to(tl.int64)
     q_ptrs = Q + batch * stride_qb + head.to(tl.int64) * stride_qh + idx_q[:, None] * stride_qn + d[None, :]
     q = tl.load(q_ptrs, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
 
@@ -618,7 +712,7 @@ def _forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     full_stop = tl.load(meta + ITEM_FULL_STOP)
     n_off = tl.arange(0, BLOCK_N)
-    # Lattice point t of this row sits at chunk row (lattice_start - k_lo) + stride * t: a strided 2D view.
+    # Lattice point t of this row sits at row (lattice_start - k_shift) + stride * t of k: a strided 2D view.
     row_step = stride.to(tl.int64) * stride_kn
     if RUNS:
         run_block = tl.load(meta + ITEM_RUN_BLOCK)
@@ -631,7 +725,7 @@ def _forward_kernel(
         first_t = tl.maximum((k_lo - lattice_start + stride - 1) // stride, 0)
         stop_t = tl.minimum(tl.maximum((k_hi - lattice_start + stride - 1) // stride, 0), lattice_len)
         rows = tl.maximum(stop_t - first_t, 1)
-        row0 = (lattice_start - k_lo).to(tl.int64) + stride.to(tl.int64) * first_t
+        row0 = (lattice_start - k_shift).to(tl.int64) + stride.to(tl.int64) * first_t
         k_desc = tl.make_tensor_descriptor(
             k_base + row0 * stride_kn,
             shape=[rows, HEAD_DIM],
@@ -647,7 +741,7 @@ def _forward_kernel(
     if RUNS:
         # The row's run of consecutive full blocks: one pointer tile (or descriptor) walked by a constant step.
         t_run = run_block * BLOCK
-        idx_k = (lattice_start - k_lo + stride * (t_run + n_off)).to(tl.int64)
+        idx_k = (lattice_start - k_shift + stride * (t_run + n_off)).to(tl.int64)
         if not TMA:
             k_ptrs = k_base + idx_k[:, None] * stride_kn + d[None, :]
             v_ptrs = v_base + idx_k[:, None] * stride_vn + d[None, :]
@@ -684,7 +778,7 @@ def _forward_kernel(
             key_block = tl.load(KeyBlock + list_start + step // N_SUB)
         t_k0 = key_block * BLOCK + (step % N_SUB) * BLOCK_N
         t_k = t_k0 + n_off
-        idx_k = (lattice_start - k_lo + stride * t_k).to(tl.int64)
+        idx_k = (lattice_start - k_shift + stride * t_k).to(tl.int64)
         if TMA:
             k = k_desc.load([t_k0 - first_t, 0])
             v = v_desc.load([t_k0 - first_t, 0])
@@ -704,7 +798,7 @@ def _forward_kernel(
         t_k = key_block * BLOCK + (step % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
         pos_k = lattice_start + stride * t_k
         k_ok = (t_k < lattice_len) & (pos_k >= k_lo) & (pos_k < k_hi)
-        idx_k = tl.where(k_ok, pos_k - k_lo, 0).to(tl.int64)
+        idx_k = tl.where(k_ok, pos_k - k_shift, 0).to(tl.int64)
         kv_mask = k_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + idx_k[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + idx_k[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)
@@ -767,7 +861,7 @@ def _forward_kernel(
                     pos_g = lattice_start - gap + tl.zeros([BLOCK_M], dtype=tl.int32)
                     g_ok = first_row & (pos_g >= segment_start)
                 g_ok = g_ok & (pos_g >= q_lo) & (pos_g < q_hi)
-                idx_g = tl.where(g_ok, pos_g - q_lo, 0).to(tl.int64)
+                idx_g = tl.where(g_ok, pos_g - q_shift, 0).to(tl.int64)
                 tl.store(
                     out_base + idx_g[:, None] * stride_on + d[None, :], zero_tile, mask=g_ok[:, None] & d_ok[None, :]
                 )
@@ -958,6 +1052,75 @@ def _ensure_descriptor_allocator() -> None:
         _allocator_set = True
 
 
+def _checked_tile(tile: TileConfig | None, block_size: int, block_d: int, dtype) -> TileConfig:
+    tile = tile or default_tile(block_size, block_d, dtype)
+    if block_size % tile.block_m or block_size % tile.block_n:
+        raise ValueError(f"tile {tile} must divide block_size={block_size}")
+    return tile
+
+
+def _launch_forward(
+    q, k, v, mask_view, out, lse, launch: LaunchTable, plan: CallPlan, tile, variant, register_index, merge, zero_gaps
+):
+    """One launch of the forward kernel over ``launch``'s items (block size, causal and scale from ``plan``)."""
+    batch, num_queries, num_heads, head_dim = q.shape[0], out.shape[1], out.shape[2], q.shape[3]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    b = plan.block_size
+    mask, mask_sb, mask_sn, has_padding = mask_view
+    reads = _auto_variant(launch) if variant == "auto" else variant
+    runs = reads != "v2"
+    tma = reads == "v3tma" and _tma_ready(k, v)
+    if tma and q.is_cuda:
+        _ensure_descriptor_allocator()
+    listed = launch.max_listed if runs else launch.max_full
+    grid = (launch.num_items * (b // tile.block_m), batch)
+    _forward_kernel[grid](
+        q,
+        k,
+        v,
+        mask,
+        out,
+        lse,
+        launch.items,
+        launch.key_block,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        mask_sb,
+        mask_sn,
+        num_heads,
+        num_queries,
+        num_heads // k.shape[2],
+        plan.scale * _LOG2E,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK=b,
+        BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n,
+        IS_CAUSAL=plan.is_causal,
+        HAS_PADDING=has_padding,
+        MERGE=merge,
+        FP32_DOT=q.dtype == torch.float32,
+        EVEN_D=block_d == head_dim,
+        REGISTER_INDEX=register_index and listed <= MAX_REGISTER_ENTRIES,
+        MAX_ENTRIES=max(16, triton.next_power_of_2(max(1, listed))),
+        RUNS=runs,
+        TMA=tma,
+        ZERO_GAPS=zero_gaps,
+        num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
+    )
+
+
 def partial_forward(
     q,
     k,
@@ -1004,68 +1167,80 @@ def partial_forward(
         out, lse = _allocate_outputs(
             batch, num_queries, num_heads, head_dim, out_dtype, q.device, launches[0].covers_head
         )
-    tile = tile or default_tile(b, block_d, q.dtype)
-    if b % tile.block_m or b % tile.block_n:
-        raise ValueError(f"tile {tile} must divide block_size={b}")
-    tma_ready = _tma_ready(k, v)
-    mask, mask_sb, mask_sn, has_padding = _padding_view(key_padding_mask, lse)
-    kv_group = num_heads // k.shape[2]
+    tile = _checked_tile(tile, b, block_d, q.dtype)
+    mask_view = _padding_view(key_padding_mask, lse)
     for layer, launch in enumerate(launches):
-        reads = _auto_variant(launch) if variant == "auto" else variant
-        runs = reads != "v2"
-        tma = reads == "v3tma" and tma_ready
-        if tma and q.is_cuda:
-            _ensure_descriptor_allocator()
-        listed = launch.max_listed if runs else launch.max_full
-        grid = (launch.num_items * (b // tile.block_m), batch)
-        _forward_kernel[grid](
+        _launch_forward(
             q,
             k,
             v,
-            mask,
+            mask_view,
             out,
             lse,
-            launch.items,
-            launch.key_block,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            v.stride(0),
-            v.stride(1),
-            v.stride(2),
-            out.stride(0),
-            out.stride(1),
-            out.stride(2),
-            mask_sb,
-            mask_sn,
-            num_heads,
-            num_queries,
-            plan.query_range[0],
-            plan.query_range[1],
-            plan.key_range[0],
-            plan.key_range[1],
-            kv_group,
-            plan.scale * _LOG2E,
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            BLOCK=b,
-            BLOCK_M=tile.block_m,
-            BLOCK_N=tile.block_n,
-            IS_CAUSAL=plan.is_causal,
-            HAS_PADDING=has_padding,
-            MERGE=into is not None or layer > 0,
-            FP32_DOT=q.dtype == torch.float32,
-            EVEN_D=block_d == head_dim,
-            REGISTER_INDEX=register_index and listed <= MAX_REGISTER_ENTRIES,
-            MAX_ENTRIES=max(16, triton.next_power_of_2(max(1, listed))),
-            RUNS=runs,
-            TMA=tma,
-            ZERO_GAPS=into is None and layer == 0,
-            num_warps=tile.num_warps,
-            num_stages=tile.num_stages,
+            launch,
+            plan,
+            tile,
+            variant,
+            register_index,
+            merge=into is not None or layer > 0,
+            zero_gaps=into is None and layer == 0,
+        )
+    return out, lse
+
+
+def _check_step(q, k, pairs) -> None:
+    """The pairs of one step: StepPairs of one call (geometry, layout, causal, scale) whose rows lie in q and k."""
+    if not pairs or not all(isinstance(pair, StepPair) for pair in pairs):
+        raise TypeError(f"pairs must be a non-empty tuple of StepPair, got {pairs!r}")
+    shared = lambda plan: (plan.geometry, plan.sparse_config, plan.is_causal, plan.scale)  # noqa: E731
+    for index, pair in enumerate(pairs):
+        plan = pair.plan
+        if shared(plan) != shared(pairs[0].plan):
+            raise ValueError(
+                f"pairs of one step must share geometry, sparse_config, is_causal and scale: pairs[{index}] "
+                f"{shared(plan)} differs from pairs[0] {shared(pairs[0].plan)}"
+            )
+        for what, (lo, hi), length in (("query", pair.query_rows, q.shape[1]), ("key", pair.key_rows, k.shape[1])):
+            if lo < 0 or hi > length:
+                raise ValueError(
+                    f"pair {pair}: its {what} chunk {getattr(plan, what + '_range')} lies at rows [{lo}, {hi}) of a "
+                    f"tensor of {length} rows; the rows must lie in [0, {length}]"
+                )
+
+
+def step_forward_into(
+    into: tuple[torch.Tensor, torch.Tensor],
+    q,
+    k,
+    v,
+    key_padding_mask,
+    pairs: tuple[StepPair, ...],
+    tile: TileConfig | None = None,
+    variant: str | None = None,
+    order: str | None = None,
+    index: str | None = None,
+):
+    """Merge every chunk pair of a ring step into the running float32 (out, lse) ``into`` of q's rows, in place.
+
+    One launch per head layer for all the pairs (``step_tables``; pairs that write the same rows
+    take separate launches, in the given order), where ``partial_forward(into=...)`` launches per
+    pair. The result is that of merging the pairs one after another (docs/semantics.md section 5).
+    ``q`` and ``into`` hold the query chunks at the rows each pair's ``query_shift`` says; ``k``,
+    ``v`` and ``key_padding_mask`` the key chunks, by ``key_shift``. Returns ``into``.
+    """
+    _check_step(q, k, pairs)
+    plan = pairs[0].plan
+    _check_inputs(q, k, v, plan)
+    variant = kernel_variant(variant)
+    register_index = index_mode(index) == "registers"
+    q, k, v = _prepare(q, k, v)
+    out, lse = _check_accumulator(into, tuple(q.shape), q.device)
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    tile = _checked_tile(tile, plan.block_size, block_d, q.dtype)
+    mask_view = _padding_view(key_padding_mask, lse)
+    for launch in step_tables(tuple(pairs), q.device, order):
+        _launch_forward(
+            q, k, v, mask_view, out, lse, launch, plan, tile, variant, register_index, merge=True, zero_gaps=False
         )
     return out, lse
 

@@ -97,29 +97,41 @@ def test_resolve_backend_takes_the_facts_by_keyword():
     reason="the triton backend needs CUDA or TRITON_INTERPRET=1 (as `make test` sets)",
 )
 def test_triton_rings_merge_on_write_unless_told_not_to(monkeypatch):
-    """By default a query chunk's later pairs go through forward_partial_into; merge_on_write=False never does."""
+    """By default a ring hands the kernel each step's pairs at once (forward_step_into, one call per step);
+    ring_launch="pair" merges pair by pair (forward_partial_into after a chunk's first pair);
+    merge_on_write=False does neither."""
     import optimized
     from optimized.dispatch import TritonOptions
     from reference import SparsePatternConfig
 
     backend_type = type(REGISTRY["triton"])
-    original = backend_type.forward_partial_into
     calls = []
 
-    def counted(self, *args):
-        calls.append(1)
-        return original(self, *args)
+    def counting(name):
+        original = getattr(backend_type, name)
 
-    monkeypatch.setattr(backend_type, "forward_partial_into", counted)
+        def counted(self, *args):
+            calls.append(name)
+            return original(self, *args)
+
+        return counted
+
+    for name in ("forward_partial_into", "forward_step_into"):
+        monkeypatch.setattr(backend_type, name, counting(name))
     device = CUDA if torch.cuda.is_available() else CPU
     q = torch.randn(1, 32, 2, 16, device=device)
     config = SparsePatternConfig(pattern_type="dense", block_size=16)
-    for options, expected in ((TritonOptions(), True), (TritonOptions(merge_on_write=False), False)):
+    expected_calls = {
+        TritonOptions(): ["forward_step_into"] * 2,  # step 0: each chunk with itself; step 1: with the other
+        TritonOptions(ring_launch="pair"): ["forward_partial_into"] * 2,  # each chunk's second pair
+        TritonOptions(merge_on_write=False): [],
+    }
+    for options, expected in expected_calls.items():
         calls.clear()
-        # A 32-token segment over two 16-token chunks: chunk 1 meets chunk 1, then chunk 0.
+        # A 32-token segment over two 16-token chunks (not causal): each chunk meets both.
         module = optimized.BlockSparseRingDilatedAttention(
             [16, 32], [1, 2], config, backend="triton", ring_size=2, backend_options=options
         )
         with torch.no_grad():
             module(q, q, q)
-        assert bool(calls) == expected, options
+        assert calls == expected, options

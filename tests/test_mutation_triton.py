@@ -242,6 +242,10 @@ def test_launch_table_rows_follow_their_definition(pattern, head_mode, causal, q
             assert blocks[:run_count] == list(range(run_block, run_block + run_count)), (item, blocks)
             assert blocks[run_count:n_full] == sorted(blocks[run_count:n_full]), (item, blocks)
             assert blocks[n_full:] == sorted(blocks[n_full:]), (item, blocks)
+            # The item's chunks, and the rows they sit at in a plan's own tensors (the chunks themselves).
+            chunks = (item[W.QUERY_LO], item[W.QUERY_HI], item[W.KEY_LO], item[W.KEY_HI])
+            assert chunks == (*query_range, *key_range), item
+            assert (item[W.QUERY_SHIFT], item[W.KEY_SHIFT]) == (query_range[0], key_range[0]), item
             full_counts.append(n_full)
             listed_counts.append(n_full - run_count)
             if run_count:

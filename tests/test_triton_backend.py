@@ -8,6 +8,7 @@ bfloat16 is broken in the interpreter).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -22,7 +23,7 @@ from random_inputs import make_inputs  # noqa: E402 - after the interpreter swit
 
 import optimized  # noqa: E402
 from optimized import triton_backend  # noqa: E402
-from optimized.plan import CallPlan  # noqa: E402
+from optimized.plan import CallPlan, StepPair  # noqa: E402
 from reference import (  # noqa: E402
     AttentionGeometry,
     DilationConfig,
@@ -406,6 +407,83 @@ def test_merge_on_write_of_adjacent_key_chunks_is_the_union(causal):
     assert_within_budget(compare("lse", lse.cpu(), lse64, lse32, torch.float32, empty=empty, empty_value=float("-inf")))
     out_empty = empty.transpose(1, 2).unsqueeze(-1)
     assert_within_budget(compare("out", out.cpu(), out64, out32, torch.float32, empty=out_empty, empty_value=0.0))
+
+
+def _zigzag_step(causal: bool):
+    """A rank's ring step as zigzag lays it out: query pieces (0, 16) and (64, 80) at rows 0-16 and 16-32 of q,
+    key pieces (16, 32) and (80, 96) at rows 0-16 and 16-32 of the key chunk; every piece pair in the step."""
+    config = SparsePatternConfig(pattern_type="global_local", block_size=16, local_window_size=32, global_tokens=16)
+    geometry = AttentionGeometry(DilationConfig((32, 96), (1, 2), "all"), 96, 4)
+    q_pieces, k_pieces = ((0, 16), (64, 80)), ((16, 32), (80, 96))
+    pairs = tuple(
+        StepPair(CallPlan(geometry, config, causal, 0.25, qp, kp), qp[0] - 16 * a, kp[0] - 16 * b)
+        for a, qp in enumerate(q_pieces)
+        for b, kp in enumerate(k_pieces)
+    )
+    return pairs, q_pieces, k_pieces
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_ring_step_in_one_launch_equals_its_pairs_merged_one_by_one(causal):
+    """step_forward_into (every pair of a ring step in one launch per head layer and round) gives bitwise what
+    partial_forward(into=...) gives pair by pair in the same order, on chunks at shifted rows of q and k."""
+    pairs, q_pieces, k_pieces = _zigzag_step(causal)
+    q, k, v, mask = make_inputs(11, 2, 32, 4, 2, 16, torch.float32, 0.2)
+    mask[1] = True  # batch 1 attends nothing: its rows stay empty
+    q, k, v, mask = (t.to(DEVICE) for t in (q, k, v, mask))
+    empty = lambda rows: (  # noqa: E731
+        torch.zeros(2, rows, 4, 16, device=DEVICE),
+        torch.full((2, 4, rows), float("-inf"), device=DEVICE),
+    )
+    step = empty(32)
+    assert triton_backend.step_forward_into(step, q, k, v, mask, pairs, variant="v2") is not None
+    pieces = [empty(16), empty(16)]
+    for pair in pairs:
+        a, b = q_pieces.index(pair.plan.query_range), k_pieces.index(pair.plan.key_range)
+        rows, keys = slice(16 * a, 16 * a + 16), slice(16 * b, 16 * b + 16)
+        triton_backend.partial_forward(
+            q[:, rows], k[:, keys], v[:, keys], mask[:, keys], pair.plan, variant="v2", into=pieces[a]
+        )
+    assert torch.equal(step[0], torch.cat([out for out, _ in pieces], dim=1))
+    assert torch.equal(step[1], torch.cat([lse for _, lse in pieces], dim=2))
+    reached = ~torch.isneginf(step[1])
+    assert bool(reached[0].any()) and not bool(reached[1].any())
+    # Two query pieces x two key pieces: the pairs of one query piece take separate launches.
+    assert [len(members) for members in triton_backend._rounds(pairs)] == [2, 2]
+    assert len(triton_backend.step_tables(pairs, DEVICE)) == 2 * 2  # rounds x head layers ("all": 2 branches)
+
+
+def test_step_pairs_are_checked():
+    """Each pair's rows must lie inside q and k, and the pairs must be of one call; messages name the pair."""
+    pairs, _, _ = _zigzag_step(False)
+    q, k, v, _ = make_inputs(12, 1, 32, 4, 2, 16, torch.float32, 0.0)
+    accumulator = (torch.zeros(1, 32, 4, 16), torch.full((1, 4, 32), float("-inf")))
+    with pytest.raises(TypeError, match="non-empty tuple of StepPair"):
+        triton_backend.step_forward_into(accumulator, q, k, v, None, ())
+    causal_pair = StepPair(dataclasses.replace(pairs[0].plan, is_causal=True), 0, 16)
+    with pytest.raises(ValueError, match=r"must share .* pairs\[1\]"):
+        triton_backend.step_forward_into(accumulator, q, k, v, None, (pairs[0], causal_pair))
+    with pytest.raises(ValueError, match=r"key chunk \(80, 96\) lies at rows \[64, 80\) of a tensor of 32 rows"):
+        triton_backend.step_forward_into(accumulator, q, k, v, None, (StepPair(pairs[3].plan, 48, 16),))
+    with pytest.raises(ValueError, match=r"query chunk \(64, 80\) lies at rows \[-16, 0\)"):
+        triton_backend.step_forward_into(accumulator, q, k, v, None, (StepPair(pairs[3].plan, 80, 64),))
+
+
+@pytest.mark.parametrize(
+    "query_ranges, expected",
+    [
+        ([(0, 8), (8, 16), (4, 12)], [[0, 1], [2]]),  # (4, 12) overlaps both: a round of its own
+        ([(0, 8), (0, 8), (0, 8)], [[0], [1], [2]]),
+        ([(0, 8), (3, 5), (8, 9), (5, 8)], [[0, 2], [1, 3]]),  # touching ranges share a round
+    ],
+)
+def test_rounds_put_pairs_on_disjoint_rows_first_fit_in_order(query_ranges, expected):
+    geometry = AttentionGeometry(DilationConfig((16,), (1,), "split"), 16, 1)
+    config = SparsePatternConfig(pattern_type="dense", block_size=16)
+    pairs = [StepPair(CallPlan(geometry, config, False, 1.0, r, (0, 16)), 0, 0) for r in query_ranges]
+    rounds = triton_backend._rounds(tuple(pairs))
+    position = lambda member: next(i for i, pair in enumerate(pairs) if pair is member)  # noqa: E731
+    assert [[position(member) for member in members] for members in rounds] == expected
 
 
 def test_merge_on_write_leaves_rows_the_pair_does_not_reach():
