@@ -131,9 +131,12 @@ class Backend:
     # plan's chunk pair into ``accumulated`` in place (no autograd).
     forward_partial_into = None
     # Optional, with merges_on_write: (accumulated, q, k, v, mask, pairs, options) -> None, merging every
-    # StepPair of a ring step (chunks at shifted rows of q / k) into ``accumulated`` at once; None: the
-    # rings call forward_partial_into per pair.
+    # StepPair of a ring step (chunks at shifted rows of q / k) into ``accumulated`` at once; and
+    # forward_step (q, k, v, mask, pairs, options, out_dtype) -> (out, lse) of q's rows for a ring's
+    # first step (what forward_step_into gives from an empty accumulator). None: the rings call
+    # forward_partial_into per pair.
     forward_step_into = None
+    forward_step = None
 
     def launches_per_step(self, options) -> bool:
         """Whether the rings hand this backend a whole ring step at once (forward_step_into)."""
@@ -259,6 +262,19 @@ class TritonBackend(Backend):
             v,
             key_padding_mask,
             pairs,
+            variant=options.variant,
+            order=options.item_order,
+            index=options.index_mode,
+        )
+
+    def forward_step(self, q, k, v, key_padding_mask, pairs, options: TritonOptions, out_dtype):
+        return triton_backend.step_forward(
+            q,
+            k,
+            v,
+            key_padding_mask,
+            pairs,
+            out_dtype,
             variant=options.variant,
             order=options.item_order,
             index=options.index_mode,

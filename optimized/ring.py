@@ -72,6 +72,24 @@ def _add_pair(backend: Backend, options, merged, on_write: bool, q, k, v, key_pa
     return _merge_into(merged, out, lse)
 
 
+def _run_steps(backend: Backend, options, q, steps, single: bool):
+    """(out, lse) of q's rows from ``steps``: (pairs, k, v, mask) of every ring step that computes, in order
+    (an iterable: a distributed ring's steps arrive one after another).
+
+    The first step writes a fresh (out, lse), the later ones merge into it. ``single`` (one step
+    computes, and no backward will read out): the output takes q's dtype straight away, as an
+    unsplit call writes it; otherwise float32, q's dtype after the ring.
+    """
+    merged = None
+    for pairs, k, v, mask in steps:
+        if merged is None:
+            out_dtype = q.dtype if single else accumulation_dtype(q.dtype)
+            merged = backend.forward_step(q, k, v, mask, pairs, options, out_dtype)
+        else:
+            backend.forward_step_into(merged, q, k, v, mask, pairs, options)
+    return merged if merged is not None else _empty_partial(q)
+
+
 def _merge_into(acc, out, lse):
     """Add a partial to a running (out, lse) pair (None: nothing yet); results in lse's dtype
     (float32, or float64 for float64 inputs)."""
@@ -111,24 +129,19 @@ def in_process_forward(
     if on_write and backend.launches_per_step(options):
         # The pairs of step s (query chunk i, key chunk i - s) write disjoint rows: one call per step,
         # every chunk at its own rows of the whole q, k, v (shift 0) and of one accumulator.
-        merged = _empty_partial(q)
-        for step in range(schedule.num_chunks):
-            pairs = []
-            for i in range(schedule.num_chunks):
-                if schedule.computes(i, step):
-                    j = schedule.chunk_at(i, step)
-                    plan = CallPlan(
-                        geometry,
-                        sparse_config,
-                        bool(is_causal),
-                        float(scale),
-                        schedule.chunk_range(i),
-                        schedule.chunk_range(j),
-                    )
-                    pairs.append(StepPair(plan, 0, 0))
-            if pairs:
-                backend.forward_step_into(merged, q, k, v, key_padding_mask, tuple(pairs), options)
-        return merged
+        plan = lambda i, j: CallPlan(  # noqa: E731
+            geometry, sparse_config, bool(is_causal), float(scale), schedule.chunk_range(i), schedule.chunk_range(j)
+        )
+        steps = [
+            tuple(
+                StepPair(plan(i, schedule.chunk_at(i, step)), 0, 0)
+                for i in range(schedule.num_chunks)
+                if schedule.computes(i, step)
+            )
+            for step in range(schedule.num_chunks)
+        ]
+        steps = [(pairs, k, v, key_padding_mask) for pairs in steps if pairs]
+        return _run_steps(backend, options, q, steps, single=len(steps) == 1)
     outs, lses = [], []
     for i in range(schedule.num_chunks):
         q0, q1 = schedule.chunk_range(i)
@@ -269,20 +282,25 @@ def _as_bool(mask):
 def _ring_forward(call: _RingCall, q, k, v, mask_bytes):
     """Forward ring of this rank: merged (out float32, lse float32) of its query rows."""
     on_write = _merges_on_write(call.backend, call.options, q, k, v)
-    per_step = on_write and call.backend.launches_per_step(call.options)
-    # One running (out, lse) per query piece; with per_step one for all of q's rows, filled empty first.
-    merged = _empty_partial(q) if per_step else [None] * len(call.schedule.pieces[call.rank])
     call.stats.computed_steps = []
     call.stats.forward_bytes = [0] * call.world_size
-    for step, chunk, (k_chunk, v_chunk, mask_chunk) in _travel(call, (k, v, mask_bytes), call.stats.forward_bytes):
-        if per_step:
-            pairs = _step_pairs(call, chunk)
-            if pairs:
-                call.backend.forward_step_into(merged, q, k_chunk, v_chunk, _as_bool(mask_chunk), pairs, call.options)
-        else:
-            _add_step(call, merged, on_write, chunk, q, k_chunk, v_chunk, _as_bool(mask_chunk))
+    arrivals = _travel(call, (k, v, mask_bytes), call.stats.forward_bytes)
+    if on_write and call.backend.launches_per_step(call.options):
+
+        def steps():
+            for step, chunk, (k_chunk, v_chunk, mask_chunk) in arrivals:
+                call.stats.computed_steps.append(step)
+                yield _step_pairs(call, chunk), k_chunk, v_chunk, _as_bool(mask_chunk)
+
+        computing = sum(call.schedule.computes(call.rank, step) for step in range(call.world_size))
+        # Grad mode is off inside the autograd function's forward, but a backward that reads out may follow.
+        single = computing == 1 and not any(t.requires_grad for t in (q, k, v))
+        return _run_steps(call.backend, call.options, q, steps(), single)
+    merged = [None] * len(call.schedule.pieces[call.rank])  # one running (out, lse) per query piece
+    for step, chunk, (k_chunk, v_chunk, mask_chunk) in arrivals:
+        _add_step(call, merged, on_write, chunk, q, k_chunk, v_chunk, _as_bool(mask_chunk))
         call.stats.computed_steps.append(step)
-    return merged if per_step else _concatenate_pieces(call, q, merged)
+    return _concatenate_pieces(call, q, merged)
 
 
 def _step_pairs(call: _RingCall, chunk: int) -> tuple[StepPair, ...]:

@@ -529,7 +529,13 @@ def _cached(key, device, build):
 
 
 def _launches_nbytes(launches) -> int:
-    return sum(launch.items.numel() * 4 + launch.key_block.numel() * 4 for launch in launches)
+    """Bytes of a cache entry's tables (a plan's launches, or a ring step's: launches per round)."""
+    return sum(
+        _launches_nbytes(launch)
+        if isinstance(launch, tuple)
+        else launch.items.numel() * 4 + launch.key_block.numel() * 4
+        for launch in launches
+    )
 
 
 def _rounds(pairs: tuple[StepPair, ...]) -> list[list[StepPair]]:
@@ -575,7 +581,7 @@ def _joined(parts: list[tuple[LaunchTable, StepPair]], device, num_heads: int) -
     )
 
 
-def step_tables(pairs: tuple[StepPair, ...], device, order: str | None = None) -> tuple[LaunchTable, ...]:
+def step_tables(pairs: tuple[StepPair, ...], device, order: str | None = None) -> tuple[tuple[LaunchTable, ...], ...]:
     """The launches of a ring step, built once per (pairs, device, order) (LRU): for each round of pairs
     (``_rounds``), one launch per head layer, joining that layer of every pair of the round."""
     order = item_order(order)
@@ -584,9 +590,17 @@ def step_tables(pairs: tuple[StepPair, ...], device, order: str | None = None) -
         launches = []
         for members in _rounds(pairs):
             per_pair = [(device_tables(pair.plan, device, order), pair) for pair in members]
-            for layer in range(max(len(tables) for tables, _ in per_pair)):
-                parts = [(tables[layer], pair) for tables, pair in per_pair if layer < len(tables)]
-                launches.append(_joined(parts, device, pairs[0].plan.geometry.num_heads))
+            layers = max(len(tables) for tables, _ in per_pair)
+            launches.append(
+                tuple(
+                    _joined(
+                        [(tables[layer], pair) for tables, pair in per_pair if layer < len(tables)],
+                        device,
+                        pairs[0].plan.geometry.num_heads,
+                    )
+                    for layer in range(layers)
+                )
+            )
         return tuple(launches)
 
     return _cached(("step", pairs, str(device), order), device, build)
@@ -986,6 +1000,15 @@ def _head_runs(flags: torch.Tensor) -> list[tuple[int, int]]:
     return runs
 
 
+def _unset_outputs(batch, num_queries, num_heads, head_dim, out_dtype, device):
+    """(out, lse) the kernel is to write: empty, or NaN off CUDA and with BSRDA_TRITON_POISON=1 (_allocate_outputs)."""
+    poison = torch.device(device).type != "cuda" or os.environ.get("BSRDA_TRITON_POISON", "0") not in ("", "0")
+    alloc = (lambda *shape, **kw: torch.full(shape, float("nan"), **kw)) if poison else torch.empty  # noqa: E731
+    out = alloc(batch, num_queries, num_heads, head_dim, dtype=out_dtype, device=device)
+    lse = alloc(batch, num_heads, num_queries, dtype=torch.float32, device=device)
+    return out, lse
+
+
 def _allocate_outputs(batch, num_queries, num_heads, head_dim, out_dtype, device, covered):
     """out = 0 and lse = -inf on every head the first launch does not write in full; the rest is left unset.
 
@@ -993,10 +1016,7 @@ def _allocate_outputs(batch, num_queries, num_heads, head_dim, out_dtype, device
     tokens, D=128). Off CUDA, or with BSRDA_TRITON_POISON=1, those heads are filled with NaN, so a
     point the kernel failed to write fails every comparison instead of passing by luck.
     """
-    poison = torch.device(device).type != "cuda" or os.environ.get("BSRDA_TRITON_POISON", "0") not in ("", "0")
-    alloc = (lambda *shape, **kw: torch.full(shape, float("nan"), **kw)) if poison else torch.empty  # noqa: E731
-    out = alloc(batch, num_queries, num_heads, head_dim, dtype=out_dtype, device=device)
-    lse = alloc(batch, num_heads, num_queries, dtype=torch.float32, device=device)
+    out, lse = _unset_outputs(batch, num_queries, num_heads, head_dim, out_dtype, device)
     for start, stop in _head_runs(~covered):
         out[:, :, start:stop].zero_()
         lse[:, start:stop].fill_(float("-inf"))
@@ -1238,11 +1258,77 @@ def step_forward_into(
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))
     tile = _checked_tile(tile, plan.block_size, block_d, q.dtype)
     mask_view = _padding_view(key_padding_mask, lse)
-    for launch in step_tables(tuple(pairs), q.device, order):
-        _launch_forward(
-            q, k, v, mask_view, out, lse, launch, plan, tile, variant, register_index, merge=True, zero_gaps=False
-        )
+    for launches in step_tables(tuple(pairs), q.device, order):
+        for launch in launches:
+            _launch_forward(
+                q, k, v, mask_view, out, lse, launch, plan, tile, variant, register_index, merge=True, zero_gaps=False
+            )
     return out, lse
+
+
+def step_forward(
+    q,
+    k,
+    v,
+    key_padding_mask,
+    pairs: tuple[StepPair, ...],
+    out_dtype: torch.dtype = torch.float32,
+    tile: TileConfig | None = None,
+    variant: str | None = None,
+    order: str | None = None,
+    index: str | None = None,
+):
+    """(out (B, Nq, H, D) in ``out_dtype``, lse (B, H, Nq) float32) of q's rows from a ring's first step.
+
+    What ``step_forward_into`` merges into an empty accumulator, without filling one first: the
+    first round's first launch writes its rows plainly (gaps included, as ``partial_forward``
+    does), and only the rows and heads no pair of that round writes in full are filled empty.
+    ``out_dtype``: float32 for an accumulator that later steps merge into; q's dtype when this step
+    is the last (its layers then merge in q's dtype, as an unsplit call does).
+    """
+    _check_step(q, k, pairs)
+    plan = pairs[0].plan
+    _check_inputs(q, k, v, plan)
+    if out_dtype not in (torch.float32, q.dtype):
+        raise ValueError(f"out_dtype={out_dtype} must be torch.float32 or q's dtype {q.dtype}")
+    variant = kernel_variant(variant)
+    register_index = index_mode(index) == "registers"
+    q, k, v = _prepare(q, k, v)
+    batch, num_queries, num_heads, head_dim = q.shape
+    out, lse = _unset_outputs(batch, num_queries, num_heads, head_dim, out_dtype, q.device)
+    step = step_tables(tuple(pairs), q.device, order)
+    # Rows the first launch writes in full: each first-round pair's rows, at the heads its plan's first launch covers.
+    written = torch.zeros(num_queries, num_heads, dtype=torch.bool)
+    for pair in _rounds(tuple(pairs))[0]:
+        tables = device_tables(pair.plan, q.device, order)
+        if tables:
+            lo, hi = pair.query_rows
+            written[lo:hi] = tables[0].covers_head
+    _fill_empty(out, lse, ~written)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    tile = _checked_tile(tile, plan.block_size, block_d, q.dtype)
+    mask_view = _padding_view(key_padding_mask, lse)
+    for round_index, launches in enumerate(step):
+        for layer, launch in enumerate(launches):
+            first = round_index == 0 and layer == 0
+            _launch_forward(
+                q, k, v, mask_view, out, lse, launch, plan, tile, variant, register_index, merge=not first,
+                zero_gaps=first,
+            )  # fmt: skip
+    return out, lse
+
+
+def _fill_empty(out, lse, unwritten: torch.Tensor) -> None:
+    """out = 0 and lse = -inf where ``unwritten`` (Nq, H) bool says, by runs of rows with the same heads."""
+    if not bool(unwritten.any()):
+        return
+    change = torch.ones(unwritten.shape[0], dtype=torch.bool)
+    change[1:] = (unwritten[1:] != unwritten[:-1]).any(dim=1)
+    starts = torch.nonzero(change).flatten().tolist() + [unwritten.shape[0]]
+    for row_start, row_stop in zip(starts[:-1], starts[1:]):
+        for head_start, head_stop in _head_runs(unwritten[row_start]):
+            out[:, row_start:row_stop, head_start:head_stop].zero_()
+            lse[:, head_start:head_stop, row_start:row_stop].fill_(float("-inf"))
 
 
 def _weight_blocks(plan: CallPlan):

@@ -97,7 +97,7 @@ def test_resolve_backend_takes_the_facts_by_keyword():
     reason="the triton backend needs CUDA or TRITON_INTERPRET=1 (as `make test` sets)",
 )
 def test_triton_rings_merge_on_write_unless_told_not_to(monkeypatch):
-    """By default a ring hands the kernel each step's pairs at once (forward_step_into, one call per step);
+    """By default a ring hands the kernel each step's pairs at once (forward_step, then forward_step_into);
     ring_launch="pair" merges pair by pair (forward_partial_into after a chunk's first pair);
     merge_on_write=False does neither."""
     import optimized
@@ -116,13 +116,13 @@ def test_triton_rings_merge_on_write_unless_told_not_to(monkeypatch):
 
         return counted
 
-    for name in ("forward_partial_into", "forward_step_into"):
+    for name in ("forward_partial_into", "forward_step", "forward_step_into"):
         monkeypatch.setattr(backend_type, name, counting(name))
     device = CUDA if torch.cuda.is_available() else CPU
     q = torch.randn(1, 32, 2, 16, device=device)
     config = SparsePatternConfig(pattern_type="dense", block_size=16)
     expected_calls = {
-        TritonOptions(): ["forward_step_into"] * 2,  # step 0: each chunk with itself; step 1: with the other
+        TritonOptions(): ["forward_step", "forward_step_into"],  # step 0: each chunk with itself; 1: the other
         TritonOptions(ring_launch="pair"): ["forward_partial_into"] * 2,  # each chunk's second pair
         TritonOptions(merge_on_write=False): [],
     }

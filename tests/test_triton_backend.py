@@ -450,7 +450,52 @@ def test_a_ring_step_in_one_launch_equals_its_pairs_merged_one_by_one(causal):
     assert bool(reached[0].any()) and not bool(reached[1].any())
     # Two query pieces x two key pieces: the pairs of one query piece take separate launches.
     assert [len(members) for members in triton_backend._rounds(pairs)] == [2, 2]
-    assert len(triton_backend.step_tables(pairs, DEVICE)) == 2 * 2  # rounds x head layers ("all": 2 branches)
+    assert [len(launches) for launches in triton_backend.step_tables(pairs, DEVICE)] == [2, 2]  # ("all": 2 layers)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_rings_first_step_writes_what_merging_into_an_empty_accumulator_gives(causal):
+    """step_forward (the first step: plain writes, fills only where no first-round pair writes a head in full) equals
+    step_forward_into from (0, -inf) bitwise: on zigzag's two rounds, and on pairs that leave rows of q to nobody
+    and start a chunk in a gap of a dilated lattice (off CUDA unwritten points would hold NaN)."""
+    pairs, _, _ = _zigzag_step(causal)
+    geometry = AttentionGeometry(DilationConfig((16, 48), (1, 3), "split"), 96, 4)
+    config = SparsePatternConfig(pattern_type="dilated_sparse", sparsity_ratio=0.5, block_size=16)
+    gapped = tuple(  # query chunks (5, 40) and (61, 96) at rows 0-35 and 40-75 of q: rows 35-40 and 75-80 unreached
+        StepPair(CallPlan(geometry, config, causal, 0.25, qr, kr), qr[0] - row, kr[0] - key_row)
+        for qr, row, kr, key_row in (((5, 40), 0, (0, 48), 0), ((61, 96), 40, (48, 96), 32))
+    )
+    q, k, v, mask = make_inputs(13, 2, 80, 4, 2, 16, torch.float32, 0.2)
+    mask[1] = True  # batch 1 attends nothing: empty rows written by the kernel, not by a fill
+    q, k, v, mask = (t.to(DEVICE) for t in (q, k, v, mask))
+    for step in (pairs, gapped):
+        rows = 32 if step is pairs else 80
+        qs, ks, vs, ms = q[:, :rows], k[:, :rows], v[:, :rows], mask[:, :rows]
+        first = triton_backend.step_forward(qs, ks, vs, ms, step, variant="v2")
+        merged = (
+            torch.zeros(2, rows, 4, 16, device=DEVICE),
+            torch.full((2, 4, rows), float("-inf"), device=DEVICE),
+        )
+        triton_backend.step_forward_into(merged, qs, ks, vs, ms, step, variant="v2")
+        assert first[0].dtype == torch.float32
+        assert torch.equal(first[0], merged[0]) and torch.equal(first[1], merged[1])
+        assert bool(torch.isneginf(first[1]).any()) and not bool(torch.isneginf(first[1]).all())
+
+
+def test_a_single_step_in_q_dtype_is_the_unsplit_call():
+    """With out_dtype = q's dtype (a ring whose only step computes) a step of one pair over the whole sequence
+    writes what partial_forward writes for the unsplit call, bitwise; other out dtypes are refused."""
+    geometry = AttentionGeometry(DilationConfig((32, 64), (1, 2), "all"), 64, 4)
+    config = SparsePatternConfig(pattern_type="local_window", block_size=16, local_window_size=32)
+    plan = CallPlan.whole(geometry, config, True, 0.25)
+    q, k, v, mask = make_inputs(14, 1, 64, 4, 2, 16, torch.float16, 0.2)
+    q, k, v, mask = (t.to(DEVICE) for t in (q, k, v, mask))
+    out, lse = triton_backend.step_forward(q, k, v, mask, (StepPair(plan, 0, 0),), torch.float16)
+    expected_out, expected_lse = triton_backend.partial_forward(q, k, v, mask, plan)
+    assert out.dtype == expected_out.dtype == torch.float16
+    assert torch.equal(out, expected_out) and torch.equal(lse, expected_lse)
+    with pytest.raises(ValueError, match=r"out_dtype=torch.bfloat16 must be torch.float32 or q's dtype"):
+        triton_backend.step_forward(q, k, v, mask, (StepPair(plan, 0, 0),), torch.bfloat16)
 
 
 def test_step_pairs_are_checked():
