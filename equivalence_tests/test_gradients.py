@@ -91,10 +91,15 @@ TRITON_GRADIENT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if D
     data=st.data(),
 )
 def test_triton_backend_gradients(case, dtype, data):
-    """The triton backward (dq over rows, dk/dv over columns), unsplit or through an in-process ring."""
+    """The triton backward (dq over rows, dk/dv over columns), unsplit or through an in-process ring: from the
+    merged out and lse per chunk pair (the default), or through each pair's partial and the merge (ring_launch
+    "pair")."""
+    from optimized.dispatch import RING_LAUNCHES, TritonOptions
+
     assume(some_row_has_two_keys(case))
     chunks = data.draw(st.none() | s.ring_splits(case.shape.seq_len, max_parts=3), label="ring_chunk_lengths")
-    check_gradients(case, "triton", dtype, DEVICE, ring_chunk_lengths=chunks)
+    options = {"backend_options": TritonOptions(ring_launch=data.draw(st.sampled_from(RING_LAUNCHES), label="launch"))}
+    check_gradients(case, "triton", dtype, DEVICE, ring_chunk_lengths=chunks, module_options=options)
 
 
 @needs_triton

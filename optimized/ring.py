@@ -126,7 +126,7 @@ def in_process_forward(
     """
     schedule = ring_schedule(geometry, sparse_config, is_causal, chunks)
     on_write = _merges_on_write(backend, options, q, k, v)
-    if on_write and backend.launches_per_step(options):
+    if backend.merges_on_write and options.merge_on_write and backend.launches_per_step(options):
         # The pairs of step s (query chunk i, key chunk i - s) write disjoint rows: one call per step,
         # every chunk at its own rows of the whole q, k, v (shift 0) and of one accumulator.
         plan = lambda i, j: CallPlan(  # noqa: E731
@@ -140,8 +140,13 @@ def in_process_forward(
             )
             for step in range(schedule.num_chunks)
         ]
-        steps = [(pairs, k, v, key_padding_mask) for pairs in steps if pairs]
-        return _run_steps(backend, options, q, steps, single=len(steps) == 1)
+        steps = tuple(pairs for pairs in steps if pairs)
+        if on_write:
+            return _run_steps(
+                backend, options, q, [(pairs, k, v, key_padding_mask) for pairs in steps], len(steps) == 1
+            )
+        if backend.backward_partial is not None:
+            return _InProcessRing.apply(q, k, v, key_padding_mask, (backend, options, steps))
     outs, lses = [], []
     for i in range(schedule.num_chunks):
         q0, q1 = schedule.chunk_range(i)
@@ -161,6 +166,63 @@ def in_process_forward(
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
+
+
+class _InProcessRing(torch.autograd.Function):
+    """The in-process ring's steps as one autograd node, for a backend that merges on write.
+
+    The forward runs the steps without autograd (no partial is kept); the backward gives every
+    active pair's gradients from the merged out and lse (``_add_pair_gradients``).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, ring):
+        backend, options, steps = ring
+        out, lse = _run_steps(backend, options, q, [(pairs, k, v, key_padding_mask) for pairs in steps], False)
+        ctx.ring, ctx.key_padding_mask = ring, key_padding_mask
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        backend, options, steps = ctx.ring
+        merged = (out, lse, grad_out, grad_lse)
+        grads = [
+            torch.zeros_like(t, dtype=out.dtype) if need else None for t, need in zip((q, k, v), ctx.needs_input_grad)
+        ]
+        for pairs in steps:
+            for pair in pairs:
+                rows = slice(*pair.plan.query_range), slice(*pair.plan.key_range)
+                _add_pair_gradients(backend, options, pair.plan, q, k, v, ctx.key_padding_mask, merged, grads, *rows)
+        return *(None if g is None else g.to(t.dtype) for g, t in zip(grads, (q, k, v))), None, None
+
+
+def _add_pair_gradients(backend: Backend, options, plan, q, k, v, mask, merged, grads, q_rows, k_rows) -> None:
+    """Add one chunk pair's gradients to ``grads`` ([dq, dk, dv] of the whole q, k, v; None: not needed).
+
+    ``merged`` is (out, lse, grad_out, grad_lse) of the merged result. A pair's score s gets
+    P (dout . v - rowsum(dout * out) + grad_lse) with P = exp(s - lse), out and lse the merged ones
+    (docs/semantics.md section 5): the backend's backward of one partial, handed the merged out
+    and lse, computes exactly that (FlashAttention-2's backward over key blocks), so no partial is
+    recomputed and no merge is differentiated. ``q_rows`` / ``k_rows`` are the pair's rows of q / k.
+    """
+    out, lse, grad_out, grad_lse = merged
+    parts = backend.backward_partial(
+        q[:, q_rows],
+        k[:, k_rows],
+        v[:, k_rows],
+        None if mask is None else mask[:, k_rows],
+        plan,
+        options,
+        out[:, q_rows],
+        lse[:, :, q_rows],
+        None if grad_out is None else grad_out[:, q_rows],
+        None if grad_lse is None else grad_lse[:, :, q_rows],
+    )
+    for total, part, rows in zip(grads, parts, (q_rows, k_rows, k_rows)):
+        if total is not None:
+            total[:, rows] += part
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,6 +453,21 @@ def _pair_gradients(call: _RingCall, chunk, q, k_chunk, v_chunk, mask_chunk, out
     return results
 
 
+def _step_gradients(call: _RingCall, chunk, q, k_chunk, v_chunk, mask_chunk, out, lse, grad_out, grad_lse, needs):
+    """(dq, dk, dv; None where not needed) of this rank's piece pairs against key chunk ``chunk``, from the
+    merged out and lse (``_add_pair_gradients``); float32 sums (out's dtype)."""
+    schedule, rank = call.schedule, call.rank
+    grads = [torch.zeros_like(t, dtype=out.dtype) if need else None for t, need in zip((q, k_chunk, v_chunk), needs)]
+    merged = (out, lse, grad_out, grad_lse)
+    for a, b in schedule.piece_pairs[rank][chunk]:
+        plan = call.plan(schedule.pieces[rank][a], schedule.pieces[chunk][b])
+        q_rows, k_rows = _local_rows(schedule, rank, a), _local_rows(schedule, chunk, b)
+        _add_pair_gradients(
+            call.backend, call.options, plan, q, k_chunk, v_chunk, _as_bool(mask_chunk), merged, grads, q_rows, k_rows
+        )
+    return grads
+
+
 def _add(total, part):
     if part is None:
         return total
@@ -408,6 +485,13 @@ def _ring_backward(call: _RingCall, q, k, v, mask_bytes, out, lse, grad_out, gra
     """
     schedule, rank, P = call.schedule, call.rank, call.schedule.num_chunks
     needs_kv = needs[1] or needs[2]
+    backend, options = call.backend, call.options
+    from_merged = (
+        backend.merges_on_write
+        and options.merge_on_write
+        and backend.launches_per_step(options)
+        and backend.backward_partial is not None
+    )
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.to(out.dtype)
     grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(lse.dtype)
     stats_bytes = call.stats.backward_bytes = [0] * (P + 1)
@@ -423,7 +507,8 @@ def _ring_backward(call: _RingCall, q, k, v, mask_bytes, out, lse, grad_out, gra
         part = [None, None]
         if schedule.computes(rank, step):
             k_chunk, v_chunk, mask_chunk = held
-            dq_part, dk_part, dv_part = _pair_gradients(
+            gradients = _step_gradients if from_merged else _pair_gradients
+            dq_part, dk_part, dv_part = gradients(
                 call, chunk, q, k_chunk, v_chunk, mask_chunk, out, lse, grad_out, grad_lse, needs
             )
             dq = _add(dq, dq_part)
