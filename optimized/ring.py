@@ -178,7 +178,9 @@ class _InProcessRing(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, ring):
         backend, options, steps = ring
-        out, lse = _run_steps(backend, options, q, [(pairs, k, v, key_padding_mask) for pairs in steps], False)
+        # One step: out in q's dtype, as the unsplit triton call saves it for its backward.
+        single = len(steps) == 1
+        out, lse = _run_steps(backend, options, q, [(pairs, k, v, key_padding_mask) for pairs in steps], single)
         ctx.ring, ctx.key_padding_mask = ring, key_padding_mask
         ctx.save_for_backward(q, k, v, out, lse)
         return out, lse
@@ -188,18 +190,33 @@ class _InProcessRing(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         backend, options, steps = ctx.ring
         merged = (out, lse, grad_out, grad_lse)
-        grads = [
-            torch.zeros_like(t, dtype=out.dtype) if need else None for t, need in zip((q, k, v), ctx.needs_input_grad)
-        ]
+        # Per chunk: its first pair's gradient as the backend returns it, float32 sums from its second pair on
+        # (a chunk that one pair reaches, as every chunk of a ring without crossings, costs no extra pass).
+        sums = [{} if need else None for need in ctx.needs_input_grad[:3]]
         for pairs in steps:
             for pair in pairs:
                 rows = slice(*pair.plan.query_range), slice(*pair.plan.key_range)
-                _add_pair_gradients(backend, options, pair.plan, q, k, v, ctx.key_padding_mask, merged, grads, *rows)
-        return *(None if g is None else g.to(t.dtype) for g, t in zip(grads, (q, k, v))), None, None
+                _add_pair_gradients(backend, options, pair.plan, q, k, v, ctx.key_padding_mask, merged, sums, *rows)
+        return *(_assemble(chunks, t) for chunks, t in zip(sums, (q, k, v))), None, None
 
 
-def _add_pair_gradients(backend: Backend, options, plan, q, k, v, mask, merged, grads, q_rows, k_rows) -> None:
-    """Add one chunk pair's gradients to ``grads`` ([dq, dk, dv] of the whole q, k, v; None: not needed).
+def _assemble(chunks: dict | None, like: torch.Tensor, dtype=None):
+    """A gradient shaped like ``like`` (in ``dtype``, default like's) from per-chunk sums ({(start, stop):
+    tensor} of rows on dim 1; rows of no chunk: 0)."""
+    if chunks is None:
+        return None
+    dtype = dtype or like.dtype
+    if list(chunks) == [(0, like.shape[1])]:
+        return chunks[0, like.shape[1]].to(dtype)
+    grad = torch.zeros_like(like, dtype=dtype)
+    for (start, stop), part in chunks.items():
+        grad[:, start:stop] = part
+    return grad
+
+
+def _add_pair_gradients(backend: Backend, options, plan, q, k, v, mask, merged, sums, q_rows, k_rows) -> None:
+    """Add one chunk pair's gradients to ``sums`` ([dq, dk, dv]: per-chunk sums {(start, stop): tensor}
+    of q's, k's and v's rows; None: not needed).
 
     ``merged`` is (out, lse, grad_out, grad_lse) of the merged result. A pair's score s gets
     P (dout . v - rowsum(dout * out) + grad_lse) with P = exp(s - lse), out and lse the merged ones
@@ -220,9 +237,14 @@ def _add_pair_gradients(backend: Backend, options, plan, q, k, v, mask, merged, 
         None if grad_out is None else grad_out[:, q_rows],
         None if grad_lse is None else grad_lse[:, :, q_rows],
     )
-    for total, part, rows in zip(grads, parts, (q_rows, k_rows, k_rows)):
-        if total is not None:
-            total[:, rows] += part
+    for chunks, part, rows in zip(sums, parts, (q_rows, k_rows, k_rows)):
+        if chunks is None:
+            continue
+        key = (rows.start, rows.stop)
+        if key not in chunks:
+            chunks[key] = part
+        else:
+            chunks[key] = chunks[key].to(accumulation_dtype(part.dtype)) + part
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,17 +477,17 @@ def _pair_gradients(call: _RingCall, chunk, q, k_chunk, v_chunk, mask_chunk, out
 
 def _step_gradients(call: _RingCall, chunk, q, k_chunk, v_chunk, mask_chunk, out, lse, grad_out, grad_lse, needs):
     """(dq, dk, dv; None where not needed) of this rank's piece pairs against key chunk ``chunk``, from the
-    merged out and lse (``_add_pair_gradients``); float32 sums (out's dtype)."""
+    merged out and lse (``_add_pair_gradients``), in out's dtype (float32)."""
     schedule, rank = call.schedule, call.rank
-    grads = [torch.zeros_like(t, dtype=out.dtype) if need else None for t, need in zip((q, k_chunk, v_chunk), needs)]
+    sums = [{} if need else None for need in needs]
     merged = (out, lse, grad_out, grad_lse)
     for a, b in schedule.piece_pairs[rank][chunk]:
         plan = call.plan(schedule.pieces[rank][a], schedule.pieces[chunk][b])
         q_rows, k_rows = _local_rows(schedule, rank, a), _local_rows(schedule, chunk, b)
         _add_pair_gradients(
-            call.backend, call.options, plan, q, k_chunk, v_chunk, _as_bool(mask_chunk), merged, grads, q_rows, k_rows
+            call.backend, call.options, plan, q, k_chunk, v_chunk, _as_bool(mask_chunk), merged, sums, q_rows, k_rows
         )
-    return grads
+    return [_assemble(chunks, t, out.dtype) for chunks, t in zip(sums, (q, k_chunk, v_chunk))]
 
 
 def _add(total, part):

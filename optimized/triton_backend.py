@@ -529,13 +529,10 @@ def _cached(key, device, build):
 
 
 def _launches_nbytes(launches) -> int:
-    """Bytes of a cache entry's tables (a plan's launches, or a ring step's: launches per round)."""
-    return sum(
-        _launches_nbytes(launch)
-        if isinstance(launch, tuple)
-        else launch.items.numel() * 4 + launch.key_block.numel() * 4
-        for launch in launches
-    )
+    """Bytes of a cache entry's tables (a plan's launches, or a ring step's StepLaunches)."""
+    if isinstance(launches, StepLaunches):
+        return sum(map(_launches_nbytes, launches.rounds))
+    return sum(launch.items.numel() * 4 + launch.key_block.numel() * 4 for launch in launches)
 
 
 def _rounds(pairs: tuple[StepPair, ...]) -> list[list[StepPair]]:
@@ -553,7 +550,7 @@ def _rounds(pairs: tuple[StepPair, ...]) -> list[list[StepPair]]:
     return rounds
 
 
-def _joined(parts: list[tuple[LaunchTable, StepPair]], device, num_heads: int) -> LaunchTable:
+def _joined(parts: list[tuple[LaunchTable, StepPair]], num_heads: int) -> LaunchTable:
     """One launch over the items of several pairs' launches, with each pair's shifts and entry offsets."""
     W = WorkItem
     items, keys, entry_base = [], [], 0
@@ -581,29 +578,56 @@ def _joined(parts: list[tuple[LaunchTable, StepPair]], device, num_heads: int) -
     )
 
 
-def step_tables(pairs: tuple[StepPair, ...], device, order: str | None = None) -> tuple[tuple[LaunchTable, ...], ...]:
-    """The launches of a ring step, built once per (pairs, device, order) (LRU): for each round of pairs
-    (``_rounds``), one launch per head layer, joining that layer of every pair of the round."""
+@dataclass(frozen=True)
+class StepLaunches:
+    """A ring step's launches: per round of pairs (``_rounds``), one launch per head layer; and the
+    (row start, row stop, head start, head stop) boxes of q's rows that the first launch does not write."""
+
+    rounds: tuple[tuple[LaunchTable, ...], ...]
+    first_fills: tuple[tuple[int, int, int, int], ...]
+
+
+def step_tables(pairs: tuple[StepPair, ...], device, num_queries: int, order: str | None = None) -> StepLaunches:
+    """The launches of a ring step over q's ``num_queries`` rows, built once per (pairs, device, rows, order)
+    (LRU), so that a repeated step does no host tensor work: each launch joins one head layer of every
+    pair of a round."""
     order = item_order(order)
+    num_heads = pairs[0].plan.geometry.num_heads
 
     def build():
-        launches = []
+        rounds = []
         for members in _rounds(pairs):
             per_pair = [(device_tables(pair.plan, device, order), pair) for pair in members]
             layers = max(len(tables) for tables, _ in per_pair)
-            launches.append(
+            rounds.append(
                 tuple(
-                    _joined(
-                        [(tables[layer], pair) for tables, pair in per_pair if layer < len(tables)],
-                        device,
-                        pairs[0].plan.geometry.num_heads,
-                    )
+                    _joined([(tables[layer], pair) for tables, pair in per_pair if layer < len(tables)], num_heads)
                     for layer in range(layers)
                 )
             )
-        return tuple(launches)
+        # The first launch writes a first-round pair's rows in full at the heads its plan's first launch covers.
+        written = torch.zeros(num_queries, num_heads, dtype=torch.bool)
+        for pair in _rounds(pairs)[0]:
+            tables = device_tables(pair.plan, device, order)
+            if tables:
+                written[slice(*pair.query_rows)] = tables[0].covers_head
+        return StepLaunches(tuple(rounds), _boxes(~written))
 
-    return _cached(("step", pairs, str(device), order), device, build)
+    return _cached(("step", pairs, str(device), num_queries, order), device, build)
+
+
+def _boxes(flags: torch.Tensor) -> tuple[tuple[int, int, int, int], ...]:
+    """(row start, row stop, head start, head stop) boxes covering the True entries of (rows, heads) ``flags``."""
+    if not bool(flags.any()):
+        return ()
+    change = torch.ones(flags.shape[0], dtype=torch.bool)
+    change[1:] = (flags[1:] != flags[:-1]).any(dim=1)
+    starts = torch.nonzero(change).flatten().tolist() + [flags.shape[0]]
+    return tuple(
+        (row_start, row_stop, head_start, head_stop)
+        for row_start, row_stop in zip(starts[:-1], starts[1:])
+        for head_start, head_stop in _head_runs(flags[row_start])
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1258,7 +1282,7 @@ def step_forward_into(
     block_d = max(16, triton.next_power_of_2(q.shape[-1]))
     tile = _checked_tile(tile, plan.block_size, block_d, q.dtype)
     mask_view = _padding_view(key_padding_mask, lse)
-    for launches in step_tables(tuple(pairs), q.device, order):
+    for launches in step_tables(tuple(pairs), q.device, q.shape[1], order).rounds:
         for launch in launches:
             _launch_forward(
                 q, k, v, mask_view, out, lse, launch, plan, tile, variant, register_index, merge=True, zero_gaps=False
@@ -1296,19 +1320,14 @@ def step_forward(
     q, k, v = _prepare(q, k, v)
     batch, num_queries, num_heads, head_dim = q.shape
     out, lse = _unset_outputs(batch, num_queries, num_heads, head_dim, out_dtype, q.device)
-    step = step_tables(tuple(pairs), q.device, order)
-    # Rows the first launch writes in full: each first-round pair's rows, at the heads its plan's first launch covers.
-    written = torch.zeros(num_queries, num_heads, dtype=torch.bool)
-    for pair in _rounds(tuple(pairs))[0]:
-        tables = device_tables(pair.plan, q.device, order)
-        if tables:
-            lo, hi = pair.query_rows
-            written[lo:hi] = tables[0].covers_head
-    _fill_empty(out, lse, ~written)
+    step = step_tables(tuple(pairs), q.device, num_queries, order)
+    for row_start, row_stop, head_start, head_stop in step.first_fills:
+        out[:, row_start:row_stop, head_start:head_stop].zero_()
+        lse[:, head_start:head_stop, row_start:row_stop].fill_(float("-inf"))
     block_d = max(16, triton.next_power_of_2(head_dim))
     tile = _checked_tile(tile, plan.block_size, block_d, q.dtype)
     mask_view = _padding_view(key_padding_mask, lse)
-    for round_index, launches in enumerate(step):
+    for round_index, launches in enumerate(step.rounds):
         for layer, launch in enumerate(launches):
             first = round_index == 0 and layer == 0
             _launch_forward(
@@ -1316,19 +1335,6 @@ def step_forward(
                 zero_gaps=first,
             )  # fmt: skip
     return out, lse
-
-
-def _fill_empty(out, lse, unwritten: torch.Tensor) -> None:
-    """out = 0 and lse = -inf where ``unwritten`` (Nq, H) bool says, by runs of rows with the same heads."""
-    if not bool(unwritten.any()):
-        return
-    change = torch.ones(unwritten.shape[0], dtype=torch.bool)
-    change[1:] = (unwritten[1:] != unwritten[:-1]).any(dim=1)
-    starts = torch.nonzero(change).flatten().tolist() + [unwritten.shape[0]]
-    for row_start, row_stop in zip(starts[:-1], starts[1:]):
-        for head_start, head_stop in _head_runs(unwritten[row_start]):
-            out[:, row_start:row_stop, head_start:head_stop].zero_()
-            lse[:, head_start:head_stop, row_start:row_stop].fill_(float("-inf"))
 
 
 def _weight_blocks(plan: CallPlan):

@@ -450,7 +450,16 @@ def test_a_ring_step_in_one_launch_equals_its_pairs_merged_one_by_one(causal):
     assert bool(reached[0].any()) and not bool(reached[1].any())
     # Two query pieces x two key pieces: the pairs of one query piece take separate launches.
     assert [len(members) for members in triton_backend._rounds(pairs)] == [2, 2]
-    assert [len(launches) for launches in triton_backend.step_tables(pairs, DEVICE)] == [2, 2]  # ("all": 2 layers)
+    step = triton_backend.step_tables(pairs, DEVICE, 32)
+    assert [len(launches) for launches in step.rounds] == [2, 2]  # head_mode "all": two layers
+    # Both query pieces are in the first round; a piece's rows are filled at the heads its first pair's first
+    # launch does not write in full (a piece that starts in a gap of a dilated lattice).
+    fills = set()
+    for pair in triton_backend._rounds(pairs)[0]:
+        covers = triton_backend.device_tables(pair.plan, DEVICE)[0].covers_head.tolist()
+        fills |= {(*pair.query_rows, head) for head, covered in enumerate(covers) if not covered}
+    boxes = {(r0, r1, h) for r0, r1, h0, h1 in step.first_fills for h in range(h0, h1)}
+    assert boxes == fills and fills
 
 
 @pytest.mark.parametrize("causal", [False, True])
