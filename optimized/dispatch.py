@@ -127,6 +127,9 @@ class Backend:
         raise NotImplementedError
 
     backward_partial = None  # (q, k, v, mask, plan, options, out, lse, grad_out, grad_lse) -> (dq, dk, dv)
+    # Optional: (q, k, v, mask, steps, options, out, lse, grad_out, grad_lse) -> (dq, dk, dv) of a ring's
+    # steps (StepPairs) from the merged out and lse; None: the rings call backward_partial per pair.
+    backward_steps = None
     # With merges_on_write: (accumulated (out, lse), q, k, v, mask, plan, options) -> None, merging the
     # plan's chunk pair into ``accumulated`` in place (no autograd).
     forward_partial_into = None
@@ -282,6 +285,11 @@ class TritonBackend(Backend):
 
     def launches_per_step(self, options: TritonOptions) -> bool:
         return options.ring_launch == "step"
+
+    def backward_steps(self, q, k, v, key_padding_mask, steps, options: TritonOptions, out, lse, grad_out, grad_lse):
+        return triton_backward.ring_backward(
+            q, k, v, key_padding_mask, steps, out, lse, grad_out, grad_lse, order=options.item_order
+        )
 
     def backward_partial(self, q, k, v, key_padding_mask, plan, options: TritonOptions, out, lse, grad_out, grad_lse):
         return triton_backward.partial_backward(

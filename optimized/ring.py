@@ -172,7 +172,8 @@ class _InProcessRing(torch.autograd.Function):
     """The in-process ring's steps as one autograd node, for a backend that merges on write.
 
     The forward runs the steps without autograd (no partial is kept); the backward gives every
-    active pair's gradients from the merged out and lse (``_add_pair_gradients``).
+    active pair's gradients from the merged out and lse: all at once where the backend can
+    (``backward_steps``: a launch per step, as the forward), else pair by pair (``_add_pair_gradients``).
     """
 
     @staticmethod
@@ -189,6 +190,9 @@ class _InProcessRing(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         backend, options, steps = ctx.ring
+        if backend.backward_steps is not None:
+            grads = backend.backward_steps(q, k, v, ctx.key_padding_mask, steps, options, out, lse, grad_out, grad_lse)
+            return *(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None
         merged = (out, lse, grad_out, grad_lse)
         # Per chunk: its first pair's gradient as the backend returns it, float32 sums from its second pair on
         # (a chunk that one pair reaches, as every chunk of a ring without crossings, costs no extra pass).

@@ -535,14 +535,16 @@ def _launches_nbytes(launches) -> int:
     return sum(launch.items.numel() * 4 + launch.key_block.numel() * 4 for launch in launches)
 
 
-def _rounds(pairs: tuple[StepPair, ...]) -> list[list[StepPair]]:
-    """Pairs grouped so that no two in a group write the same accumulator row (a launch must never
-    merge two partials into one point at once); first fit, in the given order (the merge order)."""
+def _rounds(pairs: tuple[StepPair, ...], by: str = "query") -> list[list[StepPair]]:
+    """Pairs grouped so that no two in a group write the same row (a launch must never merge two partials
+    into one point at once): of the accumulator (``by`` "query"), or of dk and dv (``by`` "key", the
+    backward); first fit, in the given order (the merge order)."""
+    rows = (lambda pair: pair.query_rows) if by == "query" else (lambda pair: pair.key_rows)  # noqa: E731
     rounds: list[list[StepPair]] = []
     for pair in pairs:
-        lo, hi = pair.query_rows
+        lo, hi = rows(pair)
         for members in rounds:
-            if all(hi <= other.query_rows[0] or other.query_rows[1] <= lo for other in members):
+            if all(hi <= rows(other)[0] or rows(other)[1] <= lo for other in members):
                 members.append(pair)
                 break
         else:

@@ -31,23 +31,32 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import CallPlan
+from .plan import CallPlan, StepPair
 from .triton_backend import (
     ITEM_ENTRY_START,
     ITEM_ENTRY_STOP,
     ITEM_FULL_STOP,
     ITEM_HEAD,
+    ITEM_KEY_HI,
+    ITEM_KEY_LO,
+    ITEM_KEY_SHIFT,
     ITEM_LATTICE_LENGTH,
     ITEM_LATTICE_START,
     ITEM_QUERY_BLOCK,
+    ITEM_QUERY_HI,
+    ITEM_QUERY_LO,
+    ITEM_QUERY_SHIFT,
     ITEM_STRIDE,
     ITEM_WIDTH,
+    _check_step,
     _interpreting,
     _pack,
     _padding_view,
     _prepare,
+    _rounds,
     device_tables,
     partial_forward,
+    step_tables,
 )
 
 _LOG2E = 1.4426950408889634
@@ -60,7 +69,9 @@ class ColumnItem(enum.IntEnum):
 
     Key block ``KEY_BLOCK`` of the lattice at ``LATTICE_START`` (``LATTICE_LENGTH`` points,
     ``STRIDE`` apart); the query blocks that attend it are ``QueryBlock[ENTRY_START:ENTRY_STOP]``;
-    the query heads ``HEAD_START..HEAD_STOP - 1`` of the table read kv head ``KV_HEAD``.
+    the query heads ``HEAD_START..HEAD_STOP - 1`` of the table read kv head ``KV_HEAD``. The chunks
+    and row shifts are those of the forward's ``WorkItem``: global position p sits at row
+    ``p - QUERY_SHIFT`` of q (``p - KEY_SHIFT`` of k), so a ring step's pairs share one launch.
     """
 
     LATTICE_START = 0
@@ -72,6 +83,12 @@ class ColumnItem(enum.IntEnum):
     KV_HEAD = 6
     HEAD_START = 7
     HEAD_STOP = 8
+    QUERY_LO = 9
+    QUERY_HI = 10
+    KEY_LO = 11
+    KEY_HI = 12
+    QUERY_SHIFT = 13
+    KEY_SHIFT = 14
 
 
 COLUMN_WIDTH = tl.constexpr(len(ColumnItem))
@@ -84,6 +101,12 @@ COLUMN_STRIDE = tl.constexpr(ColumnItem.STRIDE.value)
 COLUMN_KV_HEAD = tl.constexpr(ColumnItem.KV_HEAD.value)
 COLUMN_HEAD_START = tl.constexpr(ColumnItem.HEAD_START.value)
 COLUMN_HEAD_STOP = tl.constexpr(ColumnItem.HEAD_STOP.value)
+COLUMN_QUERY_LO = tl.constexpr(ColumnItem.QUERY_LO.value)
+COLUMN_QUERY_HI = tl.constexpr(ColumnItem.QUERY_HI.value)
+COLUMN_KEY_LO = tl.constexpr(ColumnItem.KEY_LO.value)
+COLUMN_KEY_HI = tl.constexpr(ColumnItem.KEY_HI.value)
+COLUMN_QUERY_SHIFT = tl.constexpr(ColumnItem.QUERY_SHIFT.value)
+COLUMN_KEY_SHIFT = tl.constexpr(ColumnItem.KEY_SHIFT.value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,6 +146,12 @@ def _column_launch(table, num_heads: int, num_kv_heads: int, device) -> ColumnLa
                 kv_head=kv_head,
                 head_start=head_start,
                 head_stop=head_stop,
+                query_lo=table.query_limits[0],
+                query_hi=table.query_limits[1],
+                key_lo=table.key_limits[0],
+                key_hi=table.key_limits[1],
+                query_shift=table.query_limits[0],
+                key_shift=table.key_limits[0],
             )
         )
     items = torch.cat(records)
@@ -138,21 +167,78 @@ def _column_launch(table, num_heads: int, num_kv_heads: int, device) -> ColumnLa
 _column_cache: OrderedDict = OrderedDict()
 
 
-def column_launches(plan: CallPlan, device, num_kv_heads: int) -> tuple[ColumnLaunch, ...]:
-    """One launch per table with entries, built once per (plan, device, H_kv) (LRU, bounded by bytes)."""
-    key = (plan, str(device), num_kv_heads)
+def _cached_columns(key, build):
+    """``build()``'s column launches, kept in the LRU column cache under ``key`` (bounded by bytes)."""
     cached = _column_cache.get(key)
     if cached is not None:
         _column_cache.move_to_end(key)
         return cached
-    launches = tuple(
-        _column_launch(table, plan.geometry.num_heads, num_kv_heads, device) for table in plan.tables if table.nnz
-    )
+    launches = build()
     _column_cache[key] = launches
-    nbytes = lambda entry: sum(4 * (x.items.numel() + x.query_block.numel()) for x in entry)  # noqa: E731
-    while len(_column_cache) > 1 and sum(map(nbytes, _column_cache.values())) > COLUMN_CACHE_BYTES:
+    while len(_column_cache) > 1 and sum(map(_columns_nbytes, _column_cache.values())) > COLUMN_CACHE_BYTES:
         _column_cache.popitem(last=False)
     return launches
+
+
+def _columns_nbytes(entry) -> int:
+    """Bytes of a cache entry: a plan's column launches, or a ring step's (per round)."""
+    return sum(
+        _columns_nbytes(launch)
+        if isinstance(launch, tuple)
+        else 4 * (launch.items.numel() + launch.query_block.numel())
+        for launch in entry
+    )
+
+
+def column_launches(plan: CallPlan, device, num_kv_heads: int) -> tuple[ColumnLaunch, ...]:
+    """One launch per table with entries, built once per (plan, device, H_kv) (LRU, bounded by bytes)."""
+    return _cached_columns(
+        (plan, str(device), num_kv_heads),
+        lambda: tuple(
+            _column_launch(table, plan.geometry.num_heads, num_kv_heads, device) for table in plan.tables if table.nnz
+        ),
+    )
+
+
+def _joined_columns(parts: list[tuple[ColumnLaunch, StepPair]]) -> ColumnLaunch:
+    """One launch over the column items of several pairs' launches, with each pair's shifts and entry offsets."""
+    C = ColumnItem
+    items, blocks, entry_base = [], [], 0
+    for launch, pair in parts:
+        part = launch.items.clone()
+        part[:, [C.ENTRY_START, C.ENTRY_STOP]] += entry_base
+        part[:, C.QUERY_SHIFT] = pair.query_shift
+        part[:, C.KEY_SHIFT] = pair.key_shift
+        items.append(part)
+        blocks.append(launch.query_block)
+        entry_base += launch.query_block.numel()
+    return ColumnLaunch(
+        items=torch.cat(items).contiguous(),
+        query_block=torch.cat(blocks),
+        num_items=sum(launch.num_items for launch, _ in parts),
+        kv_heads=frozenset().union(*(launch.kv_heads for launch, _ in parts)),
+    )
+
+
+def step_column_launches(
+    pairs: tuple[StepPair, ...], device, num_kv_heads: int
+) -> tuple[tuple[ColumnLaunch, ...], ...]:
+    """A ring step's dk/dv launches, built once per (pairs, device, H_kv) (LRU): for each round of pairs with
+    disjoint key rows, one launch per table index, joining that table's launch of every pair of the round."""
+
+    def build():
+        rounds = []
+        for members in _rounds(pairs, by="key"):
+            per_pair = [(column_launches(pair.plan, device, num_kv_heads), pair) for pair in members]
+            count = max(len(launches) for launches, _ in per_pair)
+            joined = (
+                _joined_columns([(launches[index], pair) for launches, pair in per_pair if index < len(launches)])
+                for index in range(count)
+            )
+            rounds.append(tuple(joined))
+        return tuple(rounds)
+
+    return _cached_columns(("step", pairs, str(device), num_kv_heads), build)
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,11 +263,11 @@ def _row_statistics(Lse, RowTerm, row_base, idx_q, q_ok):
 
 
 @triton.jit
-def _points(lattice_start, stride, lattice_len, t, lo, hi):
-    """Lattice points ``t``: whether each exists and lies in the chunk [lo, hi), and its index in the chunk."""
+def _points(lattice_start, stride, lattice_len, t, lo, hi, shift):
+    """Lattice points ``t``: whether each exists and lies in the chunk [lo, hi), and its row (position - shift)."""
     position = lattice_start + stride * t
     ok = (t < lattice_len) & (position >= lo) & (position < hi)
-    return ok, tl.where(ok, position - lo, 0).to(tl.int64)
+    return ok, tl.where(ok, position - shift, 0).to(tl.int64)
 
 
 @triton.jit
@@ -235,10 +321,6 @@ def _dq_kernel(
     stride_mn,
     num_heads,
     num_queries,
-    q_lo,
-    q_hi,
-    k_lo,
-    k_hi,
     kv_group,
     qk_scale,
     scale,
@@ -266,11 +348,17 @@ def _dq_kernel(
     stride = tl.load(meta + ITEM_STRIDE)
     head = tl.load(meta + ITEM_HEAD)
     kv_head = head // kv_group
+    q_lo = tl.load(meta + ITEM_QUERY_LO)
+    q_hi = tl.load(meta + ITEM_QUERY_HI)
+    k_lo = tl.load(meta + ITEM_KEY_LO)
+    k_hi = tl.load(meta + ITEM_KEY_HI)
+    q_shift = tl.load(meta + ITEM_QUERY_SHIFT)
+    k_shift = tl.load(meta + ITEM_KEY_SHIFT)
 
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     t_q = query_block * BLOCK + (pid % M_SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_ok, idx_q = _points(lattice_start, stride, lattice_len, t_q, q_lo, q_hi)
+    q_ok, idx_q = _points(lattice_start, stride, lattice_len, t_q, q_lo, q_hi, q_shift)
     q_mask = q_ok[:, None] & d_ok[None, :]
     q = _rows(Q + batch * stride_qb + head.to(tl.int64) * stride_qh, idx_q, stride_qn, d, q_mask)
     do = _rows(DO + batch * stride_dob + head.to(tl.int64) * stride_doh, idx_q, stride_don, d, q_mask)
@@ -287,7 +375,7 @@ def _dq_kernel(
     for step in range(0, (full_stop - entry_start) * N_SUB):
         key_block = tl.load(KeyBlock + entry_start + step // N_SUB)
         t_k = key_block * BLOCK + (step % N_SUB) * BLOCK_N + n_off
-        idx_k = (lattice_start - k_lo + stride * t_k).to(tl.int64)
+        idx_k = (lattice_start - k_shift + stride * t_k).to(tl.int64)
         if EVEN_D:
             k = tl.load(k_base + idx_k[:, None] * stride_kn + d[None, :])
             v = tl.load(v_base + idx_k[:, None] * stride_vn + d[None, :])
@@ -303,7 +391,7 @@ def _dq_kernel(
     for step in range(0, (entry_stop - full_stop) * N_SUB):
         key_block = tl.load(KeyBlock + full_stop + step // N_SUB)
         t_k = key_block * BLOCK + (step % N_SUB) * BLOCK_N + n_off
-        k_ok, idx_k = _points(lattice_start, stride, lattice_len, t_k, k_lo, k_hi)
+        k_ok, idx_k = _points(lattice_start, stride, lattice_len, t_k, k_lo, k_hi, k_shift)
         k_mask = k_ok[:, None] & d_ok[None, :]
         k = _rows(k_base, idx_k, stride_kn, d, k_mask)
         v = _rows(v_base, idx_k, stride_vn, d, k_mask)
@@ -358,10 +446,6 @@ def _dkdv_kernel(
     stride_mn,
     num_heads,
     num_queries,
-    q_lo,
-    q_hi,
-    k_lo,
-    k_hi,
     qk_scale,
     scale,
     HEAD_DIM: tl.constexpr,
@@ -389,11 +473,17 @@ def _dkdv_kernel(
     kv_head = tl.load(meta + COLUMN_KV_HEAD)
     head_start = tl.load(meta + COLUMN_HEAD_START)
     head_count = tl.load(meta + COLUMN_HEAD_STOP) - head_start
+    q_lo = tl.load(meta + COLUMN_QUERY_LO)
+    q_hi = tl.load(meta + COLUMN_QUERY_HI)
+    k_lo = tl.load(meta + COLUMN_KEY_LO)
+    k_hi = tl.load(meta + COLUMN_KEY_HI)
+    q_shift = tl.load(meta + COLUMN_QUERY_SHIFT)
+    k_shift = tl.load(meta + COLUMN_KEY_SHIFT)
 
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
     t_k = key_block * BLOCK + (pid % N_SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_ok, idx_k = _points(lattice_start, stride, lattice_len, t_k, k_lo, k_hi)
+    k_ok, idx_k = _points(lattice_start, stride, lattice_len, t_k, k_lo, k_hi, k_shift)
     k_mask = k_ok[:, None] & d_ok[None, :]
     k = _rows(K + batch * stride_kb + kv_head.to(tl.int64) * stride_kh, idx_k, stride_kn, d, k_mask)
     v = _rows(V + batch * stride_vb + kv_head.to(tl.int64) * stride_vh, idx_k, stride_vn, d, k_mask)
@@ -411,7 +501,7 @@ def _dkdv_kernel(
         slice_index = step // head_count
         query_block = tl.load(QueryBlock + entry_start + slice_index // M_SUB)
         t_q = query_block * BLOCK + (slice_index % M_SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
-        q_ok, idx_q = _points(lattice_start, stride, lattice_len, t_q, q_lo, q_hi)
+        q_ok, idx_q = _points(lattice_start, stride, lattice_len, t_q, q_lo, q_hi, q_shift)
         q_mask = q_ok[:, None] & d_ok[None, :]
         q = _rows(Q + batch * stride_qb + head.to(tl.int64) * stride_qh, idx_q, stride_qn, d, q_mask)
         do = _rows(DO + batch * stride_dob + head.to(tl.int64) * stride_doh, idx_q, stride_don, d, q_mask)
@@ -497,64 +587,60 @@ def _row_term(grad_out, out, grad_lse):
     return row_term
 
 
-def partial_backward(
-    q,
-    k,
-    v,
-    key_padding_mask,
-    plan: CallPlan,
-    out,
-    lse,
-    grad_out,
-    grad_lse,
-    tile: BackwardTile | None = None,
-    order: str | None = None,
-):
-    """(dq, dk, dv) of one partial (docs/semantics.md section 5) from its saved out and lse.
+@dataclass(frozen=True)
+class _BackwardCall:
+    """What every launch of one backward shares: the tensors in kernel form, the tile, the compile-time flags."""
 
-    ``grad_out`` (B, Nq, H, D) and ``grad_lse`` (B, H, Nq) are the gradients reaching the partial's
-    out and lse (either may be None: zero). Results have the dtypes of q, k, v. Inputs were checked
-    by the forward (triton_backend.partial_forward) of the same call.
-    """
-    q, k, v = _prepare(q, k, v)
-    batch, num_queries, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    device = q.device
-    grad_out = torch.zeros_like(out) if grad_out is None else _unit_stride(grad_out)
-    if grad_out.dtype != q.dtype:
-        grad_out = grad_out.to(q.dtype)  # the dot products take q's dtype (float32 partials of a ring chunk)
-    row_term = _row_term(grad_out, out, grad_lse)
-    lse = lse.detach().to(torch.float32).contiguous()
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    b = plan.block_size
-    tile = tile or default_backward_tile(b, block_d, q.dtype)
-    mask, mask_sb, mask_sn, has_padding = _padding_view(key_padding_mask, lse)
-    common = dict(
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        BLOCK=b,
-        IS_CAUSAL=plan.is_causal,
-        HAS_PADDING=has_padding,
-        FP32_DOT=q.dtype == torch.float32,
-        EVEN_D=head_dim == block_d,
-    )
-    limits = (plan.query_range[0], plan.query_range[1], plan.key_range[0], plan.key_range[1])
-    qk_scale = plan.scale * _LOG2E
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    grad_out: torch.Tensor
+    mask_view: tuple
+    lse: torch.Tensor
+    row_term: torch.Tensor
+    tile: BackwardTile
+    plan: CallPlan  # block size, causal and scale (every pair of a ring shares them)
 
-    # dq: the forward's work items, one launch per layer of disjoint heads. A query point of a head is
-    # in one item of a layer; several layers (head_mode "all") add up in a float32 buffer.
-    layers = device_tables(plan, device, order)
-    dq = torch.zeros(q.shape, dtype=torch.float32 if len(layers) > 1 else q.dtype, device=device)
-    for layer, launch in enumerate(layers):
-        grid = (launch.num_items * (b // tile.dq.rows), batch)
+    @classmethod
+    def of(cls, q, k, v, key_padding_mask, plan, out, lse, grad_out, grad_lse, tile):
+        q, k, v = _prepare(q, k, v)
+        grad_out = torch.zeros_like(out) if grad_out is None else _unit_stride(grad_out)
+        if grad_out.dtype != q.dtype:
+            grad_out = grad_out.to(q.dtype)  # the dot products take q's dtype (float32 partials of a ring chunk)
+        row_term = _row_term(grad_out, out, grad_lse)
+        lse = lse.detach().to(torch.float32).contiguous()
+        block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+        tile = tile or default_backward_tile(plan.block_size, block_d, q.dtype)
+        return cls(q, k, v, grad_out, _padding_view(key_padding_mask, lse), lse, row_term, tile, plan)
+
+    @property
+    def common(self) -> dict:
+        head_dim = self.q.shape[-1]
+        block_d = max(16, triton.next_power_of_2(head_dim))
+        return dict(
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK=self.plan.block_size,
+            IS_CAUSAL=self.plan.is_causal,
+            HAS_PADDING=self.mask_view[3],
+            FP32_DOT=self.q.dtype == torch.float32,
+            EVEN_D=head_dim == block_d,
+        )
+
+    def dq(self, launch, dq, accumulate: bool) -> None:
+        """One dq launch over forward work items (``LaunchTable``), adding to dq when ``accumulate``."""
+        q, k, v, grad_out, tile = self.q, self.k, self.v, self.grad_out, self.tile
+        mask, mask_sb, mask_sn, _ = self.mask_view
+        num_heads = q.shape[2]
+        grid = (launch.num_items * (self.plan.block_size // tile.dq.rows), q.shape[0])
         _dq_kernel[grid](
             q,
             k,
             v,
             grad_out,
             mask,
-            lse,
-            row_term,
+            self.lse,
+            self.row_term,
             dq,
             launch.items,
             launch.key_block,
@@ -576,37 +662,31 @@ def partial_backward(
             mask_sb,
             mask_sn,
             num_heads,
-            num_queries,
-            *limits,
-            num_heads // num_kv_heads,
-            qk_scale,
-            plan.scale,
+            q.shape[1],
+            num_heads // k.shape[2],
+            self.plan.scale * _LOG2E,
+            self.plan.scale,
             BLOCK_M=tile.dq.rows,
             BLOCK_N=tile.dq.step,
-            ACCUMULATE=layer > 0,
-            **common,
+            ACCUMULATE=accumulate,
+            **self.common,
             num_warps=tile.dq.num_warps,
             num_stages=tile.dq.num_stages,
         )
 
-    # dk, dv: one launch per table. A kv head that several tables reach (its query heads in several
-    # branches or offsets) gets their sums one launch after another in float32 buffers.
-    launches = column_launches(plan, device, num_kv_heads)
-    reached = [head for launch in launches for head in launch.kv_heads]
-    accumulate = len(reached) != len(set(reached))
-    kv_dtype = torch.float32 if accumulate else k.dtype
-    dk = torch.zeros(k.shape, dtype=kv_dtype, device=device)
-    dv = torch.zeros(v.shape, dtype=kv_dtype, device=device)
-    for index, launch in enumerate(launches):
-        grid = (launch.num_items * (b // tile.kv.rows), batch)
+    def dkdv(self, launch, dk, dv, accumulate: bool) -> None:
+        """One dk/dv launch over column items (``ColumnLaunch``), adding to dk, dv when ``accumulate``."""
+        q, k, v, grad_out, tile = self.q, self.k, self.v, self.grad_out, self.tile
+        mask, mask_sb, mask_sn, _ = self.mask_view
+        grid = (launch.num_items * (self.plan.block_size // tile.kv.rows), q.shape[0])
         _dkdv_kernel[grid](
             q,
             k,
             v,
             grad_out,
             mask,
-            lse,
-            row_term,
+            self.lse,
+            self.row_term,
             dk,
             dv,
             launch.items,
@@ -631,19 +711,106 @@ def partial_backward(
             dv.stride(2),
             mask_sb,
             mask_sn,
-            num_heads,
-            num_queries,
-            *limits,
-            qk_scale,
-            plan.scale,
+            q.shape[2],
+            q.shape[1],
+            self.plan.scale * _LOG2E,
+            self.plan.scale,
             BLOCK_M=tile.kv.step,
             BLOCK_N=tile.kv.rows,
-            ACCUMULATE=accumulate and index > 0,
-            **common,
+            ACCUMULATE=accumulate,
+            **self.common,
             num_warps=tile.kv.num_warps,
             num_stages=tile.kv.num_stages,
         )
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+    def run(self, dq_launches, kv_launches, single_kv_writer: bool):
+        """(dq, dk, dv) from all the launches, in the dtypes of q, k, v.
+
+        A gradient element written by one launch only is written in place in its own dtype;
+        otherwise the launches add up, one after another, in a zero-filled float32 buffer.
+        """
+        q, k, v = self.q, self.k, self.v
+        dq = torch.zeros(q.shape, dtype=q.dtype if len(dq_launches) == 1 else torch.float32, device=q.device)
+        for index, launch in enumerate(dq_launches):
+            self.dq(launch, dq, accumulate=index > 0)
+        kv_dtype = k.dtype if single_kv_writer else torch.float32
+        dk = torch.zeros(k.shape, dtype=kv_dtype, device=q.device)
+        dv = torch.zeros(v.shape, dtype=kv_dtype, device=q.device)
+        for index, launch in enumerate(kv_launches):
+            self.dkdv(launch, dk, dv, accumulate=not single_kv_writer and index > 0)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _distinct(launches) -> bool:
+    """Whether no two column launches write the same kv head."""
+    reached = [head for launch in launches for head in launch.kv_heads]
+    return len(reached) == len(set(reached))
+
+
+def partial_backward(
+    q,
+    k,
+    v,
+    key_padding_mask,
+    plan: CallPlan,
+    out,
+    lse,
+    grad_out,
+    grad_lse,
+    tile: BackwardTile | None = None,
+    order: str | None = None,
+):
+    """(dq, dk, dv) of one partial (docs/semantics.md section 5) from its saved out and lse.
+
+    ``grad_out`` (B, Nq, H, D) and ``grad_lse`` (B, H, Nq) are the gradients reaching the partial's
+    out and lse (either may be None: zero). Results have the dtypes of q, k, v. Inputs were checked
+    by the forward (triton_backend.partial_forward) of the same call.
+
+    dq: the forward's work items, one launch per layer of disjoint heads (a query point of a head is
+    in one item of a layer; several layers, head_mode "all", add up). dk, dv: one launch per table (a
+    kv head that several tables reach, its query heads in several branches or offsets, adds up).
+    """
+    call = _BackwardCall.of(q, k, v, key_padding_mask, plan, out, lse, grad_out, grad_lse, tile)
+    kv_launches = column_launches(plan, call.q.device, call.k.shape[2])
+    return call.run(device_tables(plan, call.q.device, order), kv_launches, _distinct(kv_launches))
+
+
+def ring_backward(
+    q,
+    k,
+    v,
+    key_padding_mask,
+    steps: tuple[tuple[StepPair, ...], ...],
+    out,
+    lse,
+    grad_out,
+    grad_lse,
+    tile: BackwardTile | None = None,
+    order: str | None = None,
+):
+    """(dq, dk, dv) of q, k, v from a ring's steps (the StepPairs of each), given the merged out and lse.
+
+    Every pair's gradients are those of one partial handed the merged out and lse (FlashAttention-2's
+    backward over key blocks: no partial is recomputed). Per step one dq launch per round of pairs
+    with disjoint query rows and head layer (the forward's step launches), and one dk/dv launch per
+    round of pairs with disjoint key rows and table index; the sums run in float32 buffers.
+    """
+    if not steps:
+        raise ValueError("steps must hold at least one ring step")
+    for pairs in steps:
+        _check_step(q, k, pairs)
+    call = _BackwardCall.of(q, k, v, key_padding_mask, steps[0][0].plan, out, lse, grad_out, grad_lse, tile)
+    device, num_kv_heads = call.q.device, call.k.shape[2]
+    dq_launches = [
+        launch
+        for pairs in steps
+        for launches in step_tables(tuple(pairs), device, call.q.shape[1], order).rounds
+        for launch in launches
+    ]
+    kv_rounds = [step_column_launches(tuple(pairs), device, num_kv_heads) for pairs in steps]
+    kv_launches = [launch for rounds in kv_rounds for launches in rounds for launch in launches]
+    single_kv_writer = len(kv_rounds) == 1 and len(kv_rounds[0]) == 1 and _distinct(kv_launches)
+    return call.run(dq_launches, kv_launches, single_kv_writer)
 
 
 class _TritonAttention(torch.autograd.Function):
