@@ -205,3 +205,53 @@ def test_triton_training_in_interpreter():
     forward_backward(attention, q, k, v, torch.randn_like(q))()
     for tensor in (q, k, v):
         check_output(tensor.grad, tensor, "triton-interpreter/training")
+
+
+# The ring: a global branch [8192, 65536] / [1, 8] crosses all 8 chunks of 64K tokens (every step computes);
+# the seed's branches fit in a chunk (one step). Anchor: the same module unsplit.
+RING_SEQ_LEN, RING_PARTS = 65536, 8
+RING_DILATIONS = {"seed": (SEGMENTS, RATES), "global": ((8192, 65536), (1, 8))}
+
+
+def ring_module(dilation: str, parts: int | None, block: int = BLOCK, seq_len: int = RING_SEQ_LEN):
+    segments, rates = RING_DILATIONS[dilation]
+    chunks = None if parts is None else [seq_len // parts] * parts
+    return Optimized(
+        [min(s, seq_len) for s in segments], rates, sparse_config=pattern("dense", block), backend="triton",
+        ring_chunk_lengths=chunks,
+    )  # fmt: skip
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("training", [False, True], ids=["forward", "train"])
+@pytest.mark.parametrize("parts", [None, RING_PARTS], ids=["unsplit", f"ring{RING_PARTS}"])
+@pytest.mark.parametrize("dilation", list(RING_DILATIONS))
+def test_triton_ring(benchmark, dilation, parts, training):
+    benchmark.group = f"cuda ring N={RING_SEQ_LEN}" + (" training" if training else "")
+    kind = "train" if training else "forward"
+    case = f"ring_{kind}/{dilation}/P{parts or 1}/N{RING_SEQ_LEN}"
+    anchor = None if parts is None else f"ring_{kind}/{dilation}/P1/N{RING_SEQ_LEN}"
+    attention = ring_module(dilation, parts)
+    if training:
+        q, k, v, dout = training_inputs(RING_SEQ_LEN)
+        check_output(run(benchmark, forward_backward(attention, q, k, v, dout), case, anchor, grad=True), q, case)
+    else:
+        q, k, v = inputs(RING_SEQ_LEN, "cuda", torch.bfloat16)
+        check_output(run(benchmark, lambda: attention(q, k, v), case, anchor), q, case)
+    assert attention.last_backend == "triton", case
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+    reason="the interpreter twin of the CUDA ring cases runs on the CPU with TRITON_INTERPRET=1",
+)
+@pytest.mark.parametrize("dilation", list(RING_DILATIONS))
+def test_triton_ring_in_interpreter(dilation):
+    q, k, v = (t.requires_grad_() for t in inputs(256, "cpu", torch.float32, heads=4, head_dim=32))
+    attention = ring_module(dilation, 4, block=16, seq_len=256)
+    with torch.no_grad():
+        check_output(attention(q, k, v), q, f"triton-interpreter/ring/{dilation}")
+    forward_backward(attention, q, k, v, torch.randn_like(q))()
+    for tensor in (q, k, v):
+        check_output(tensor.grad, tensor, f"triton-interpreter/ring/{dilation}/training")
