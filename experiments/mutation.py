@@ -25,9 +25,10 @@ given separately for the modules run in full and for those of which --sample or 
 Results go to --out (experiments/results/mutation.json), one entry per module with the sha256 of the
 source it mutated; a run over some modules keeps the other modules' entries (under a lock, so runs
 over different modules may share one record; an entry is marked stale when its source has changed
-since). --survivors-only re-runs just the previous survivors of an unchanged module (after new tests
-were added; the tests that killed the others are unchanged); --reclassify rewrites the record after
-an entry was added to ``EQUIVALENT``.
+since); "not_in_config" names every module of reference/ and optimized/ that the config leaves
+out, with the reason from ``NOT_MUTATED``. --survivors-only re-runs just the previous survivors of
+an unchanged module (after new tests were added; the tests that killed the others are unchanged);
+--reclassify rewrites the record after an entry was added to ``EQUIVALENT``.
 
     python -m experiments.mutation                                   # every module of the config
     python -m experiments.mutation --modules reference/merge.py --budget 1800
@@ -77,6 +78,13 @@ COPY_IGNORED = (
     ".ipynb_checkpoints",
 )
 NEW_TESTS_PREFIX = "tests/test_mutation_"
+# The packages whose every module the record accounts for: mutated (in [tool.cosmic-ray.modules]) or
+# named in the record's "not_in_config" with the reason below ("not in the config" where none is given).
+MUTATED_PACKAGES = ("reference", "optimized")
+NOT_MUTATED = {
+    "reference/__init__.py": "imports, aliases and __all__ only: cosmic-ray generates no mutant",
+    "optimized/__init__.py": "imports, aliases and __all__ only: cosmic-ray generates no mutant",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +199,23 @@ WEIGHTS_DEFINITION = (
 WEIGHTS_COO = (
     'return torch.sparse_coo_tensor(indices, values.reshape(-1), self["shape"], check_invariants=False).coalesce()'
 )
+
+ROWS_PER_GROUP = "return max(1, work_size // max(1, batch * num_heads))"
+MAX_COUNT = "max_count = int(count.max()) if count.numel() else 0"
+GROUP_RANGES = "ranges = tuple(row_groups(table, group, blocks_per_row=batch * len(table.heads)))"
+TORCH_PARTIAL_FORWARD = "def partial_forward(q, k, v, key_padding_mask, plan: CallPlan, work_size: int = 4096):"
+KEEP = "keep = q_valid.reshape(-1).nonzero().squeeze(1)"
+STATIC_METHOD = (
+    "torch looks forward and backward up on the class (Function.apply: cls.forward; the graph node: "
+    "_forward_cls.backward), where a function without @staticmethod is the same plain function, called with "
+    "the same arguments"
+)
+DENSE_LOGITS = "logits = (scores + torch.log(counts.to(dtype))).masked_fill(row_empty, 0.0)"
+MODULE_RESULTS = "return results[0] if len(results) == 1 else results"
+RING_RESULTS = "return result.results[0] if len(result.results) == 1 else result.results"
+ZERO_TIE = "out = out + sum(t.sum() for t in (q, k, v)).to(out.dtype) * 0.0"
+KV_ACCUMULATE = "self.dkdv(launch, dk, dv, accumulate=not single_kv_writer and index > 0)"
+SINGLE_KV_WRITER = "single_kv_writer = len(kv_rounds) == 1 and len(kv_rounds[0]) == 1 and _distinct(kv_launches)"
 
 EQUIVALENT: tuple[Equivalent, ...] = (
     *_same(
@@ -475,6 +500,11 @@ EQUIVALENT: tuple[Equivalent, ...] = (
             "AUTO_RUNS_MIN_RUN = 3.0  # ... at which v3 beat v2 (local_window: ~5; dilated_sparse / random: ~1-2)",
             "AUTO_RUNS_MIN_RUN = 2.0  # ... at which v3 beat v2 (local_window: ~5; dilated_sparse / random: ~1-2)",
         ),
+        (
+            "NumberReplacer",
+            "AUTO_TMA_MIN_RUN = 8.0  # mean full blocks per run at which v3tma beat v3 (dense: 16 blocks per row)",
+            "AUTO_TMA_MIN_RUN = 7.0  # mean full blocks per run at which v3tma beat v3 (dense: 16 blocks per row)",
+        ),
     ),
     *_same(
         "optimized/triton_backend.py",
@@ -495,6 +525,11 @@ EQUIVALENT: tuple[Equivalent, ...] = (
             "ReplaceBinaryOperator_Mul_Div",
             "first = torch.sort(entry_row * 2 + (~full).long(), stable=True).indices",
             "first = torch.sort(entry_row / 2 + (~full).long(), stable=True).indices",
+        ),
+        (  # keys 2r (full) and 2r - 1 (masked): still one key per group of a row, the masked group first
+            "ReplaceBinaryOperator_Add_Sub",
+            "first = torch.sort(entry_row * 2 + (~full).long(), stable=True).indices",
+            "first = torch.sort(entry_row * 2 - (~full).long(), stable=True).indices",
         ),
     ),
     *_same(
@@ -677,6 +712,24 @@ EQUIVALENT: tuple[Equivalent, ...] = (
         ),
     ),
     *_same(
+        "optimized/triton_backward.py",
+        "where the launches add up (not single_kv_writer) dk and dv start as zero-filled float32 buffers: the first "
+        "launch adding what it finds gives x + 0 = x, what storing x gives; only one load more",
+        (
+            "NumberReplacer",
+            KV_ACCUMULATE,
+            KV_ACCUMULATE.replace("index > 0", "index > -1"),
+        ),
+    ),
+    *_same(
+        "optimized/triton_backward.py",
+        "memory-only: single_kv_writer only picks between writing dk, dv in place in k's dtype and a zero-filled "
+        "float32 buffer cast to k's dtype at the end. Where the mutant clears it (one step) the launches still "
+        "write each element once, x + 0 = x, and the one cast rounds as the kernel's store does; where it sets it "
+        "(two steps) _distinct still holds over all their launches: no two launches write one kv head, none adds up",
+        ("NumberReplacer", SINGLE_KV_WRITER, SINGLE_KV_WRITER.replace("len(kv_rounds) == 1", "len(kv_rounds) == 2")),
+    ),
+    *_same(
         "optimized/triton_backend.py",
         "performance-only: a threshold of the 'auto' read variant (as AUTO_RUNS_MIN_RUN's own mutants): a launch "
         "whose mean run is exactly the threshold reads by pointer runs or from its list, with the same attention",
@@ -712,6 +765,51 @@ EQUIVALENT: tuple[Equivalent, ...] = (
             "return TileConfig(min(block_size, 128), min(block_size, 64), 8, 3)",
             "return TileConfig(min(block_size, 128), min(block_size, 64), 8, 2)",
         ),
+        # D = 256 then takes the (128, 64) 8-warp tile, as under `not block_d >= 256`.
+        ("NumberReplacer", "if block_d >= 256:", "if block_d >= 257:"),
+        ("AddNot", "if block_d >= 128:", "if not block_d >= 128:"),  # the same tiles as `block_d < 128`
+        (  # one stage less than a tile that fits: less shared memory
+            "NumberReplacer",
+            "return TileConfig(min(block_size, 128), min(block_size, 64), 4, 3)",
+            "return TileConfig(min(block_size, 128), min(block_size, 64), 4, 2)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "the tile of Triton's interpreter (TRITON_INTERPRET=1, the only case that returns it), which runs each "
+        "program as Python and drops num_warps and num_stages (triton.runtime.interpreter.GridExecutor passes the "
+        "kernel only its own arguments)",
+        (
+            "NumberReplacer",
+            "return TileConfig(min(block_size, 64), min(block_size, 64), 4, 1)",
+            "return TileConfig(min(block_size, 64), min(block_size, 64), 4, 2)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "performance-only: the pipeline depth of the GPU tile for float32 (and half precision at D = 256) changes "
+        "when loads are issued, not what is computed (the interpreter drops num_stages). Not compiled with 3 "
+        "stages on the H200; its buffers at D = 256 (q 64 x 256, a k or v step 32 x 256, float32) have the bytes "
+        "of the (128, 64) 3-stage tile at D = 128 that float32 compiled to 229,888 of the 232,448 bytes a block "
+        "may use (the `dtype == torch.float32` entry above); the same line for half precision at D = 256 holds "
+        "half those bytes",
+        (
+            "NumberReplacer",
+            "return TileConfig(min(block_size, 64), min(block_size, 32), 4, 2)",
+            "return TileConfig(min(block_size, 64), min(block_size, 32), 4, 3)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "performance-only: the launch order of the work items (which item_order sets: longest_first and by_lattice "
+        "give the same items in another order); each item's programs write only their own (row block, head) "
+        "points, disjoint from every other item of the launch, so the order of items with equal counts changes no "
+        "value",
+        (
+            "ReplaceTrueWithFalse",
+            "items = items[torch.sort(counts, descending=True, stable=True).indices]",
+            "items = items[torch.sort(counts, descending=True, stable=False).indices]",
+        ),
     ),
     *_same(
         "optimized/triton_backend.py",
@@ -723,6 +821,56 @@ EQUIVALENT: tuple[Equivalent, ...] = (
             "head_of_run = torch.zeros(runs, dtype=torch.long).scatter_reduce("
             ' -1, run_id, torch.arange(n), reduce="amin", include_self=False',
         ),
+        (
+            "NumberReplacer",
+            'longest = torch.zeros(rows, dtype=torch.long).scatter_reduce(0, run_row, length, reduce="amax", '
+            "include_self=True)",
+            'longest = torch.zeros(rows, dtype=torch.long).scatter_reduce( -1, run_row, length, reduce="amax", '
+            "include_self=True)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "chosen starts at runs, above every run index (0..runs - 1): including it in the minimum changes no row "
+        "that a candidate reaches, and scatter_reduce leaves the rows no candidate reaches at runs either way",
+        (
+            "ReplaceTrueWithFalse",
+            '0, run_row[candidate], torch.arange(runs)[candidate], reduce="amin", include_self=True',
+            '0, run_row[candidate], torch.arange(runs)[candidate], reduce="amin", include_self=False',
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "run_block of a row without a run goes with run_count 0, and the kernels read run_block only to place the "
+        "pointers (or descriptor offsets) of a run loop of run_count steps: none, so nothing is loaded from them",
+        (
+            "NumberReplacer",
+            "run_block = torch.where(has_run, kb_s[head_of_run[chosen_safe]], 0)",
+            "run_block = torch.where(has_run, kb_s[head_of_run[chosen_safe]], 1)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "with 3 for masked entries, row r's masked entries get the key 3r + 3 of row r + 1's run entries, which "
+        "follow them in the (row-sorted) first order: the stable sort gives the same order",
+        (
+            "NumberReplacer",
+            "category = torch.where(in_run, 0, torch.where(full_s, 1, 2))",
+            "category = torch.where(in_run, 0, torch.where(full_s, 1, 3))",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "a shortcut: with entries but no full one the general path finds one run per entry, each of length 0 "
+        "(bincount counts full ones only), so no candidate: run_block and run_count stay 0, every entry gets "
+        "category 2 and the stable second sort keeps the (row-sorted) first order",
+        ("ReplaceOrWithAnd", "if n == 0 or not bool(full_s.any()):", "if n == 0 and not bool(full_s.any()):"),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "a placeholder: the HEAD column of every record is overwritten with the table's heads two lines below "
+        "(per_head[:, :, WorkItem.HEAD] = torch.arange(...))",
+        ("NumberReplacer", "head=0,  # set per head below", "head= 1,  # set per head below"),
     ),
     *_same(
         "optimized/triton_backend.py",
@@ -783,6 +931,26 @@ EQUIVALENT: tuple[Equivalent, ...] = (
             "NumberReplacer",
             "idx_k = tl.where(k_ok, pos_k - k_lo, 0).to(tl.int64)",
             "idx_k = tl.where(k_ok, pos_k - k_lo, 1).to(tl.int64)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "idx_q of a lane where q_ok is false is read only by loads and stores masked with q_ok (q; the old out and "
+        "lse, out and lse)",
+        (
+            "NumberReplacer",
+            "idx_q = tl.where(q_ok, pos_q - q_shift, 0).to(tl.int64)",
+            "idx_q = tl.where(q_ok, pos_q - q_shift, -1).to(tl.int64)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "m_new is -inf only where m_i and every score of the row are -inf: exp2(-inf - c) = 0 for any finite shift "
+        "c, so alpha and p are 0 with a shift of 1 as with 0",
+        (
+            "NumberReplacer",
+            'm_shift = tl.where(m_new == float("-inf"), 0.0, m_new)',
+            'm_shift = tl.where(m_new == float("-inf"), 1.0, m_new)',
         ),
     ),
     *_same(
@@ -857,6 +1025,326 @@ EQUIVALENT: tuple[Equivalent, ...] = (
             "AddNot",
             "tile_m = min(b, 16 if _interpreting() else 64)",
             "tile_m = min(b, 16 if not _interpreting() else 64)",
+        ),
+    ),
+    *_same(
+        "optimized/torch_backend.py",
+        "batch * num_heads >= 1 wherever rows_per_group is called (validate_qkv refuses empty tensors, and every "
+        "table has at least one head), so max(0, x) is x",
+        ("NumberReplacer", ROWS_PER_GROUP, ROWS_PER_GROUP.replace("max(1, batch", "max( 0, batch")),
+    ),
+    *_same(
+        "optimized/torch_backend.py",
+        "the fallback for no rows is never read: _key_steps gets the rows of row_groups's ranges, each non-empty "
+        "(its cuts strictly increase and range(start, stop, group) starts below stop), so count.numel() >= 1",
+        ("NumberReplacer", MAX_COUNT, MAX_COUNT.replace("else 0", "else 1")),
+        ("NumberReplacer", MAX_COUNT, MAX_COUNT.replace("else 0", "else -1")),
+    ),
+    *_same(
+        "optimized/torch_backend.py",
+        CACHE,
+        ("RemoveDecorator", "@functools.lru_cache(maxsize=256)", ""),
+        ("NumberReplacer", "@functools.lru_cache(maxsize=256)", "@functools.lru_cache(maxsize= 257)"),
+        ("NumberReplacer", "@functools.lru_cache(maxsize=256)", "@functools.lru_cache(maxsize= 255)"),
+    ),
+    *_same(
+        "optimized/torch_backend.py",
+        "performance-only: how rows are grouped (blocks_per_row weighs the cost model of optimized.blocks.row_groups; "
+        "work_size caps a group's score blocks). Each row's online softmax walks its own key blocks in the same "
+        "order whatever its group (a masked step adds exactly 0 and rescales by exactly 1), so the forward is "
+        "bitwise the same; the backward's float64 sums over entries only take their terms in another order "
+        "(tests/test_torch_backend.py::test_work_size_does_not_change_the_result; tests/test_mutation_blocks.py "
+        "checks the grouping's own definition)",
+        ("ReplaceBinaryOperator_Mul_Div", GROUP_RANGES, GROUP_RANGES.replace("batch * len", "batch / len")),
+        ("NumberReplacer", TORCH_PARTIAL_FORWARD, TORCH_PARTIAL_FORWARD.replace("= 4096", "= 4097")),
+        ("NumberReplacer", TORCH_PARTIAL_FORWARD, TORCH_PARTIAL_FORWARD.replace("= 4096", "= 4095")),
+    ),
+    *_same(
+        "optimized/torch_backend.py",
+        "nonzero() of the flat q_valid is (K, 1): squeeze(0) leaves it (K, 1) (or makes it (1,)), and every use "
+        "(indexing out, lse and q_index, the collector's slots) flattens it in the same order: the same slots and "
+        "values",
+        ("NumberReplacer", KEEP, KEEP.replace("squeeze(1)", "squeeze( 0)")),
+    ),
+    *_same(
+        "optimized/torch_backend.py",
+        "never taken: every row of a table holds a query point of the chunk (reference.semantics.block_table keeps "
+        "the query blocks q_first..q_stop only), so keep is never empty",
+        ("NumberReplacer", "if keep.numel() == 0:", "if keep.numel() == -1:"),
+        ("ReplaceContinueWithBreak", "continue", "break"),
+    ),
+    *_same(
+        "optimized/torch_backend.py",
+        STATIC_METHOD,
+        ("RemoveDecorator", "@staticmethod", ""),
+    ),
+    *_same(
+        "optimized/torch_backend.py",
+        "without an input that requires grad, or under no_grad, _BlockSparseAttention.apply runs the same _forward "
+        "and records no graph: the same tensors come back, only what ctx holds differs",
+        (
+            "ReplaceAndWithOr",
+            "if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):",
+            "if torch.is_grad_enabled() or any(t.requires_grad for t in (q, k, v)):",
+        ),
+    ),
+    *_same(
+        "reference/dense.py",
+        "the fill only keeps logsumexp finite on rows without keys: their lse is overwritten with -inf and their "
+        "probabilities with 0 afterwards, and masked_fill passes no gradient to the entries it replaces, so any "
+        "finite fill gives the same results and gradients",
+        ("NumberReplacer", DENSE_LOGITS, DENSE_LOGITS.replace("row_empty, 0.0)", "row_empty, 1.0)")),
+        ("NumberReplacer", DENSE_LOGITS, DENSE_LOGITS.replace("row_empty, 0.0)", "row_empty, -1.0)")),
+    ),
+    *_same(
+        "reference/dense.py",
+        "taken for a tuple of one result, where index -1 is index 0",
+        (
+            "NumberReplacer",
+            "return results[0] if len(results) == 1 else results",
+            "return results[ -1] if len(results) == 1 else results",
+        ),
+    ),
+    *_same(
+        "optimized/module.py",
+        "performance-only: the default work_size bounds the torch backend's extra memory; every work_size gives the "
+        "same attention (the grouping of rows changes the speed, and only the order of the backward's float64 sums; "
+        "tests/test_torch_backend.py::test_work_size_does_not_change_the_result)",
+        ("NumberReplacer", "work_size: int = 4096,", "work_size: int = 4097,"),
+        ("NumberReplacer", "work_size: int = 4096,", "work_size: int = 4095,"),
+    ),
+    *_same(
+        "optimized/module.py",
+        "taken for a tuple of one result, where index -1 is index 0",
+        ("NumberReplacer", MODULE_RESULTS, MODULE_RESULTS.replace("results[0]", "results[ -1]")),
+        ("NumberReplacer", RING_RESULTS, RING_RESULTS.replace("results[0]", "results[ -1]")),
+    ),
+    *_same(
+        "optimized/module.py",
+        "out is the constant 0 on this line and the sum finite or not alike: 0 - 0 * s equals 0 + 0 * s (NaN for a "
+        "non-finite s either way), and the gradients are zeros of the other sign, equal to them",
+        ("ReplaceBinaryOperator_Add_Sub", ZERO_TIE, ZERO_TIE.replace("out + sum", "out - sum")),
+    ),
+    *_same(
+        "reference/pictures.py",
+        "the segments tile [0, N) in order: every segment's stop but the last is the next one's start, and the last "
+        "stop is N, past the columns; so the stops other than 0 mark the same columns as the starts other than 0",
+        (
+            "NumberReplacer",
+            "starts = {geo.segment_bounds(s)[0] for s in range(geo.num_segments)} - {0}",
+            "starts = {geo.segment_bounds(s)[ 1] for s in range(geo.num_segments)} - {0}",
+        ),
+        (
+            "NumberReplacer",
+            "starts = {geo.segment_bounds(s)[0] for s in range(geo.num_segments)} - {0}",
+            "starts = {geo.segment_bounds(s)[ -1] for s in range(geo.num_segments)} - {0}",
+        ),
+    ),
+    *_same(
+        "reference/pictures.py",
+        "the padding mask has one batch row and the picture reads row 0 of dense_multiplicity's result: index -1 of "
+        "one row is index 0, and a second, unpadded row is computed but never read",
+        (
+            "NumberReplacer",
+            "mask = torch.zeros(1, seq_len, dtype=torch.bool)",
+            "mask = torch.zeros( 2, seq_len, dtype=torch.bool)",
+        ),
+        ("NumberReplacer", "mask[0, list(padded_keys)] = True", "mask[ -1, list(padded_keys)] = True"),
+        (
+            "NumberReplacer",
+            "counts = dense_multiplicity(geometry, config, is_causal, mask)[0, head]",
+            "counts = dense_multiplicity(geometry, config, is_causal, mask)[ -1, head]",
+        ),
+    ),
+    *_same(
+        "optimized/graphs.py",
+        "memory-only: how many captured graphs stay cached; a graph captured again replays the same values bit for "
+        "bit (tests/test_mutation_graphs.py checks the least-recently-used bound at a set size)",
+        ("NumberReplacer", "GRAPH_CACHE_SIZE = 8", "GRAPH_CACHE_SIZE = 9"),
+        ("NumberReplacer", "GRAPH_CACHE_SIZE = 8", "GRAPH_CACHE_SIZE = 7"),
+    ),
+    *_same(
+        "optimized/graphs.py",
+        "performance-only: above the size a call runs eagerly, which gives the replay's values bit for bit "
+        "(tests/test_cuda_graphs.py::test_large_inputs_run_eagerly; tests/test_mutation_graphs.py checks the "
+        "boundary at a set size)",
+        ("NumberReplacer", "GRAPH_MAX_ELEMENTS = 1 << 24", "GRAPH_MAX_ELEMENTS = 2 << 24"),
+        ("NumberReplacer", "GRAPH_MAX_ELEMENTS = 1 << 24", "GRAPH_MAX_ELEMENTS = 1 << 25"),
+        ("NumberReplacer", "GRAPH_MAX_ELEMENTS = 1 << 24", "GRAPH_MAX_ELEMENTS = 1 << 23"),
+    ),
+    *_same(
+        "optimized/graphs.py",
+        "performance-only: one torch._foreach_copy_ launch or one copy_ per input writes the same values into the "
+        "static inputs",
+        ("AddNot", 'if hasattr(torch, "_foreach_copy_"):', 'if not hasattr(torch, "_foreach_copy_"):'),
+    ),
+    *_same(
+        "optimized/graphs.py",
+        "unreachable where the suite runs: the torch it installs has torch._foreach_copy_, so the loop for older "
+        "torch never runs",
+        ("ZeroIterationForLoop", "for s, g in pairs:", "for s, g in []:"),
+    ),
+    *_same(
+        "optimized/graphs.py",
+        "q and k are on one device (reference/inputs.py refuses k, v off q's device before any backend runs), so "
+        "the streams are those of the same device",
+        (
+            "NumberReplacer",
+            "side = torch.cuda.Stream(device=inputs[0].device)",
+            "side = torch.cuda.Stream(device=inputs[ 1].device)",
+        ),
+        (
+            "NumberReplacer",
+            "side.wait_stream(torch.cuda.current_stream(inputs[0].device))",
+            "side.wait_stream(torch.cuda.current_stream(inputs[ 1].device))",
+        ),
+        (
+            "NumberReplacer",
+            "torch.cuda.current_stream(inputs[0].device).wait_stream(side)",
+            "torch.cuda.current_stream(inputs[ 1].device).wait_stream(side)",
+        ),
+    ),
+    *_same(
+        "optimized/flex_backend.py",
+        "a policy value: the score count above which the eager (CPU) path refuses a table; no result depends on it, "
+        "and tests/test_mutation_flex.py checks the rule at its boundary at a set value",
+        ("NumberReplacer", "EAGER_SCORE_LIMIT = 1 << 27", "EAGER_SCORE_LIMIT = 2 << 27"),
+        ("NumberReplacer", "EAGER_SCORE_LIMIT = 1 << 27", "EAGER_SCORE_LIMIT = 1 << 28"),
+        ("NumberReplacer", "EAGER_SCORE_LIMIT = 1 << 27", "EAGER_SCORE_LIMIT = 1 << 26"),
+    ),
+    *_same(
+        "optimized/flex_backend.py",
+        "a policy value: how many recompilations dynamo may make before it raises (instead of falling back to "
+        "eager flex); no result depends on it, and tests/test_mutation_flex.py checks that a CUDA call runs under "
+        "max(RECOMPILE_LIMIT, dynamo's own) with failing on the limit",
+        ("NumberReplacer", "RECOMPILE_LIMIT = 64", "RECOMPILE_LIMIT = 65"),
+        ("NumberReplacer", "RECOMPILE_LIMIT = 64", "RECOMPILE_LIMIT = 63"),
+    ),
+    *_same(
+        "optimized/flex_backend.py",
+        "unreachable where the suite runs: the torch it installs has flex_attention.AuxRequest, so the call of "
+        "older torch (return_lse=True) never runs",
+        (
+            "ReplaceTrueWithFalse",
+            "return function(query, key, value, block_mask=block_mask, scale=scale, kernel_options=options, "
+            "return_lse=True)",
+            "return function(query, key, value, block_mask=block_mask, scale=scale, kernel_options=options, "
+            "return_lse=False)",
+        ),
+    ),
+    *_same(
+        "optimized/flex_backend.py",
+        "heads_per_batch is read only together with key_ok, and the one caller passing key_ok (_table_partial) "
+        "passes heads_per_batch too: the default is never read",
+        (
+            "NumberReplacer",
+            "def mask_mod(self, key_ok=None, heads_per_batch: int = 1):",
+            "def mask_mod(self, key_ok=None, heads_per_batch: int = 0):",
+        ),
+    ),
+    *_same(
+        "optimized/flex_backend.py",
+        "a cumulative sum or scatter over a 1-D tensor: dimension -1 is dimension 0",
+        (
+            "NumberReplacer",
+            "first_row = torch.cumsum(rows_per_lattice, 0) - rows_per_lattice",
+            "first_row = torch.cumsum(rows_per_lattice, -1) - rows_per_lattice",
+        ),
+        (
+            "NumberReplacer",
+            'key_first = torch.full((num_lattices,), big).scatter_reduce(0, entry_lattice, table.key_block, "amin")',
+            'key_first = torch.full((num_lattices,), big).scatter_reduce( -1, entry_lattice, table.key_block, "amin")',
+        ),
+        (
+            "NumberReplacer",
+            'key_last = torch.full((num_lattices,), -1).scatter_reduce(0, entry_lattice, table.key_block, "amax")',
+            'key_last = torch.full((num_lattices,), -1).scatter_reduce( -1, entry_lattice, table.key_block, "amax")',
+        ),
+    ),
+    *_same(
+        "optimized/flex_backend.py",
+        "a lattice's key span only bounds which key slots exist; only blocks listed in the table are allowed "
+        "(block_allowed off CUDA, the BlockMask's lists on CUDA): a span one block wider, or slots given to a "
+        "lattice without key blocks (key_first then wraps around in int64, but every slot's position is still "
+        "checked against the key chunk, so indices stay in range and the slots an interval), add only key slots "
+        "that no listed block allows, so every row's allowed keys, out and lse are the same; only memory differs",
+        (
+            "ReplaceUnaryOperator_USub_UAdd",
+            'key_last = torch.full((num_lattices,), -1).scatter_reduce(0, entry_lattice, table.key_block, "amax")',
+            'key_last = torch.full((num_lattices,), +1).scatter_reduce(0, entry_lattice, table.key_block, "amax")',
+        ),
+        ("NumberReplacer", "has_keys = key_last >= 0", "has_keys = key_last >= -1"),
+    ),
+    *_same(
+        "optimized/flex_backend.py",
+        "argmax of a row without a valid key slot (all zeros) is 0, the value the where gives such a row",
+        (
+            "NumberReplacer",
+            "kv_lo = torch.where(valid_keys > 0, k_valid.to(torch.int8).argmax(1), torch.zeros_like(valid_keys))",
+            "kv_lo = torch.where(valid_keys > -1, k_valid.to(torch.int8).argmax(1), torch.zeros_like(valid_keys))",
+        ),
+    ),
+    *_same(
+        "optimized/flex_backend.py",
+        "nonzero() of a 1-D tensor is (P, 1): squeeze(0) leaves (P, 1) where P > 1, and every reader flattens it "
+        "in the same order (keep // lq and keep % lq are viewed as (1, -1, 1); keep_index reaches the "
+        "PartialCollector, whose slots are reshaped to 1-D)",
+        (
+            "NumberReplacer",
+            "keep = q_valid.reshape(-1).nonzero().squeeze(1)",
+            "keep = q_valid.reshape(-1).nonzero().squeeze( 0)",
+        ),
+    ),
+    *_same(
+        "optimized/flex_backend.py",
+        "inserting the size-1 axis at 1 or at 2 of (S, 1, L) gives the same (S, 1, 1, L)",
+        (
+            "NumberReplacer",
+            "gathered = x[batch_index.view(1, batch, 1, 1), index.unsqueeze(1).unsqueeze(1), heads.view(1, 1, nh, 1)]",
+            "gathered = x[batch_index.view(1, batch, 1, 1), index.unsqueeze(1).unsqueeze( 2), heads.view(1, 1, nh, 1)]",
+        ),
+    ),
+    *_same(
+        "optimized/ring.py",
+        "torch looks forward and backward up on the class (Function.apply: cls.forward; the graph node: "
+        "_forward_cls.backward), where a function without @staticmethod is the same plain function, called with "
+        "the same arguments",
+        ("RemoveDecorator", "@staticmethod", ""),
+    ),
+    *_same(
+        "optimized/ring.py",
+        "performance-only: the shortcut for one chunk that covers every row; the general path writes the same part "
+        "into zeros of the same shape and dtype, so the same gradient comes back",
+        (
+            "NumberReplacer",
+            "if list(chunks) == [(0, like.shape[1])]:",
+            "if list(chunks) == [( 1, like.shape[1])]:",
+        ),
+    ),
+    *_same(
+        "optimized/ring.py",
+        "a part that is None and a part of zeros add the same: _add skips a None part of dq, the dk/dv accumulator "
+        "adds only parts that are not None, a gradient still None at the end becomes zeros where it is needed, and "
+        "a part of an input that needs no gradient is dropped (needs)",
+        (
+            "AddNot",
+            "if leaf.requires_grad and grad is None:",
+            "if not leaf.requires_grad and grad is None:",
+        ),
+    ),
+    *_same(
+        "optimized/ring.py",
+        "the shortcut is taken for a list of one piece, where index -1 is index 0",
+        ("NumberReplacer", "return pieces[0]", "return pieces[ -1]"),
+    ),
+    *_same(
+        "optimized/ring.py",
+        "a marker no fingerprint equals: _fingerprint is >= 0 (63 bits), and the rank that sends the marker and the "
+        "exchange that looks for it read the same constant, so -1 and -2 mark the same ranks",
+        (
+            "NumberReplacer",
+            "INVALID_FINGERPRINT = -1  # sent by a rank whose own inputs failed validation",
+            "INVALID_FINGERPRINT = - 2  # sent by a rank whose own inputs failed validation",
         ),
     ),
 )
@@ -1241,10 +1729,13 @@ def score(counts: dict) -> float | None:
     return round(killed / denominator, 4) if denominator else None
 
 
-def write_record(out: Path, ran: dict, settings: Settings, environment: dict) -> dict:
+def write_record(out: Path, ran: dict, settings: Settings, environment: dict, reclassify_all: bool = False) -> dict:
     """Write ``ran`` (module -> entry) into ``out``, keeping the other modules' entries that ``out`` holds now.
 
     Under a lock, re-reading the file: runs over different modules may write to one record side by side.
+    Survivors are classified by this process's EQUIVALENT list in ``ran``'s modules only (every module
+    with ``reclassify_all``): a run that started before entries were added for another module must not
+    undo them.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     # The lock lives outside the results folder, whose every file is a result (experiments/results/INDEX.md).
@@ -1253,17 +1744,26 @@ def write_record(out: Path, ran: dict, settings: Settings, environment: dict) ->
         fcntl.flock(lock, fcntl.LOCK_EX)
         modules = json.loads(out.read_text()).get("modules", {}) if out.exists() else {}
         modules.update(ran)
-        record = _record(modules, settings, environment)
+        record = _record(modules, settings, environment, set(modules) if reclassify_all else set(ran))
         out.write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
-def _record(modules: dict, settings: Settings, environment: dict) -> dict:
+def not_in_config(settings: Settings, root: Path = ROOT) -> dict[str, str]:
+    """Every module of MUTATED_PACKAGES that the config leaves out -> why (NOT_MUTATED, or "not in the config")."""
+    found = sorted(
+        path.relative_to(root).as_posix() for package in MUTATED_PACKAGES for path in (root / package).rglob("*.py")
+    )
+    return {module: NOT_MUTATED.get(module, "not in the config") for module in found if module not in settings.modules}
+
+
+def _record(modules: dict, settings: Settings, environment: dict, reclassified: set) -> dict:
     for module, entry in modules.items():
         current = ROOT / module
         entry["stale"] = not current.exists() or sha256(current) != entry["sha256"]
         entry.pop("session", None)  # a path on the machine that ran it (the log names it)
-        reclassify(module, entry)
+        if module in reclassified:
+            reclassify(module, entry)
         entry["score"] = score(entry["counts"])
     keys = ("generated", "filtered", "killed", "timeout", "survived", "equivalent", "no_mutation", "not_run")
     keys += ("sampled_out",)
@@ -1294,6 +1794,7 @@ def _record(modules: dict, settings: Settings, environment: dict) -> dict:
         "hypothesis_profile": os.environ.get("HYPOTHESIS_PROFILE", "ci") + " without the shrink phase",
         "environment": environment,
         "not_run": not_run,
+        "not_in_config": not_in_config(settings),
         "modules": modules,
     }
     return record
@@ -1307,7 +1808,7 @@ def main(argv=None) -> int:
     modules = dict(previous.get("modules", {}))
     ran = {}
     if args.reclassify:
-        record = write_record(out, ran, settings, previous.get("environment", {}))
+        record = write_record(out, ran, settings, previous.get("environment", {}), reclassify_all=True)
         print(f"score {record['score_of_full_runs']} over the modules run in full; written to {out}")
         return 0
     only = {}
