@@ -549,6 +549,65 @@ EQUIVALENT: tuple[Equivalent, ...] = (
             "k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)",
             "k = tl.load(k_ptrs, mask=d_ok[None, :], other= 1.0)",
         ),
+        (
+            "NumberReplacer",
+            "k = tl.load(k_base + idx_k[:, None] * stride_kn + d[None, :], mask=d_ok[None, :], other=0.0)",
+            "k = tl.load(k_base + idx_k[:, None] * stride_kn + d[None, :], mask=d_ok[None, :], other= 1.0)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "v's fill lands in the padded head-dim columns of acc only (v never enters the scores), and out is stored "
+        "under o_mask = q_ok & d_ok, which leaves those columns unwritten",
+        (
+            "NumberReplacer",
+            "v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)",
+            "v = tl.load(v_ptrs, mask=d_ok[None, :], other= 1.0)",
+        ),
+        (
+            "NumberReplacer",
+            "v = tl.load(v_base + idx_k[:, None] * stride_vn + d[None, :], mask=d_ok[None, :], other=0.0)",
+            "v = tl.load(v_base + idx_k[:, None] * stride_vn + d[None, :], mask=d_ok[None, :], other= 1.0)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "q's fill: lanes outside q_ok are rows no store writes (out and lse are stored under q_ok), each row's "
+        "softmax its own; in padded head-dim columns it meets k's zero fill (every k load fills them with 0.0, and "
+        "a tensor descriptor's reads past HEAD_DIM give 0): -1 * 0 = 0",
+        (
+            "NumberReplacer",
+            "q = tl.load(q_ptrs, mask=q_ok[:, None] & d_ok[None, :], other=0.0)",
+            "q = tl.load(q_ptrs, mask=q_ok[:, None] & d_ok[None, :], other= -1.0)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "the fill of the slots past the row's list is never picked: step // N_SUB < full_stop - list_start, a slot "
+        "loaded under the mask, and the where zeroes every other slot before the sum",
+        (
+            "NumberReplacer",
+            "row_blocks = tl.load(KeyBlock + list_start + slots, mask=slots < full_stop - list_start, other=0)",
+            "row_blocks = tl.load(KeyBlock + list_start + slots, mask=slots < full_stop - list_start, other= -1)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "the tensor descriptors (v3tma) are read only at full blocks, whose every point t lies in [first_t, stop_t), "
+        "at [t - first_t] from row0 = the row of first_t: a first_t up to two lattice points lower (still >= 0), or "
+        "a larger row count, moves the descriptor's start and bound but no read, which lands on the same row of k "
+        "and v and never reaches the bound (the interpreter runs v3tma: tests/test_triton_backend.py::"
+        "test_kernel_variants_match_reference)",
+        (
+            "ReplaceBinaryOperator_Add_Sub",
+            "first_t = tl.maximum((k_lo - lattice_start + stride - 1) // stride, 0)",
+            "first_t = tl.maximum((k_lo - lattice_start - stride - 1) // stride, 0)",
+        ),
+        (
+            "ReplaceBinaryOperator_Sub_Add",
+            "rows = tl.maximum(stop_t - first_t, 1)",
+            "rows = tl.maximum(stop_t + first_t, 1)",
+        ),
     ),
     *_same(
         "optimized/triton_backend.py",
@@ -970,6 +1029,76 @@ EQUIVALENT: tuple[Equivalent, ...] = (
             "NumberReplacer",
             'lse = tl.where(some, top_shift + tl.log(tl.where(some, total, 1.0)), float("-inf"))',
             'lse = tl.where(some, top_shift + tl.log(tl.where(some, total, 2.0)), float("-inf"))',
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "an inner fallback taken only where the outer where picks its own constant (nonempty or some false: 0 for "
+        "the inverse, -inf for lse); the other branch is computed and dropped",
+        (
+            "NumberReplacer",
+            "inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 1.0), 0.0)",
+            "inv_l = tl.where(nonempty, 1.0 / tl.where(nonempty, l_i, 0.0), 0.0)",
+        ),
+        (
+            "NumberReplacer",
+            "lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 1.0))) * 0.6931471805599453, "
+            'float("-inf"))',
+            "lse = tl.where(nonempty, (m_i + tl.math.log2(tl.where(nonempty, l_i, 2.0))) * 0.6931471805599453, "
+            'float("-inf"))',
+        ),
+        (
+            "NumberReplacer",
+            "inv_total = tl.where(some, 1.0 / tl.where(some, total, 1.0), 0.0)",
+            "inv_total = tl.where(some, 1.0 / tl.where(some, total, 0.0), 0.0)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "the masked key blocks' fills: a key outside k_ok gets the score -inf from allowed (p = 0, and 0 * -1 = 0 "
+        "in p @ v); in padded head-dim columns k meets q's zero fill and v feeds only acc columns the store "
+        "(o_mask = q_ok & d_ok) leaves out",
+        (
+            "NumberReplacer",
+            "k = tl.load(k_base + idx_k[:, None] * stride_kn + d[None, :], mask=kv_mask, other=0.0)",
+            "k = tl.load(k_base + idx_k[:, None] * stride_kn + d[None, :], mask=kv_mask, other= -1.0)",
+        ),
+        (
+            "NumberReplacer",
+            "v = tl.load(v_base + idx_k[:, None] * stride_vn + d[None, :], mask=kv_mask, other=0.0)",
+            "v = tl.load(v_base + idx_k[:, None] * stride_vn + d[None, :], mask=kv_mask, other= -1.0)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "the fill is loaded only on lanes where k_ok is false, and k_ok & (padded == 0) stays false there whatever "
+        "the fill",
+        (
+            "NumberReplacer",
+            "padded = tl.load(KPM + kpm_base + idx_k * stride_mn, mask=k_ok, other=1)",
+            "padded = tl.load(KPM + kpm_base + idx_k * stride_mn, mask=k_ok, other= 2)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "side 1's positions (lattice_start - gap, the segment's points before the lattice) are the same for every "
+        "row and hold this head's empty constants (out 0, lse -inf) in any case: with t_q != 0 every program of "
+        "the lattice (BLOCK_M >= 16 rows, so some t_q != 0 in each) stores those same constants there instead of "
+        "the first row alone, in the first launch, before any merge",
+        (
+            "ReplaceComparisonOperator_Eq_NotEq",
+            "first_row = t_q == 0  # the lattice's first point (one row of one program)",
+            "first_row = t_q != 0  # the lattice's first point (one row of one program)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "old_out's fill lands on lanes outside o_mask (each row's merge its own), which the store under the same "
+        "mask never writes",
+        (
+            "NumberReplacer",
+            "old_out = tl.load(o_ptrs, mask=o_mask, other=0.0).to(tl.float32)",
+            "old_out = tl.load(o_ptrs, mask=o_mask, other= -1.0).to(tl.float32)",
         ),
     ),
     *_same(
@@ -1757,6 +1886,14 @@ def not_in_config(settings: Settings, root: Path = ROOT) -> dict[str, str]:
     return {module: NOT_MUTATED.get(module, "not in the config") for module in found if module not in settings.modules}
 
 
+def _tool() -> str:
+    """The mutation tool and its version (--reclassify rewrites a record without it installed)."""
+    try:
+        return f"cosmic-ray {metadata.version('cosmic-ray')}"
+    except metadata.PackageNotFoundError:
+        return "cosmic-ray (not installed where this record was last written)"
+
+
 def _record(modules: dict, settings: Settings, environment: dict, reclassified: set) -> dict:
     for module, entry in modules.items():
         current = ROOT / module
@@ -1781,7 +1918,7 @@ def _record(modules: dict, settings: Settings, environment: dict, reclassified: 
         if left_out:
             not_run[module] = "; ".join(left_out)
     record = {
-        "tool": f"cosmic-ray {metadata.version('cosmic-ray')}",
+        "tool": _tool(),
         "command": "make mutation  (python -m experiments.mutation)",
         "score_definition": "(killed + timeout) / (killed + timeout + survived); equivalent mutants left out",
         "score_of_full_runs": score(full),
