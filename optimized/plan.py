@@ -30,6 +30,14 @@ class CallPlan:
         full = (0, geometry.seq_len)
         return cls(geometry, sparse_config, bool(is_causal), float(scale), full, full)
 
+    def __hash__(self) -> int:
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        # Computed once: the block-table caches hash a plan at every call (a ring step hashes one per chunk pair).
+        return hash((self.geometry, self.sparse_config, self.is_causal, self.scale, self.query_range, self.key_range))
+
     @property
     def block_size(self) -> int:
         return self.sparse_config.block_size

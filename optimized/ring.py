@@ -17,6 +17,7 @@ Which chunk pairs hold an allowed pair, which steps compute and how far each chu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -127,20 +128,7 @@ def in_process_forward(
     schedule = ring_schedule(geometry, sparse_config, is_causal, chunks)
     on_write = _merges_on_write(backend, options, q, k, v)
     if backend.merges_on_write and options.merge_on_write and backend.launches_per_step(options):
-        # The pairs of step s (query chunk i, key chunk i - s) write disjoint rows: one call per step,
-        # every chunk at its own rows of the whole q, k, v (shift 0) and of one accumulator.
-        plan = lambda i, j: CallPlan(  # noqa: E731
-            geometry, sparse_config, bool(is_causal), float(scale), schedule.chunk_range(i), schedule.chunk_range(j)
-        )
-        steps = [
-            tuple(
-                StepPair(plan(i, schedule.chunk_at(i, step)), 0, 0)
-                for i in range(schedule.num_chunks)
-                if schedule.computes(i, step)
-            )
-            for step in range(schedule.num_chunks)
-        ]
-        steps = tuple(pairs for pairs in steps if pairs)
+        steps = _in_process_steps(geometry, sparse_config, bool(is_causal), float(scale), schedule.chunk_lengths)
         if on_write:
             return _run_steps(
                 backend, options, q, [(pairs, k, v, key_padding_mask) for pairs in steps], len(steps) == 1
@@ -166,6 +154,29 @@ def in_process_forward(
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
+
+
+@functools.lru_cache(maxsize=256)
+def _in_process_steps(geometry, sparse_config, is_causal: bool, scale: float, chunk_lengths: tuple):
+    """The StepPairs of every ring step that computes, built once per call shape (the same objects each call,
+    so the kernels' table caches find them at once).
+
+    The pairs of step s (query chunk i, key chunk i - s) write disjoint rows: one call per step, every
+    chunk at its own rows of the whole q, k, v (shift 0) and of one accumulator.
+    """
+    schedule = ring_schedule(geometry, sparse_config, is_causal, chunk_lengths)
+    plan = lambda i, j: CallPlan(  # noqa: E731
+        geometry, sparse_config, is_causal, scale, schedule.chunk_range(i), schedule.chunk_range(j)
+    )
+    steps = (
+        tuple(
+            StepPair(plan(i, schedule.chunk_at(i, step)), 0, 0)
+            for i in range(schedule.num_chunks)
+            if schedule.computes(i, step)
+        )
+        for step in range(schedule.num_chunks)
+    )
+    return tuple(pairs for pairs in steps if pairs)
 
 
 class _InProcessRing(torch.autograd.Function):
