@@ -634,6 +634,11 @@ EQUIVALENT: tuple[Equivalent, ...] = (
             "return like, 0, 0, False  # never read: HAS_PADDING is False",
             "return like, -1, 0, False  # never read: HAS_PADDING is False",
         ),
+        (
+            "NumberReplacer",
+            "return like, 0, 0, False  # never read: HAS_PADDING is False",
+            "return like, 0, -1, False  # never read: HAS_PADDING is False",
+        ),
     ),
     *_same(
         "optimized/triton_backend.py",
@@ -1078,6 +1083,38 @@ EQUIVALENT: tuple[Equivalent, ...] = (
             "padded = tl.load(KPM + kpm_base + idx_k * stride_mn, mask=k_ok, other=1)",
             "padded = tl.load(KPM + kpm_base + idx_k * stride_mn, mask=k_ok, other= 2)",
         ),
+        (
+            "NumberReplacer",
+            "padded = tl.load(KPM + batch * stride_mb + idx_k * stride_mn, mask=k_ok, other=1)",
+            "padded = tl.load(KPM + batch * stride_mb + idx_k * stride_mn, mask=k_ok, other= 2)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "side 2 of a static range of 3 takes the else branch: side 1 again, the same constants stored at the same "
+        "positions a second time",
+        ("NumberReplacer", "for side in tl.static_range(2):", "for side in tl.static_range( 3):"),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "idx_q of a lane where q_ok is false is read only by the weights kernel's loads of q and lse, both masked "
+        "with q_ok (the probabilities are stored by i, not idx_q)",
+        (
+            "NumberReplacer",
+            "idx_q = tl.where(q_ok, pos_q - q_lo, 0).to(tl.int64)",
+            "idx_q = tl.where(q_ok, pos_q - q_lo, 1).to(tl.int64)",
+        ),
+    ),
+    *_same(
+        "optimized/triton_backend.py",
+        "the fill replaces lse = -inf, the lse (from the same call's forward) of a row that no key of the plan is "
+        "allowed for: allowed is false on that whole row, so its probabilities are 0 whatever the fill; it only "
+        "keeps exp away from inf",
+        (
+            "NumberReplacer",
+            'lse = tl.where(lse == float("-inf"), 0.0, lse)',
+            'lse = tl.where(lse == float("-inf"), 1.0, lse)',
+        ),
     ),
     *_same(
         "optimized/triton_backend.py",
@@ -1448,6 +1485,26 @@ EQUIVALENT: tuple[Equivalent, ...] = (
             "NumberReplacer",
             "if list(chunks) == [(0, like.shape[1])]:",
             "if list(chunks) == [( 1, like.shape[1])]:",
+        ),
+        (
+            "NumberReplacer",
+            "if list(chunks) == [(0, like.shape[1])]:",
+            "if list(chunks) == [(0, like.shape[ 2])]:",
+        ),
+        (
+            "NumberReplacer",
+            "if list(chunks) == [(0, like.shape[1])]:",
+            "if list(chunks) == [(0, like.shape[ 0])]:",
+        ),
+    ),
+    *_same(
+        "optimized/ring.py",
+        "needs_input_grad has one flag per forward input (q, k, v, the mask, the ring); the sums are zipped with "
+        "the three gradients of q, k and v, so a fourth entry is never read",
+        (
+            "NumberReplacer",
+            "sums = [{} if need else None for need in ctx.needs_input_grad[:3]]",
+            "sums = [{} if need else None for need in ctx.needs_input_grad[: 4]]",
         ),
     ),
     *_same(

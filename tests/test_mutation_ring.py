@@ -318,3 +318,29 @@ def test_a_ring_request_and_result_are_frozen():
     result = ring.RingResult((), None, None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.results = (1,)
+
+
+def test_a_one_step_triton_ring_in_half_precision_writes_what_the_unsplit_call_writes():
+    """A ring whose only computing step holds every pair writes q's dtype directly, its head layers merged in
+    that dtype as the unsplit call merges them: bitwise the unsplit output (float16, head_mode "all"); with two
+    computing steps it accumulates in float32 and stays within docs/numerics.md's budget in float16."""
+    pytest.importorskip("triton")
+    from equivalence_tests.helpers import check_backend
+    from optimized import BlockSparseRingDilatedAttention
+
+    kwargs = dict(
+        segment_lengths=[16, 32],
+        dilation_rates=[1, 2],
+        sparse_config=TRITON_CASE_KWARGS["sparse_config"],
+        head_mode="all",
+        backend="triton",
+    )
+    generator = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(2, 48, 2, 16, generator=generator).to(torch.float16) for _ in range(3))
+    with torch.no_grad():
+        unsplit = BlockSparseRingDilatedAttention(**kwargs)(q, k, v, is_causal=True)
+        # Chunks (32, 16): every segment of 16 and of 32 lies inside one chunk, so only step 0 computes.
+        one_step = BlockSparseRingDilatedAttention(**kwargs, ring_chunk_lengths=[32, 16])(q, k, v, is_causal=True)
+    assert one_step.dtype == torch.float16 and torch.equal(one_step, unsplit)
+    case = triton_case(True, True, seed=5)
+    check_backend(case, "triton", torch.float16, "cpu", ring_chunk_lengths=(20, 12, 16))
