@@ -344,3 +344,39 @@ def test_a_one_step_triton_ring_in_half_precision_writes_what_the_unsplit_call_w
     assert one_step.dtype == torch.float16 and torch.equal(one_step, unsplit)
     case = triton_case(True, True, seed=5)
     check_backend(case, "triton", torch.float16, "cpu", ring_chunk_lengths=(20, 12, 16))
+
+
+def test_a_one_step_distributed_triton_ring_writes_q_dtype_unless_a_backward_follows():
+    """On a rank that computes in one step only, the forward ring writes q's dtype as the unsplit call does
+    (float16, head_mode "all": its layers merge in float16, bitwise the unsplit output); when an input requires
+    grad it keeps float32, which the backward ring's accumulators take (a group of one rank: no transfer)."""
+    pytest.importorskip("triton")
+    from optimized.dispatch import REGISTRY
+
+    geometry = AttentionGeometry(DilationConfig((16, 32), (1, 2), "all"), 32, 2)
+    config = SparsePatternConfig(pattern_type="local_window", block_size=16, local_window_size=16)
+    schedule = ring_schedule(geometry, config, True, (32,))
+    triton = REGISTRY["triton"]
+    call = ring._RingCall(
+        dist=torch.distributed,  # one rank: every transfer list is empty, nothing is called
+        group=None,
+        rank=0,
+        peers=(0,),
+        schedule=schedule,
+        backend=triton,
+        options=triton.default_options(),
+        geometry=geometry,
+        sparse_config=config,
+        is_causal=True,
+        scale=0.25,
+        stats=ring.RingStats(rank=0, world_size=1, chunk_lengths=(32,), schedule=schedule),
+    )
+    generator = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 32, 2, 16, generator=generator).to(torch.float16) for _ in range(3))
+    with torch.no_grad():
+        out, lse = ring._ring_forward(call, q, k, v, None)
+        unsplit_out, unsplit_lse = triton.forward_partial(q, k, v, None, call.plan((0, 32), (0, 32)), call.options)
+    assert out.dtype == torch.float16 and torch.equal(out, unsplit_out) and torch.equal(lse, unsplit_lse)
+    with torch.no_grad():  # as inside the ring's autograd function: grad mode off, the input requires grad
+        out, _ = ring._ring_forward(call, q.clone().requires_grad_(), k, v, None)
+    assert out.dtype == torch.float32
