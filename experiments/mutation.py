@@ -933,8 +933,9 @@ EQUIVALENT: tuple[Equivalent, ...] = (
     *_same(
         "optimized/triton_backend.py",
         "a placeholder: the HEAD column of every record is overwritten with the table's heads two lines below "
-        "(per_head[:, :, WorkItem.HEAD] = torch.arange(...))",
+        "(per_head[:, :, WorkItem.HEAD], or WeightBlock.HEAD for the weights, = torch.arange(...))",
         ("NumberReplacer", "head=0,  # set per head below", "head= 1,  # set per head below"),
+        ("NumberReplacer", "head=0,", "head= 1,"),
     ),
     *_same(
         "optimized/triton_backend.py",
@@ -1520,6 +1521,26 @@ EQUIVALENT: tuple[Equivalent, ...] = (
     ),
     *_same(
         "optimized/ring.py",
+        "every leaf asked for reaches the recomputed step partial's graph (its scores read q and k, its out reads "
+        "v, whatever the masks), so torch.autograd.grad finds no unused input and allow_unused changes nothing",
+        (
+            "ReplaceTrueWithFalse",
+            "computed = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=True))",
+            "computed = iter(torch.autograd.grad(outputs, wanted, grads, allow_unused=False))",
+        ),
+    ),
+    *_same(
+        "optimized/ring.py",
+        "over steps 0..P-1 the condition fails only at step P-1, where step + 1 is P: both branches pick index P, "
+        "and step - 1 < P holds at every step, picking step + 1",
+        (
+            "ReplaceBinaryOperator_Add_Sub",
+            "stats_bytes[step + 1 if step + 1 < P else P] += _nbytes(sends)",
+            "stats_bytes[step + 1 if step - 1 < P else P] += _nbytes(sends)",
+        ),
+    ),
+    *_same(
+        "optimized/ring.py",
         "the shortcut is taken for a list of one piece, where index -1 is index 0",
         ("NumberReplacer", "return pieces[0]", "return pieces[ -1]"),
     ),
@@ -1531,6 +1552,11 @@ EQUIVALENT: tuple[Equivalent, ...] = (
             "NumberReplacer",
             "INVALID_FINGERPRINT = -1  # sent by a rank whose own inputs failed validation",
             "INVALID_FINGERPRINT = - 2  # sent by a rank whose own inputs failed validation",
+        ),
+        (
+            "ReplaceUnaryOperator_USub_Invert",
+            "INVALID_FINGERPRINT = -1  # sent by a rank whose own inputs failed validation",
+            "INVALID_FINGERPRINT = ~1  # sent by a rank whose own inputs failed validation",
         ),
     ),
 )

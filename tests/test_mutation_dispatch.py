@@ -135,3 +135,17 @@ def test_triton_rings_merge_on_write_unless_told_not_to(monkeypatch):
         with torch.no_grad():
             module(q, q, q)
         assert calls == expected, options
+
+
+def test_only_triton_takes_a_ring_step_at_once_unless_told_pair_by_pair():
+    """What a backend declares to the rings: only triton has forward_step_into (and backward_steps), so only it
+    says a ring may hand it a whole step; ring_launch="pair" takes that back, and an unknown value is refused."""
+    from optimized.dispatch import RING_LAUNCHES, TritonOptions
+
+    takes_steps = [name for name, backend in REGISTRY.items() if backend.launches_per_step(backend.default_options())]
+    assert takes_steps == ["triton"]
+    assert not REGISTRY["triton"].launches_per_step(TritonOptions(ring_launch="pair"))
+    assert [name for name, backend in REGISTRY.items() if backend.backward_steps is not None] == ["triton"]
+    assert RING_LAUNCHES == ("step", "pair") and TritonOptions().ring_launch == "step"
+    with pytest.raises(ValueError, match=r"ring_launch='steps' is not one of \('step', 'pair'\)"):
+        TritonOptions(ring_launch="steps")
