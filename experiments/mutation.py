@@ -1472,6 +1472,23 @@ EQUIVALENT: tuple[Equivalent, ...] = (
         ),
     ),
     *_same(
+        "optimized/triton_backward.py",
+        "performance-only: the row term is summed per query point, slice by slice; slices of 2**15 points give every "
+        "point the same sum as slices of 2**16 (only the temporaries' size changes)",
+        ("NumberReplacer", "ROW_TERM_SLICE = 1 << 16", "ROW_TERM_SLICE = 1 << 15"),
+    ),
+    *_same(
+        "optimized/triton_backward.py",
+        "q and dO loaded at masked query slots (row 0) meet lse = +inf there, so P = dS = 0 and they add nothing; "
+        "their head-dim padding columns meet k's and v's zero columns in every dot product and reach only dk/dv "
+        "columns that are never stored",
+        (
+            "ReplaceBinaryOperator_BitAnd_BitOr",
+            "q_mask = q_ok[:, None] & d_ok[None, :]",
+            "q_mask = q_ok[:, None] | d_ok[None, :]",
+        ),
+    ),
+    *_same(
         "optimized/ring.py",
         "torch looks forward and backward up on the class (Function.apply: cls.forward; the graph node: "
         "_forward_cls.backward), where a function without @staticmethod is the same plain function, called with "

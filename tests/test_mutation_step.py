@@ -333,3 +333,26 @@ def test_the_weights_in_the_gpus_query_tile_equal_those_in_the_interpreters(monk
     gpu_tiles = triton_backend.attention_weights(q, k, None, lse, plan)
     assert torch.equal(gpu_tiles["block_values"], interpreted["block_values"])
     assert bool(interpreted["block_values"].any())
+
+
+def test_backward_tiles_are_frozen_and_grad_out_of_any_strides_gives_the_same_gradients():
+    """A KernelTile is frozen (tiles are shared defaults); a grad_out whose last dim is not unit-stride (here its
+    token dim is) is made contiguous before the kernels read it, so the gradients are bitwise those of the
+    contiguous grad_out. ``make mutation`` found both unpinned."""
+    from optimized import triton_backward
+
+    tile = triton_backward.KernelTile(16, 16, 4, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tile.rows = 32
+    geometry = AttentionGeometry(DilationConfig((32,), (1,)), 32, 2)
+    config = SparsePatternConfig(pattern_type="dense", block_size=16)
+    plan = CallPlan.whole(geometry, config, True, 0.25)
+    generator = torch.Generator().manual_seed(31)
+    q, k, v = (torch.randn(1, 32, 2, 16, generator=generator) for _ in range(3))
+    out, lse = triton_backward.partial_forward(q, k, v, None, plan)
+    grad_out = torch.randn(1, 16, 2, 32, generator=generator).permute(0, 3, 2, 1)  # (B, N, H, D), stride(1) == 1
+    assert grad_out.stride(1) == 1 and grad_out.stride(-1) != 1
+    strided = triton_backward.partial_backward(q, k, v, None, plan, out, lse, grad_out, None)
+    contiguous = triton_backward.partial_backward(q, k, v, None, plan, out, lse, grad_out.contiguous(), None)
+    for got, expected in zip(strided, contiguous):
+        assert torch.equal(got, expected)
