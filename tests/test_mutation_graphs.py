@@ -196,11 +196,15 @@ def test_the_cache_drops_the_least_recently_used_graph(monkeypatch):
     calls = {n: inputs(10 + n, batch=n) for n in (1, 2, 3)}  # three keys (batch sizes)
     graphed(backend, *calls[1])
     graphed(backend, *calls[2])
-    graphed(backend, *inputs(20, batch=1))  # a hit on key 1 (copy-in): now the most recent
+    # Inputs stay referenced while later ones are drawn: were they freed, the allocator could hand their
+    # addresses to the next draw, which the cache would rightly take for "the same tensors again".
+    hit = inputs(20, batch=1)
+    graphed(backend, *hit)  # a hit on key 1 (copy-in): now the most recent
     assert backend.launches == 7 and graphs.cached_graph_count() == 2
     graphed(backend, *calls[3])  # evicts key 2, the least recently used
     assert backend.launches == 10 and graphs.cached_graph_count() == 2
-    assert_equal(graphed(backend, *inputs(21, batch=1)), eager(*inputs(21, batch=1)))  # key 1: still cached
+    later_hit = inputs(21, batch=1)
+    assert_equal(graphed(backend, *later_hit), eager(*later_hit))  # key 1: still cached
     assert backend.launches == 11
     graphed(backend, *calls[2])  # key 2: captured again
     assert backend.launches == 14 and graphs.cached_graph_count() == 2
