@@ -8,6 +8,7 @@
 #   bench     experiments/bench_gpu.py with --only "$PARTS" (tiles, main, flexorig, huge, ab)
 #   ring      experiments/bench_ring.py (the in-process ring against P)
 #   backward  experiments/bench_backward.py (forward + backward against the SDPA and flex peers, backward kernels)
+#   training  experiments/training.py --preset gpu (both models, the length curriculum), as recall_h200.json
 #   baseline  the GPU pytest-benchmark suite (experiments/benchmarks/test_bench_gpu.py), saved as gpu_baseline.json
 #             (experiments/baselines/gpu.json)
 # Copy a run's files into experiments/results/runN/ and add its row to experiments/results/INDEX.md.
@@ -79,6 +80,10 @@ for step in $STEPS; do
     ring)
       timeout "${RING_TIMEOUT:-150}" python3 -m experiments.bench_ring --out "$RUN" > "$RUN/bench_ring.log" 2>&1
       echo "ring rc=$?"; tail -8 "$RUN/bench_ring.log" ;;
+    training)
+      timeout "${TRAINING_TIMEOUT:-240}" python3 -m experiments.training --preset gpu --log-every 250 \
+        --out "$RUN/recall_h200.json" > "$RUN/training.log" 2>&1
+      echo "training rc=$?"; tail -6 "$RUN/training.log" ;;
     baseline)
       timeout "${BASELINE_TIMEOUT:-150}" $PYTEST -q experiments/benchmarks/test_bench_gpu.py --benchmark-enable \
         --benchmark-json "$RUN/gpu_baseline.json" > "$RUN/baseline.log" 2>&1

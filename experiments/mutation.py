@@ -1930,8 +1930,11 @@ def merge_survivors_only(previous: dict, rerun: dict) -> dict:
     merged = dict(previous)
     counts = dict(previous["counts"])
     rerun_counts = rerun["counts"]
-    for key in ("survived", "equivalent", "not_run"):
+    for key in ("survived", "equivalent"):
         counts[key] = rerun_counts[key]
+    # A rerun tries only the recorded survivors: the mutants the full run never reached (past its --budget)
+    # stay unrun, and survivors the rerun did not reach join them.
+    counts["not_run"] = previous["counts"]["not_run"] + rerun_counts["not_run"]
     counts["killed"] = previous["counts"]["killed"] + rerun_counts["killed"]
     counts["timeout"] = previous["counts"]["timeout"] + rerun_counts["timeout"]
     killed_by = dict(previous.get("killed_by", {}))

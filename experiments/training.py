@@ -5,7 +5,7 @@ beside the same model with dense attention.
     python -m experiments.training --preset cpu --out experiments/results/training/recall_cpu.json  # N = 1024
     python -m experiments.training --preset gpu --log-every 50 \\
         --out experiments/results/training/recall_h200.json       # N = 8192 on the GPU, the committed run
-    python -m experiments.training --preset gpu --seq-len 32768 --steps 30 --log-every 10 \\
+    python -m experiments.training --preset gpu --seq-len 32768 --steps 30 --curriculum-lengths --log-every 10 \\
         --out experiments/results/training/throughput_32k_h200.json   # tokens/s at 32K (too short to learn)
 
 The task (``RecallTask``, bidirectional like a question-answering reader): a question block, then a
@@ -321,6 +321,12 @@ class TrainingConfig:
     work_size: int = 4096
     # Optimisation
     steps: int = 400
+    # A length curriculum: the first curriculum_steps steps at each of these shorter lengths in turn, the rest at
+    # task.seq_len. The model has no position embedding and its segments cap at the sequence, so what it learns
+    # on short sequences (which query token matches which fact token) carries over to long ones, where a fact is
+    # too small a share of a near-uniform attention at the start for its gradient to stand out.
+    curriculum_lengths: tuple[int, ...] = ()
+    curriculum_steps: int = 0
     batch_size: int = 16
     learning_rate: float = 5e-3
     warmup_steps: int = 20
@@ -352,6 +358,7 @@ class TrainingConfig:
             ("global_tokens", 0),
             ("work_size", 1),
             ("steps", 1),
+            ("curriculum_steps", 0),
             ("batch_size", 1),
             ("warmup_steps", 0),
             ("eval_every", 1),
@@ -386,6 +393,41 @@ class TrainingConfig:
             ) from None
         del dilation
         self.sparse_config()  # its own errors name its fields
+        self._check_curriculum()
+
+    def _check_curriculum(self) -> None:
+        lengths = self.curriculum_lengths
+        if not isinstance(lengths, tuple) or not all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
+            raise TypeError(f"curriculum_lengths must be a tuple of ints, got {lengths!r}")
+        if list(lengths) != sorted(set(lengths)) or (lengths and lengths[-1] >= self.task.seq_len):
+            raise ValueError(
+                f"curriculum_lengths={lengths} must increase strictly and stay below seq_len={self.task.seq_len}"
+            )
+        if lengths and self.curriculum_steps < 1:
+            raise ValueError(f"curriculum_steps={self.curriculum_steps} must be >= 1 when curriculum_lengths={lengths}")
+        if self.curriculum_end >= self.steps:
+            raise ValueError(
+                f"curriculum_steps={self.curriculum_steps} x {len(lengths)} curriculum lengths must leave steps at "
+                f"seq_len={self.task.seq_len}, but steps={self.steps}"
+            )
+        for length in lengths:
+            try:
+                dataclasses.replace(self.task, seq_len=length)
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"curriculum_lengths={lengths}: the task at {length} tokens does not fit: {error}"
+                ) from None
+
+    @property
+    def curriculum_end(self) -> int:
+        """The first step (from 0) at the task's own length."""
+        return self.curriculum_steps * len(self.curriculum_lengths)
+
+    def task_at(self, step: int) -> RecallTask:
+        """The task trained on at ``step`` (from 0): a curriculum length first, then the task itself."""
+        if step >= self.curriculum_end:
+            return self.task
+        return dataclasses.replace(self.task, seq_len=self.curriculum_lengths[step // self.curriculum_steps])
 
     def sparse_config(self):
         from reference.config import SparsePatternConfig
@@ -410,6 +452,7 @@ class TrainingConfig:
         record = dataclasses.asdict(self)
         record["segment_lengths"] = list(self.segment_lengths)
         record["dilation_rates"] = list(self.dilation_rates)
+        record["curriculum_lengths"] = list(self.curriculum_lengths)
         return record
 
     @classmethod
@@ -418,6 +461,7 @@ class TrainingConfig:
         record["task"] = RecallTask(**record["task"])
         record["segment_lengths"] = tuple(record["segment_lengths"])
         record["dilation_rates"] = tuple(record["dilation_rates"])
+        record["curriculum_lengths"] = tuple(record.get("curriculum_lengths", ()))  # absent from older files
         return cls(**record)
 
 
@@ -426,7 +470,8 @@ def preset(name: str, **changes) -> TrainingConfig:
 
     tiny: the notebook's live run on a CPU: N = 128, 4 keys and values, 60 steps (seconds).
     cpu: N = 1024, 8 keys and values, 400 steps (half an hour on two busy CPU cores).
-    gpu: N = 8192 on one GPU in bfloat16 autocast, 600 steps: facts thousands of tokens from the question.
+    gpu: N = 8192 on one GPU in bfloat16 autocast, 2500 steps: facts thousands of tokens from the question; the
+    first 1500 steps are a length curriculum (500 each at N = 1024, 2048, 4096).
     """
     presets = {
         "tiny": TrainingConfig(
@@ -442,17 +487,20 @@ def preset(name: str, **changes) -> TrainingConfig:
         ),
         "cpu": TrainingConfig(),
         "gpu": TrainingConfig(
-            task=RecallTask(seq_len=8192, num_pairs=8, num_keys=8, num_values=8, num_queries=16, slot_length=128),
+            task=RecallTask(seq_len=8192, num_pairs=8, num_keys=8, num_values=8, num_queries=16, slot_length=64),
             embed_dim=128,
             segment_lengths=(128, 8192),
             block_size=64,
             local_window_size=128,
             global_tokens=64,
-            steps=600,
+            steps=2500,
+            # Trained at 8192 from the start, neither model left chance in 3000 steps (runs 14 and 15).
+            curriculum_lengths=(1024, 2048, 4096),
+            curriculum_steps=500,
             batch_size=8,
             learning_rate=5e-3,
             warmup_steps=30,
-            eval_every=50,
+            eval_every=100,
             eval_sequences=64,
             device="cuda",
             dtype="bfloat16",
@@ -483,13 +531,13 @@ class TrainingResult:
     eval_accuracies: list[float]
     final_accuracy: float | None
     chance_accuracy: float
-    tokens_per_second: float | None  # training steps (forward, backward, optimizer) after the untimed ones
+    tokens_per_second: float | None  # steps at task.seq_len (forward, backward, optimizer) after the untimed ones
     median_step_seconds: float | None
     train_seconds: float | None
     peak_memory_bytes: int | None  # CUDA max_memory_allocated over the run; None on the CPU (not measured)
     parameters: int
     backends_used: list
-    mean_query_distance: float | None  # tokens from a query to a fact, over the first batch
+    mean_query_distance: float | None  # tokens from a query to a fact, over the first batch at task.seq_len
     environment: dict
     error: str | None = None
 
@@ -580,8 +628,9 @@ def train(config: TrainingConfig, progress=None) -> TrainingResult:
     distance = None
     start = time.perf_counter()
     for step in range(config.steps):
-        batch = make_batch(config.task, config.batch_size, data)
-        if distance is None:
+        task = config.task_at(step)
+        batch = make_batch(task, config.batch_size, data)
+        if distance is None and task is config.task:
             distance = mean_query_distance(config.task, batch)
         batch = batch.to(device)
         for group in optimizer.param_groups:
@@ -610,7 +659,9 @@ def train(config: TrainingConfig, progress=None) -> TrainingResult:
         if progress is not None:
             progress(step + 1, value)
     train_seconds = time.perf_counter() - start
-    timed = step_seconds[config.untimed_steps :] or step_seconds
+    # Only steps at the task's own length count, less the first ones there (allocation, compilation, tuning).
+    at_length = step_seconds[config.curriculum_end :]
+    timed = at_length[config.untimed_steps :] or at_length
     tokens = config.batch_size * config.task.seq_len
     return TrainingResult(
         config=config.to_dict(),
@@ -762,6 +813,10 @@ def plot_results(results, title: str | None = None, smooth: int | None = None):
         accuracy_ax.plot(r.eval_steps, r.eval_accuracies, marker="o", label=r.attention, **_STYLE.get(r.attention, {}))
         chance_loss = math.log(1.0 / r.chance_accuracy)
         chance = r.chance_accuracy
+        curriculum_end = TrainingConfig.from_dict(r.config).curriculum_end
+    if chance_loss is not None and curriculum_end:
+        for ax in (loss_ax, accuracy_ax):
+            ax.axvline(curriculum_end + 0.5, color="tab:green", linestyle="--", linewidth=1, label="full length from")
     if chance_loss is not None:
         loss_ax.axhline(chance_loss, color="black", linestyle=":", linewidth=1, label="chance (log V)")
         accuracy_ax.axhline(chance, color="black", linestyle=":", linewidth=1, label="chance (1/V)")
@@ -780,8 +835,10 @@ def describe(results) -> str:
     """One line naming the run: N, model size, dilation, pattern, device."""
     config = results[0].config
     env = results[0].environment
+    lengths = config.get("curriculum_lengths") or []
+    curriculum = f" after {config['curriculum_steps']} steps at each of N={lengths}," if lengths else ""
     return (
-        f"associative recall, N={config['task']['seq_len']}, {config['task']['num_pairs']} facts, "
+        f"associative recall, N={config['task']['seq_len']},{curriculum} {config['task']['num_pairs']} facts, "
         f"{config['num_layers']} layers x d={config['embed_dim']}, segments {list(config['segment_lengths'])} "
         f"rates {list(config['dilation_rates'])}, {config['pattern']} blocks of {config['block_size']}, "
         f"{config['dtype']}, {env.get('device_name')}"
@@ -849,6 +906,13 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("optimisation (default: the preset's)")
     for name in ("steps", "batch-size", "eval-every"):
         group.add_argument(f"--{name}", type=cli.positive_int)
+    group.add_argument(
+        "--curriculum-lengths",
+        nargs="*",
+        type=cli.positive_int,
+        help="shorter sequence lengths trained first, in order (none: no curriculum)",
+    )
+    group.add_argument("--curriculum-steps", type=cli.non_negative_int, help="steps at each curriculum length")
     group.add_argument("--learning-rate", type=cli.positive_float)
     group.add_argument("--seed", type=cli.non_negative_int)
     parser.add_argument("--out", help="write the results as JSON here (e.g. experiments/results/training/x.json)")

@@ -166,3 +166,73 @@ def test_cli_writes_results_that_load_back(tmp_path, monkeypatch):
     assert all(len(r.losses) == 2 and r.environment["device_type"] == "cpu" for r in results)
     config = TrainingConfig.from_dict(results[0].config)
     assert config.task.seq_len == 64 and config.segment_lengths == (16, 64)
+
+
+def test_a_curriculum_trains_the_shorter_lengths_first_and_times_only_the_full_length(monkeypatch):
+    monkeypatch.setattr("experiments.env.environment", lambda device=None: {"device_type": str(device)})
+    config = small_config(curriculum_lengths=(48, 56), curriculum_steps=2, steps=7, eval_every=3, untimed_steps=1)
+    assert config.curriculum_end == 4
+    assert [config.task_at(step).seq_len for step in range(7)] == [48, 48, 56, 56, 64, 64, 64]
+    assert config.task_at(5) is config.task and config.task_at(0).num_pairs == config.task.num_pairs
+    drawn = []
+    real_make_batch = training.make_batch
+
+    def recording_make_batch(task, batch_size, generator):
+        drawn.append(task.seq_len)
+        return real_make_batch(task, batch_size, generator)
+
+    monkeypatch.setattr(training, "make_batch", recording_make_batch)
+    clock = iter(range(1000))  # each perf_counter call one second later: every step "takes" 1 s
+    monkeypatch.setattr(training.time, "perf_counter", lambda: float(next(clock)))
+    result = training.train(config)
+    eval_draws = -(-config.eval_sequences // config.batch_size)  # the held-out batches, drawn first
+    assert drawn == [64] * eval_draws + [48, 48, 56, 56, 64, 64, 64]
+    assert result.eval_steps == [3, 6, 7]
+    # Two timed steps at N = 64 (the first one there is untimed), each one second.
+    assert result.tokens_per_second == pytest.approx(config.batch_size * 64)
+    assert result.mean_query_distance > 0
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(curriculum_lengths=(48, 32), curriculum_steps=1), "curriculum_lengths=.*increase"),
+        (dict(curriculum_lengths=(32, 32), curriculum_steps=1), "curriculum_lengths=.*increase"),
+        (dict(curriculum_lengths=(64,), curriculum_steps=1), "curriculum_lengths=.*below seq_len=64"),
+        (dict(curriculum_lengths=(48,), curriculum_steps=0), "curriculum_steps=0 must be >= 1"),
+        (dict(curriculum_lengths=(48, 56), curriculum_steps=30), "curriculum_steps=30 x 2 .* steps=60"),
+        (dict(curriculum_lengths=(16,), curriculum_steps=1), "curriculum_lengths=.*at 16 tokens.*num_pairs"),
+        (dict(curriculum_lengths=[48], curriculum_steps=1), "curriculum_lengths must be a tuple"),
+    ],
+)
+def test_bad_curricula_are_named(changes, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        small_config(**changes)
+
+
+def test_a_curriculum_survives_the_record_and_older_records_load():
+    config = small_config(curriculum_lengths=(48,), curriculum_steps=5)
+    assert TrainingConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    older = config.replace(curriculum_lengths=(), curriculum_steps=0).to_dict()
+    del older["curriculum_lengths"], older["curriculum_steps"]
+    assert TrainingConfig.from_dict(older).curriculum_end == 0
+
+
+def test_the_cli_takes_a_curriculum_and_names_it_when_it_does_not_fit(capsys):
+    parser = training.build_parser()
+    argv = ["--preset", "tiny", "--curriculum-lengths", "80", "96", "--curriculum-steps", "10"]
+    config = training.config_from_args(parser, parser.parse_args(argv))
+    assert config.curriculum_lengths == (80, 96) and config.curriculum_end == 20
+    with pytest.raises(SystemExit):
+        training.config_from_args(parser, parser.parse_args(argv[:4] + ["--curriculum-steps", "60"]))
+    assert "--curriculum-steps: curriculum_steps=60" in capsys.readouterr().err
+
+
+def test_every_preset_and_the_documented_throughput_command_are_valid():
+    for name in training.PRESETS:
+        config = training.preset(name)
+        assert config.curriculum_end < config.steps
+    parser = training.build_parser()
+    argv = ["--preset", "gpu", "--seq-len", "32768", "--steps", "30", "--curriculum-lengths", "--device", "cpu"]
+    config = training.config_from_args(parser, parser.parse_args(argv))
+    assert config.curriculum_lengths == () and config.steps == 30 and config.segment_lengths[-1] == 32768

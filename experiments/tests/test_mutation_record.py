@@ -42,3 +42,33 @@ def test_reclassify_marks_every_module_by_the_list_as_it_is_now(tmp_path):
     record = mutation.write_record(out, {}, mutation.load_settings(), {}, reclassify_all=True)
     assert record["modules"][other]["survivors"][0]["status"] == "survived"
     assert record["modules"][other]["score"] == 0.75
+
+
+def test_a_survivors_only_rerun_keeps_the_mutants_the_full_run_never_reached():
+    # The full run reached 6 of its 8 sampled mutants; its one survivor is killed by the rerun.
+    full = _entry("optimized/x.py", "survived")
+    full["counts"].update(generated=10, sampled_out=2, killed=4, not_run=2)
+    full.update(killed_by={"tests/a.py": 4}, seconds=10.0)
+    rerun = dict(
+        counts=dict(full["counts"], killed=1, survived=0, equivalent=0, not_run=0, sampled_out=0),
+        killed_by={"tests/b.py": 1},
+        survivors=[],
+        killed_by_new_tests=[],
+        listed_equivalent_but_killed=[],
+        tests=["tests/a.py", "tests/b.py"],
+        seconds=2.0,
+        utc_time="2026-12-01T00:00:00+00:00",
+    )
+    merged = mutation.merge_survivors_only(full, rerun)
+    assert merged["counts"]["not_run"] == 2 and merged["counts"]["killed"] == 5 and merged["counts"]["survived"] == 0
+    assert merged["killed_by"] == {"tests/a.py": 4, "tests/b.py": 1}
+
+
+def test_every_recorded_module_accounts_for_each_of_its_mutants():
+    # generated = filtered (an excluded operator) + sampled out + one outcome per mutant tried
+    record = json.loads((mutation.ROOT / "experiments" / "results" / "mutation.json").read_text())
+    outcomes = ("killed", "timeout", "survived", "equivalent", "no_mutation", "not_run")
+    for module, entry in record["modules"].items():
+        counts = entry["counts"]
+        tried = counts["generated"] - counts["filtered"] - counts.get("sampled_out", 0)
+        assert tried == sum(counts[k] for k in outcomes), (module, counts)
