@@ -24,10 +24,10 @@ the float64 run, so that term would be 0 and a path computing the same formula i
 would fail on its last bits. For float64 the
 reference's own error is estimated from its float32 run, scaled by eps(float64) / eps(float32)
 (:func:`float64_baseline`; the inputs are drawn in float32 by ``strategies.make_inputs``, so the
-float32 run sees the same values). That estimate also enters once more (``compare``'s
-``inherited``): against float32 or lower the float64 reference's own error is negligible, in
-float64 it is part of the measured difference (seen: on one case the reference was 5.7 eps off an
-80-bit evaluation, torchscale 3.9 eps; see :func:`judge_quantity`).
+float32 run sees the same values). ``compare`` adds that estimate once more in float64: against
+float32 or lower the float64 reference's own error is negligible, in float64 it is part of the
+measured difference (seen: on one case the reference was 5.7 eps off an 80-bit evaluation,
+torchscale 3.9 eps). The project's own paths are judged by the same rule (reference/verification.py).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from hypothesis.errors import NoSuchExample
 
 import reference
 from reference.config import HEAD_MODES, PATTERN_TYPES, DilationConfig
-from reference.verification import K_GRADIENT, K_OUTPUT, Verdict, compare
+from reference.verification import K_GRADIENT, K_OUTPUT, Verdict, compare, float64_baseline
 
 from . import strategies as s
 from .helpers import GRADIENT_HEAD_DIMS, GRADIENT_MIN_SEQ_LEN, differentiable_reference, some_row_has_two_keys
@@ -337,43 +337,9 @@ class Outcome:
     differences: dict[str, dict] = field(default_factory=dict)
 
 
-def float64_baseline(reference64: torch.Tensor, reference32: torch.Tensor) -> torch.Tensor:
-    """The reference's own float64 error, estimated: its float32 deviation scaled to float64's eps.
-
-    Returned as a tensor whose difference from ``reference64`` is that estimate, so that
-    ``reference.verification.compare`` takes it as the baseline run in float64 (non-finite
-    entries, e.g. lse = -inf of empty rows, keep the float64 value).
-    """
-    ratio = torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
-    ref64 = reference64.detach().to("cpu", torch.float64)
-    ref32 = reference32.detach().to("cpu", torch.float64)
-    scaled = ref64 + (ref32 - ref64) * ratio
-    return torch.where(torch.isfinite(ref64) & torch.isfinite(ref32), scaled, ref64)
-
-
-def judge_quantity(
-    name: str, actual, reference64, baseline, dtype, k: float, empty=None, empty_value: float = 0.0
-) -> Verdict:
-    """``reference.verification.compare`` (docs/numerics.md), plus in float64 the reference's own error once more.
-
-    In a lower dtype the measured error is the path's alone (the float64 reference is exact to
-    that dtype's precision); in float64 it also holds the reference's own rounding, whose
-    estimate (``float64_baseline``) is added to the budget as an inherited error.
-    """
-    verdict = compare(name, actual, reference64, baseline, dtype, k=k, empty=empty, empty_value=empty_value)
-    if dtype == torch.float64:
-        verdict = compare(
-            name,
-            actual,
-            reference64,
-            baseline,
-            dtype,
-            k=k,
-            empty=empty,
-            empty_value=empty_value,
-            inherited=verdict.reference_error,
-        )
-    return verdict
+# One rule for every path (reference/verification.py): in float64, ``compare`` adds the reference's own
+# error estimate once more; the names stay importable from here.
+judge_quantity = compare
 
 
 def _reference_forward(config: VerifyCase, q, k, v, mask):
