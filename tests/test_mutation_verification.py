@@ -13,7 +13,7 @@ import dataclasses
 import pytest
 import torch
 
-from reference import Verdict, assert_within_budget, compare, weights_inherited_budget
+from reference import Verdict, assert_within_budget, compare, verification, weights_inherited_budget
 from reference.verification import K_GRADIENT, K_OUTPUT
 
 
@@ -179,3 +179,28 @@ def test_weights_inherit_the_largest_probability_times_the_lse_budget():
     assert weights_inherited_budget(lse_verdict, probabilities) == 0.75 * 4e-6
     assert weights_inherited_budget(lse_verdict, -probabilities) == 0.75 * 4e-6
     assert weights_inherited_budget(lse_verdict, torch.zeros(0, 4, dtype=torch.float64)) == 0.0
+
+
+def test_float64_baseline_moves_the_reference_by_its_float32_deviation_times_the_eps_ratio():
+    # eps(float64) / eps(float32) = 2^-52 / 2^-23 = 2^-29: every value below is exact in float64.
+    ref64 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    ref32 = torch.tensor([1.0 + 2.0**-20, -2.0, 0.5 - 2.0**-21], dtype=torch.float32)
+    expected = torch.tensor([1.0 + 2.0**-49, -2.0, 0.5 - 2.0**-50], dtype=torch.float64)
+    assert torch.equal(verification.float64_baseline(ref64, ref32), expected)
+
+
+def test_float64_baseline_keeps_the_float64_value_where_either_run_is_not_finite():
+    ref64 = torch.tensor([float("-inf"), 3.0, float("-inf"), 1.0], dtype=torch.float64)
+    ref32 = torch.tensor([float("-inf"), float("inf"), 0.25, float("nan")], dtype=torch.float32)
+    baseline = verification.float64_baseline(ref64, ref32)
+    assert torch.equal(baseline[:3], ref64[:3]) and baseline[3].item() == 1.0
+
+
+def test_compare_in_float64_adds_the_reference_error_once_more_and_not_in_float32():
+    ref = torch.tensor([1.0], dtype=torch.float64)
+    baseline = torch.tensor([1.0 + 2.0**-40], dtype=torch.float64)  # reference error 2^-40
+    eps64, eps32 = torch.finfo(torch.float64).eps, torch.finfo(torch.float32).eps
+    verdict64 = verification.compare("out", ref, ref, baseline, torch.float64, k=2.0)
+    assert verdict64.budget == 3 * 2.0**-40 + 2 * eps64
+    verdict32 = verification.compare("out", ref, ref, baseline, torch.float32, k=2.0)
+    assert verdict32.budget == 2 * 2.0**-40 + 2 * eps32
