@@ -232,14 +232,18 @@ def test_in_process_ring_backward_pair_by_pair_for_a_backend_without_backward_st
 # --------------------------------------------------------------------------------------------
 
 
-def one_rank_call(backend):
+def one_rank_call(backend, segment_lengths=(8, 16), block_size=4, local_window_size=8, scale=0.5):
+    """A causal ``_RingCall`` on one rank holding the whole sequence (its length the last segment), 2 heads."""
     from optimized.dispatch import REGISTRY
 
-    geometry = AttentionGeometry(DilationConfig((8, 16), (1, 2), "all"), 16, 2)
-    config = SparsePatternConfig(pattern_type="local_window", block_size=4, local_window_size=8)
-    schedule = ring_schedule(geometry, config, True, (16,))
+    seq_len = segment_lengths[-1]
+    geometry = AttentionGeometry(DilationConfig(segment_lengths, (1, 2), "all"), seq_len, 2)
+    config = SparsePatternConfig(
+        pattern_type="local_window", block_size=block_size, local_window_size=local_window_size
+    )
+    schedule = ring_schedule(geometry, config, True, (seq_len,))
     chosen = REGISTRY[backend]
-    stats = ring.RingStats(rank=0, world_size=1, chunk_lengths=(16,), schedule=schedule)
+    stats = ring.RingStats(rank=0, world_size=1, chunk_lengths=(seq_len,), schedule=schedule)
     return ring._RingCall(
         dist=torch.distributed,  # one rank: every transfer list is empty, nothing is called
         group=None,
@@ -251,7 +255,7 @@ def one_rank_call(backend):
         geometry=geometry,
         sparse_config=config,
         is_causal=True,
-        scale=0.5,
+        scale=scale,
         stats=stats,
     )
 
@@ -351,26 +355,8 @@ def test_a_one_step_distributed_triton_ring_writes_q_dtype_unless_a_backward_fol
     (float16, head_mode "all": its layers merge in float16, bitwise the unsplit output); when an input requires
     grad it keeps float32, which the backward ring's accumulators take (a group of one rank: no transfer)."""
     pytest.importorskip("triton")
-    from optimized.dispatch import REGISTRY
-
-    geometry = AttentionGeometry(DilationConfig((16, 32), (1, 2), "all"), 32, 2)
-    config = SparsePatternConfig(pattern_type="local_window", block_size=16, local_window_size=16)
-    schedule = ring_schedule(geometry, config, True, (32,))
-    triton = REGISTRY["triton"]
-    call = ring._RingCall(
-        dist=torch.distributed,  # one rank: every transfer list is empty, nothing is called
-        group=None,
-        rank=0,
-        peers=(0,),
-        schedule=schedule,
-        backend=triton,
-        options=triton.default_options(),
-        geometry=geometry,
-        sparse_config=config,
-        is_causal=True,
-        scale=0.25,
-        stats=ring.RingStats(rank=0, world_size=1, chunk_lengths=(32,), schedule=schedule),
-    )
+    call = one_rank_call("triton", segment_lengths=(16, 32), block_size=16, local_window_size=16, scale=0.25)
+    triton = call.backend
     generator = torch.Generator().manual_seed(8)
     q, k, v = (torch.randn(1, 32, 2, 16, generator=generator).to(torch.float16) for _ in range(3))
     with torch.no_grad():
