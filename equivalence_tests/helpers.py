@@ -201,6 +201,18 @@ def _require(verdict: Verdict, actual: torch.Tensor, reference64: torch.Tensor, 
     return verdict
 
 
+def reference_baseline(reference64, run, dtype: torch.dtype) -> list[torch.Tensor]:
+    """docs/numerics.md's baseline for each tensor of ``reference64``: ``run(dtype)``, the reference in ``dtype``.
+
+    In float64 that run would be ``reference64`` itself, so the reference's own float64 error is
+    estimated from ``run(torch.float32)`` instead (``float64_baseline``). ``run`` maps a dtype to the
+    reference's tensors computed in it, in ``reference64``'s order.
+    """
+    if dtype == torch.float64:
+        return [float64_baseline(a, b) for a, b in zip(reference64, run(torch.float32))]
+    return list(run(dtype))
+
+
 def _empty_rows(lse64: torch.Tensor) -> torch.Tensor:
     """(B, H, N) rows the float64 reference leaves empty."""
     return torch.isneginf(lse64)
@@ -243,13 +255,13 @@ def check_backend(
     results = module(q, k, v, **call)
     out, lse = results[0], results[-1]
     ref64 = reference.BlockSparseRingDilatedAttention(**kwargs)(q, k, v, **call)
-    if dtype == torch.float64:  # the reference's own float64 error, estimated from its float32 run
-        ref32 = reference.BlockSparseRingDilatedAttention(**kwargs, compute_dtype=None)(
-            *(t.float() for t in (q, k, v)), **call
-        )
-        ref_lowp = tuple(float64_baseline(a, b) for a, b in zip(ref64, ref32))
-    else:
-        ref_lowp = reference.BlockSparseRingDilatedAttention(**kwargs, compute_dtype=None)(q, k, v, **call)
+    ref_lowp = reference_baseline(
+        ref64,
+        lambda d: reference.BlockSparseRingDilatedAttention(**kwargs, compute_dtype=None)(
+            *(t.to(d) for t in (q, k, v)), **call
+        ),
+        dtype,
+    )
     out64, lse64 = ref64[0], ref64[-1]
     out_lowp, lse_lowp = ref_lowp[0], ref_lowp[-1]
 
@@ -373,11 +385,7 @@ def check_gradients(
     assert module.last_backend == backend, f"ran {module.last_backend!r}, asked for {backend!r}"
     out.backward(grad_out.to(device, dtype))
     grads64 = _reference_grads(q, k, v, grad_out, case, mask, torch.float64)
-    if dtype == torch.float64:  # the reference's own float64 error, estimated from its float32 run
-        grads32 = _reference_grads(q, k, v, grad_out, case, mask, torch.float32)
-        grads_lowp = [float64_baseline(g64, g32) for g64, g32 in zip(grads64, grads32)]
-    else:
-        grads_lowp = _reference_grads(q, k, v, grad_out, case, mask, dtype)
+    grads_lowp = reference_baseline(grads64, lambda d: _reference_grads(q, k, v, grad_out, case, mask, d), dtype)
 
     context = _describe_call(case, backend, dtype, device, f"ring_chunk_lengths={ring_chunk_lengths}")
     verdicts = {}

@@ -54,7 +54,13 @@ from reference.config import HEAD_MODES, PATTERN_TYPES, DilationConfig
 from reference.verification import K_GRADIENT, K_OUTPUT, Verdict, compare, float64_baseline
 
 from . import strategies as s
-from .helpers import GRADIENT_HEAD_DIMS, GRADIENT_MIN_SEQ_LEN, differentiable_reference, some_row_has_two_keys
+from .helpers import (
+    GRADIENT_HEAD_DIMS,
+    GRADIENT_MIN_SEQ_LEN,
+    differentiable_reference,
+    reference_baseline,
+    some_row_has_two_keys,
+)
 
 __all__ = [
     "AreaReport",
@@ -347,14 +353,14 @@ def _reference_forward(config: VerifyCase, q, k, v, mask):
     kwargs = config.module_kwargs()
     call = dict(is_causal=config.case.is_causal, key_padding_mask=mask, return_lse=True)
     ref64 = reference.BlockSparseRingDilatedAttention(**kwargs)(q.detach(), k.detach(), v.detach(), **call)
-    if config.dtype == torch.float64:
-        low = reference.BlockSparseRingDilatedAttention(**kwargs, compute_dtype=None)(
-            *(t.detach().float() for t in (q, k, v)), **call
-        )
-        return ref64, tuple(float64_baseline(a, b) for a, b in zip(ref64, low))
-    return ref64, reference.BlockSparseRingDilatedAttention(**kwargs, compute_dtype=None)(
-        q.detach(), k.detach(), v.detach(), **call
+    baseline = reference_baseline(
+        ref64,
+        lambda d: reference.BlockSparseRingDilatedAttention(**kwargs, compute_dtype=None)(
+            *(t.detach().to(d) for t in (q, k, v)), **call
+        ),
+        config.dtype,
     )
+    return ref64, tuple(baseline)
 
 
 def _reference_gradients(config: VerifyCase, q, k, v, mask, grad_out):
@@ -367,9 +373,7 @@ def _reference_gradients(config: VerifyCase, q, k, v, mask, grad_out):
         return [leaf.grad for leaf in leaves]
 
     grads64 = grads(torch.float64)
-    if config.dtype == torch.float64:
-        return grads64, [float64_baseline(a, b) for a, b in zip(grads64, grads(torch.float32))]
-    return grads64, grads(config.dtype)
+    return grads64, reference_baseline(grads64, grads, config.dtype)
 
 
 def _unpack(result):
